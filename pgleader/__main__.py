@@ -1,0 +1,5 @@
+import sys
+
+from pgleader.cli import main
+
+sys.exit(main())

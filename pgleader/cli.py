@@ -1,0 +1,194 @@
+"""The `pgleader` command: migrate, status, watch, elect, demo (+ verbs plugged in by packages).
+
+Every verb takes --dsn (else PGLEADER_DSN, else DATABASE_URL). Errors end in one
+line on stderr and a non-zero exit, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+from importlib.metadata import entry_points
+from typing import Any
+
+import psycopg
+
+from pgleader import __version__
+from pgleader.config import Timings, resolve_dsn
+from pgleader.connect import connect
+from pgleader.errors import ConfigError, PgLeaderError
+
+__all__ = ["add_common", "add_timings", "main", "require_dsn", "timings_from"]
+
+Command = Callable[[argparse.Namespace], Awaitable[int]]
+
+
+def add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--dsn", help="PostgreSQL connection string (default: $PGLEADER_DSN or $DATABASE_URL)"
+    )
+
+
+def add_timings(parser: argparse.ArgumentParser, prefix: str = "PGLEADER_") -> None:
+    defaults = Timings()
+    for name, default, text in (
+        ("heartbeat", defaults.heartbeat, "leader heartbeat interval, s"),
+        ("lease", defaults.lease, "leader steps down after this long without a good beat, s"),
+        ("evict_after", defaults.evict_after, "followers evict a leader silent this long, s"),
+    ):
+        env = f"{prefix}{name.upper()}"
+        parser.add_argument(
+            f"--{name.replace('_', '-')}",
+            type=float,
+            default=float(os.environ.get(env, default)),
+            help=f"{text} (env {env}, default {default})",
+        )
+
+
+def timings_from(args: argparse.Namespace) -> Timings:
+    return Timings(args.heartbeat, args.lease, args.evict_after).validate()
+
+
+def require_dsn(args: argparse.Namespace) -> str:
+    dsn = resolve_dsn(getattr(args, "dsn", None))
+    if not dsn:
+        raise ConfigError("no database given: use --dsn, PGLEADER_DSN or DATABASE_URL")
+    return dsn
+
+
+async def _migrate(args: argparse.Namespace) -> int:
+    from pgleader.migrations import migrate
+
+    applied = await migrate(require_dsn(args))
+    print(json.dumps({"applied": applied}))
+    return 0
+
+
+async def _status(args: argparse.Namespace) -> int:
+    conn = await connect(require_dsn(args), autocommit=True)
+    async with conn:
+        try:
+            cur = await conn.execute(
+                "select election, epoch, leader, host, backend_pid, lock_held, acquired_at,"
+                " extract(epoch from heartbeat_age)::float8 as heartbeat_age_s"
+                " from pgleader.leader order by election"
+            )
+        except psycopg.errors.UndefinedTable:
+            raise ConfigError("pgleader schema missing: run `pgleader migrate` first") from None
+        names = [c.name for c in cur.description or []]
+        for row in await cur.fetchall():
+            print(json.dumps(dict(zip(names, row, strict=True)), default=str))
+    return 0
+
+
+async def _watch(args: argparse.Namespace) -> int:
+    from pgleader.events import Reconnected, listen
+
+    dsn = require_dsn(args)
+    await (await connect(dsn)).close()  # fail fast on a wrong DSN; later drops reconnect
+    async for item in listen(dsn, *args.channel):
+        if isinstance(item, Reconnected):
+            print(json.dumps({"event": "watching", "reconnects": item.attempt}), flush=True)
+        else:
+            print(item.payload, flush=True)
+    return 0
+
+
+async def _elect(args: argparse.Namespace) -> int:
+    """Run one elector and print its transitions as JSON lines (demo and tests use it)."""
+    from pgleader.election import Elector
+    from pgleader.errors import NotLeader
+
+    dsn = require_dsn(args)
+    elector = Elector(
+        dsn, args.election, instance_id=args.instance_id, timings=timings_from(args)
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    def emit(**fields: Any) -> None:
+        print(json.dumps({"instance": elector.instance_id, **fields}), flush=True)
+
+    elector.on_transition(
+        lambda t: emit(event=t.kind, epoch=t.epoch, reason=t.reason, at=t.at)
+    )
+    async with elector, await connect(dsn, autocommit=True) as work:
+        emit(event="started", at=loop.time())
+        acted: set[int] = set()
+        while not stop.is_set():
+            # The work loop of a real service: act only through the fence.
+            if elector.epoch is not None:
+                try:
+                    async with work.transaction():
+                        epoch = await elector.fence(work)
+                    if epoch not in acted:
+                        acted.add(epoch)
+                        emit(event="acting", epoch=epoch)
+                except NotLeader as exc:
+                    emit(event="fence_refused", error=str(exc))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), elector.timings.heartbeat / 4)
+    emit(event="stopped")
+    return 0
+
+
+async def _demo(args: argparse.Namespace) -> int:
+    from pgleader.demo import run_demo
+
+    return await run_demo(resolve_dsn(args.dsn), rounds=args.rounds)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pgleader", description="Leader election and fencing on PostgreSQL."
+    )
+    parser.add_argument("--version", action="version", version=f"pgleader {__version__}")
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    def verb(name: str, func: Command, text: str) -> argparse.ArgumentParser:
+        p = verbs.add_parser(name, help=text, description=text)
+        add_common(p)
+        p.set_defaults(func=func)
+        return p
+
+    verb("migrate", _migrate, "apply the sql/ migrations that are missing")
+    verb("status", _status, "print the pgleader.leader view as JSON lines")
+    p = verb("watch", _watch, "print every pgleader_events notification as a JSON line")
+    p.add_argument("--channel", action="append", default=[], help="channel (repeatable)")
+    p = verb("elect", _elect, "run one elector and print its transitions as JSON lines")
+    p.add_argument("--election", default="default")
+    p.add_argument("--instance-id", default=None)
+    add_timings(p)
+    p = verb("demo", _demo, "three electors, kill the leader, print the measured takeover")
+    p.add_argument("--rounds", type=int, default=3)
+    for ep in entry_points(group="pgleader.commands"):
+        try:
+            register: Callable[[Any], None] = ep.load()
+        except ImportError as exc:  # a broken plugin must not take migrate/status down
+            print(f"pgleader: verb {ep.name!r} unavailable: {exc}", file=sys.stderr)
+            continue
+        register(verbs)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return asyncio.run(args.func(args))
+    except PgLeaderError as exc:
+        print(f"pgleader {args.verb}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except psycopg.Error as exc:
+        lines = str(exc).strip().splitlines()
+        print(f"pgleader {args.verb}: database error: {lines[0] if lines else exc}", file=sys.stderr)
+        return 1

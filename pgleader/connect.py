@@ -1,0 +1,61 @@
+"""Opening connections: the dedicated lock session, and plain ones with clear errors."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import psycopg
+from psycopg import AsyncConnection
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+from pgleader.config import Timings
+from pgleader.errors import DatabaseUnavailable
+
+__all__ = ["connect", "describe_dsn", "lock_session_conninfo"]
+
+
+def describe_dsn(dsn: str) -> str:
+    """host:port/dbname of a DSN, without user or password, for messages and logs."""
+    try:
+        params = conninfo_to_dict(dsn)
+    except psycopg.ProgrammingError:
+        return "<unparsable DSN>"
+    host = params.get("host") or params.get("hostaddr") or "localhost"
+    return f"{host}:{params.get('port') or 5432}/{params.get('dbname') or ''}"
+
+
+def lock_session_conninfo(dsn: str, timings: Timings, application_name: str) -> str:
+    """Conninfo of a lock session: keepalives on both ends so a vanished peer is noticed
+    in seconds (default TCP keepalive notices after ~2 h 11 min), never a pooler's."""
+    idle = max(1, math.floor(timings.evict_after / 3))
+    user_timeout_ms = int(timings.evict_after * 1000)
+    server = (
+        f"-c tcp_keepalives_idle={idle} -c tcp_keepalives_interval=1 -c tcp_keepalives_count=3"
+        f" -c tcp_user_timeout={user_timeout_ms} -c client_connection_check_interval=1000"
+        " -c statement_timeout=0 -c idle_in_transaction_session_timeout=0"
+    )
+    existing = conninfo_to_dict(dsn).get("options")
+    return make_conninfo(
+        dsn,
+        application_name=application_name[:63],
+        keepalives=1,
+        keepalives_idle=idle,
+        keepalives_interval=1,
+        keepalives_count=3,
+        tcp_user_timeout=user_timeout_ms,
+        options=f"{existing} {server}" if existing else server,
+    )
+
+
+async def connect(conninfo: str, *, timeout: float = 5.0, **kwargs: Any) -> AsyncConnection[Any]:
+    """Connect, turning every failure into DatabaseUnavailable with a one-line reason."""
+    try:
+        return await AsyncConnection.connect(
+            conninfo, connect_timeout=max(2, math.ceil(timeout)), **kwargs
+        )
+    except psycopg.Error as exc:
+        reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        raise DatabaseUnavailable(
+            f"cannot connect to PostgreSQL at {describe_dsn(conninfo)}: {reason}"
+        ) from exc

@@ -1,0 +1,383 @@
+"""One instance's part in an election: wait for the lock, lead, heartbeat, step down.
+
+The elector owns one dedicated connection (never pooled): a session advisory
+lock lives and dies with its session. The cycle is
+
+    connect -> join -> follow (wait on the lock; evict a hung leader)
+            -> lead (bump the epoch; heartbeat) -> drop the connection -> again
+
+Leadership ends by dropping the connection, so a lock can never stack on a
+session that already holds it, and a session in an unknown state is never
+reused. `is_leader` is derived from a lease on the monotonic clock, so a paused
+or partitioned process stops claiming leadership on time even if its loop never
+runs again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import random
+import socket
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import psycopg
+import structlog
+from psycopg import AsyncConnection
+
+from pgleader import __version__
+from pgleader.config import LogLevels, Timings, default_instance_id
+from pgleader.connect import connect, describe_dsn, lock_session_conninfo
+from pgleader.errors import DatabaseUnavailable, NotLeader
+from pgleader.fencing import check_epoch
+
+__all__ = ["Elector", "Transition"]
+
+log = structlog.get_logger("pgleader.election")
+
+_JOIN = "select pgleader.join_election(%s, %s, %s, %s, %s)"
+_LOCK = "select pg_advisory_lock(pgleader.lock_namespace(), %s)"
+_FOLLOWER_BEAT = "select pgleader.follower_beat(%s, %s, make_interval(secs => %s))"
+_TAKE = "select epoch, previous from pgleader.take_leadership(%s, %s, %s)"
+_HEARTBEAT = "select pgleader.heartbeat(%s, %s, %s)"
+_RESIGN = "select pgleader.resign(%s, %s, %s, %s)"
+
+
+@dataclass(frozen=True, slots=True)
+class Transition:
+    """A change of this instance's role. `epoch` is the epoch gained or given up."""
+
+    kind: Literal["elected", "demoted", "resigned"]
+    epoch: int
+    reason: str
+    at: float = field(default_factory=time.time)
+
+
+class _Demoted(Exception):
+    """Leadership ended; the connection must be dropped."""
+
+
+class Elector:
+    """Campaigns for `election` on `dsn` until stopped.
+
+    Use as ``async with Elector(dsn, "orders") as elector:``. While
+    ``elector.is_leader``, guard every side effect with ``await elector.fence(conn)``
+    inside the transaction that claims the work.
+    """
+
+    def __init__(
+        self,
+        dsn: str,
+        election: str = "default",
+        *,
+        instance_id: str | None = None,
+        host: str | None = None,
+        timings: Timings | None = None,
+        log_levels: LogLevels | None = None,
+        connect_timeout: float = 5.0,
+        resign_cooldown: float | None = None,
+    ) -> None:
+        if not election or len(election) > 200:
+            raise ValueError("election name must be 1..200 characters")
+        self.dsn = dsn
+        self.election = election
+        self.instance_id = instance_id or default_instance_id()
+        self.host = host or _hostname()
+        self.timings = (timings or Timings()).validate()
+        self.log_levels = log_levels or LogLevels()
+        self.connect_timeout = connect_timeout
+        # After a resign, stay out of the race for a moment so another instance takes over.
+        self.resign_cooldown = self.timings.heartbeat if resign_cooldown is None else resign_cooldown
+        self._conninfo = lock_session_conninfo(
+            dsn, self.timings, f"pgleader:{election}:{self.instance_id}"
+        )
+        self._epoch: int | None = None
+        self._lease_deadline = 0.0
+        self._resign_reason: str | None = None
+        self._resign_requested = asyncio.Event()
+        self._resigned = asyncio.Event()
+        self._lock_id: int | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+        self._subscribers: list[asyncio.Queue[Transition]] = []
+        self._callbacks: list[Callable[[Transition], Any]] = []
+        self._leader_changed = asyncio.Condition()
+        self.stats = {"heartbeats_ok": 0, "heartbeats_failed": 0, "elected": 0, "demoted": 0}
+        self.last_heartbeat_latency: float | None = None
+        self._log = log.bind(election=election, instance=self.instance_id)
+
+    # -- public state ---------------------------------------------------------
+
+    @property
+    def is_leader(self) -> bool:
+        """True only while this instance holds the lock and its lease has not run out."""
+        return self._epoch is not None and time.monotonic() < self._lease_deadline
+
+    @property
+    def epoch(self) -> int | None:
+        """The epoch this instance leads under, or None when it does not lead."""
+        return self._epoch if self.is_leader else None
+
+    async def fence(self, conn: AsyncConnection[Any]) -> int:
+        """Check, inside the caller's transaction, that this instance's epoch is current.
+
+        Raises NotLeader when this instance does not lead by its own lease, Fenced
+        when the database knows a newer epoch. Returns the epoch to stamp the work with.
+        """
+        epoch = self.epoch
+        if epoch is None:
+            raise NotLeader(f"instance {self.instance_id!r} does not lead {self.election!r}")
+        await check_epoch(conn, self.election, epoch)
+        return epoch
+
+    async def wait_for_leadership(self, timeout: float | None = None) -> int:
+        """Wait until this instance leads; returns the epoch."""
+
+        async def _wait() -> int:
+            async with self._leader_changed:
+                await self._leader_changed.wait_for(lambda: self.is_leader)
+                assert self._epoch is not None
+                return self._epoch
+
+        return await asyncio.wait_for(_wait(), timeout)
+
+    def on_transition(self, callback: Callable[[Transition], Any]) -> None:
+        """Call `callback(transition)` on every change of role (it may be a coroutine function)."""
+        self._callbacks.append(callback)
+
+    async def transitions(self) -> AsyncIterator[Transition]:
+        """Every change of role from now on, in order."""
+        queue: asyncio.Queue[Transition] = asyncio.Queue()
+        self._subscribers.append(queue)
+        try:
+            while True:
+                yield await queue.get()
+        finally:
+            self._subscribers.remove(queue)
+
+    # -- life cycle -----------------------------------------------------------
+
+    async def __aenter__(self) -> Elector:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        """Check the database once (raising DatabaseUnavailable with a clear reason), then campaign."""
+        if self._task is not None:
+            raise RuntimeError("elector already started")
+        conn = await connect(self._conninfo, timeout=self.connect_timeout, autocommit=True)
+        await conn.close()
+        self._stopping = False
+        self._task = asyncio.create_task(self._run(), name=f"pgleader-elector-{self.election}")
+
+    async def stop(self, reason: str = "shutdown") -> None:
+        """Resign if leading, then stop campaigning. Prompt even while waiting on the lock."""
+        if self._task is None:
+            return
+        if self.is_leader:
+            with contextlib.suppress(TimeoutError):
+                await self.resign(reason, timeout=self.timings.lease)
+        self._stopping = True
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        self._task = None
+        if self._epoch is not None:
+            self._demote("stopped")
+
+    async def resign(self, reason: str = "resigned", *, timeout: float | None = None) -> bool:
+        """Hand leadership over: close the history row with `reason`, release the lock,
+        NOTIFY. Returns False when this instance was not leading."""
+        if not self.is_leader or self._task is None:
+            return False
+        self._resigned.clear()
+        self._resign_reason = reason
+        self._resign_requested.set()
+        await asyncio.wait_for(self._resigned.wait(), timeout)
+        return True
+
+    # -- the cycle ------------------------------------------------------------
+
+    async def _run(self) -> None:
+        failures = 0
+        while not self._stopping:
+            conn: AsyncConnection[Any] | None = None
+            pause = 0.0
+            try:
+                conn = await connect(self._conninfo, timeout=self.connect_timeout, autocommit=True)
+                failures = 0
+                await self._join(conn)
+                await self._follow(conn)
+                pause = await self._lead(conn)
+            except (psycopg.Error, OSError, DatabaseUnavailable, _Demoted) as exc:
+                if self._epoch is not None:
+                    self._demote(_reason(exc))
+                failures += 1
+                pause = min(2.0, 0.05 * 2 ** min(failures, 6)) * random.uniform(0.5, 1.0)
+                self._log.log(
+                    self.log_levels.heartbeat_failed,
+                    "election connection lost, rejoining",
+                    error=_reason(exc),
+                    retry_in=round(pause, 3),
+                )
+            finally:
+                if conn is not None:
+                    await _drop(conn)
+            if pause:
+                await asyncio.sleep(pause)
+
+    async def _join(self, conn: AsyncConnection[Any]) -> None:
+        cur = await conn.execute(
+            _JOIN, [self.election, self.instance_id, self.host, os.getpid(), __version__]
+        )
+        row = await cur.fetchone()
+        assert row is not None
+        self._lock_id = int(row[0])
+        # Wait on the lock in slices of one heartbeat, so a follower also polls for a hung leader.
+        await conn.execute(
+            "select set_config('lock_timeout', %s, false)", [f"{int(self.timings.heartbeat * 1000)}ms"]
+        )
+
+    async def _follow(self, conn: AsyncConnection[Any]) -> None:
+        while True:
+            try:
+                await conn.execute(_LOCK, [self._lock_id])
+                return
+            except psycopg.errors.LockNotAvailable:
+                cur = await conn.execute(
+                    _FOLLOWER_BEAT, [self.election, self.instance_id, self.timings.evict_after]
+                )
+                row = await cur.fetchone()
+                if row is not None and row[0] is not None:
+                    self._log.warning("evicted a hung leader", backend_pid=row[0])
+
+    async def _lead(self, conn: AsyncConnection[Any]) -> float:
+        """Lead until demoted (raises _Demoted) or resigned; returns the pause before rejoining."""
+        await conn.execute("select set_config('lock_timeout', '0', false)")
+        sent = time.monotonic()
+        cur = await conn.execute(_TAKE, [self.election, self.instance_id, self.host])
+        row = await cur.fetchone()
+        assert row is not None
+        epoch, previous = int(row[0]), row[1]
+        self._lease_deadline = sent + self.timings.lease
+        self._epoch = epoch
+        self.stats["elected"] += 1
+        self._log.log(self.log_levels.gained, "leadership gained", epoch=epoch, previous=previous)
+        await self._announce(Transition("elected", epoch, "lock acquired"))
+        try:
+            while True:
+                if await self._idle(conn, self.timings.heartbeat):
+                    return await self._step_down(conn, epoch)
+                await self._beat(conn, epoch)
+        except asyncio.CancelledError:
+            self._demote("stopped")
+            raise
+
+    async def _idle(self, conn: AsyncConnection[Any], seconds: float) -> bool:
+        """Sleep until the next beat; wake early when the server says something (e.g. our
+        session was terminated) or a resign is requested. True when resigning."""
+        loop = asyncio.get_running_loop()
+        readable = loop.create_future()
+        fd = conn.fileno()
+        loop.add_reader(fd, lambda: readable.done() or readable.set_result(None))
+        resign = asyncio.ensure_future(self._resign_requested.wait())
+        try:
+            await asyncio.wait({readable, resign}, timeout=seconds, return_when="FIRST_COMPLETED")
+        finally:
+            loop.remove_reader(fd)
+            resign.cancel()
+        return self._resign_requested.is_set()
+
+    async def _beat(self, conn: AsyncConnection[Any], epoch: int) -> None:
+        sent = time.monotonic()
+        remaining = self._lease_deadline - sent
+        try:
+            if remaining <= 0:
+                raise TimeoutError
+            cur = await asyncio.wait_for(
+                conn.execute(_HEARTBEAT, [self.election, self.instance_id, epoch]), remaining
+            )
+            row = await cur.fetchone()
+        except TimeoutError:
+            self.stats["heartbeats_failed"] += 1
+            raise _Demoted("lease expired: no heartbeat succeeded in time") from None
+        except psycopg.Error:
+            self.stats["heartbeats_failed"] += 1
+            raise
+        if row is None or not row[0]:
+            self.stats["heartbeats_failed"] += 1
+            raise _Demoted("lock not held by this session or epoch superseded")
+        self.stats["heartbeats_ok"] += 1
+        self.last_heartbeat_latency = time.monotonic() - sent
+        self._lease_deadline = sent + self.timings.lease
+
+    async def _step_down(self, conn: AsyncConnection[Any], epoch: int) -> float:
+        reason = self._resign_reason or "resigned"
+        self._epoch = None  # stop acting before anything else
+        try:
+            await asyncio.wait_for(
+                conn.execute(_RESIGN, [self.election, self.instance_id, epoch, reason]),
+                self.timings.lease,
+            )
+        finally:
+            self._resign_requested.clear()
+            self._resigned.set()
+        self.stats["demoted"] += 1
+        self._log.log(self.log_levels.resigned, "leadership resigned", epoch=epoch, reason=reason)
+        await self._announce(Transition("resigned", epoch, reason))
+        return self.resign_cooldown
+
+    def _demote(self, reason: str) -> None:
+        epoch, self._epoch = self._epoch, None  # stop acting before anything else
+        if epoch is None:
+            return
+        self.stats["demoted"] += 1
+        self._log.log(self.log_levels.lost, "leadership lost", epoch=epoch, reason=reason)
+        self._resigned.set()
+        self._notify(Transition("demoted", epoch, reason))
+
+    async def _announce(self, transition: Transition) -> None:
+        self._notify(transition)
+        async with self._leader_changed:
+            self._leader_changed.notify_all()
+
+    def _notify(self, transition: Transition) -> None:
+        for queue in self._subscribers:
+            queue.put_nowait(transition)
+        for callback in self._callbacks:
+            result = callback(transition)
+            if asyncio.iscoroutine(result):
+                asyncio.ensure_future(result)
+
+    def __repr__(self) -> str:
+        return (
+            f"<Elector {self.election!r} {self.instance_id!r} at {describe_dsn(self.dsn)} "
+            f"epoch={self.epoch}>"
+        )
+
+
+async def _drop(conn: AsyncConnection[Any]) -> None:
+    """Close a lock session for good: whatever it held is released by the server."""
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(conn.cancel_safe(timeout=1.0), 1.5)
+    with contextlib.suppress(Exception):
+        await conn.close()
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def _hostname() -> str:
+    try:
+        return socket.gethostname() or "unknown"
+    except OSError:
+        return "unknown"

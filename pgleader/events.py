@@ -1,0 +1,79 @@
+"""LISTEN/NOTIFY: the pgleader_events payload and a listener that survives disconnects.
+
+NOTIFY is delivered only on commit and nothing is replayed after a disconnect,
+so `listen` yields a `Reconnected` marker after every reconnection: a consumer
+that must not miss work pairs it with a sweep.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from pgleader.connect import connect
+from pgleader.errors import DatabaseUnavailable
+
+__all__ = ["EVENTS_CHANNEL", "Notification", "Reconnected", "listen", "parse_event"]
+
+EVENTS_CHANNEL = "pgleader_events"
+
+
+@dataclass(frozen=True, slots=True)
+class Notification:
+    channel: str
+    payload: str
+
+
+@dataclass(frozen=True, slots=True)
+class Reconnected:
+    """The listener (re)connected; notifications may have been missed before it."""
+
+    attempt: int
+
+
+def parse_event(payload: str) -> dict[str, Any]:
+    """A pgleader_events payload as a dict (keys: event, election, epoch, leader, previous, at)."""
+    data = json.loads(payload)
+    if not isinstance(data, dict):
+        raise ValueError("event payload is not a JSON object")
+    return data
+
+
+async def listen(
+    dsn: str, *channels: str, ping_every: float = 5.0, max_backoff: float = 5.0
+) -> AsyncIterator[Notification | Reconnected]:
+    """Yield notifications on `channels` forever, reconnecting with backoff.
+
+    A cheap query every `ping_every` seconds of silence proves the connection
+    is alive (a half-open TCP connection otherwise looks like a quiet channel).
+    """
+    channels = channels or (EVENTS_CHANNEL,)
+    attempt = 0
+    while True:
+        try:
+            conn = await connect(dsn, autocommit=True)
+        except DatabaseUnavailable:
+            attempt += 1
+            await asyncio.sleep(min(max_backoff, 0.1 * 2**attempt) * random.uniform(0.5, 1))
+            continue
+        try:
+            for channel in channels:
+                await conn.execute(sql.SQL("listen {}").format(sql.Identifier(channel)))
+            yield Reconnected(attempt)
+            attempt = 0
+            while True:
+                async for n in conn.notifies(timeout=ping_every):
+                    yield Notification(n.channel, n.payload)
+                await asyncio.wait_for(conn.execute("select 1"), ping_every)
+        except (psycopg.OperationalError, TimeoutError):
+            attempt += 1
+            await asyncio.sleep(min(max_backoff, 0.1 * 2**attempt) * random.uniform(0.5, 1))
+        finally:
+            await conn.close()

@@ -1,0 +1,34 @@
+"""The fencing rule: act only while your epoch is the election's current epoch.
+
+`check_epoch` runs inside the caller's transaction, on any connection. It reads
+the election row FOR SHARE, so a new leader's epoch bump (an UPDATE of that row)
+waits for the caller to commit, and every check after the bump sees the new
+epoch. Whatever the caller writes in the same transaction is therefore either
+committed under a current epoch or not at all.
+"""
+
+from __future__ import annotations
+
+from psycopg import AsyncConnection
+from psycopg.pq import TransactionStatus
+
+from pgleader.errors import Fenced
+
+__all__ = ["check_epoch"]
+
+_FENCE = "select epoch from pgleader.election where name = %s for share"
+
+
+async def check_epoch(conn: AsyncConnection[object], election: str, epoch: int) -> None:
+    """Raise `Fenced` unless `epoch` is the current epoch of `election`.
+
+    Must be called inside a transaction (``async with conn.transaction()``): the
+    row lock it takes is what makes the check hold until commit.
+    """
+    if conn.info.transaction_status != TransactionStatus.INTRANS:
+        raise RuntimeError("check_epoch must run inside a transaction (async with conn.transaction())")
+    cur = await conn.execute(_FENCE, [election])
+    row = await cur.fetchone()
+    current = None if row is None else int(row[0])  # type: ignore[index]
+    if current != epoch:
+        raise Fenced(election, epoch, current)

@@ -1,0 +1,1 @@
+"""The signal gateway: webhook, inbox, fenced executor, brokers, positions, jobs."""
