@@ -8,8 +8,9 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from pgleader.config import LogLevels, Timings  # noqa: E402
-from pgleader.errors import (  # noqa: E402
+from pgleader.config import LogLevels, Timings
+from pgleader.election import Elector, Transition
+from pgleader.errors import (
     ConfigError,
     DatabaseUnavailable,
     Fenced,
@@ -17,9 +18,8 @@ from pgleader.errors import (  # noqa: E402
     NotLeader,
     PgLeaderError,
 )
-from pgleader.election import Elector, Transition  # noqa: E402
-from pgleader.fencing import check_epoch  # noqa: E402
-from pgleader.migrations import migrate  # noqa: E402
+from pgleader.fencing import check_epoch
+from pgleader.migrations import migrate
 
 __all__ = [
     "ConfigError",

@@ -106,9 +106,7 @@ async def _elect(args: argparse.Namespace) -> int:
     from pgleader.errors import NotLeader
 
     dsn = require_dsn(args)
-    elector = Elector(
-        dsn, args.election, instance_id=args.instance_id, timings=timings_from(args)
-    )
+    elector = Elector(dsn, args.election, instance_id=args.instance_id, timings=timings_from(args))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -117,9 +115,7 @@ async def _elect(args: argparse.Namespace) -> int:
     def emit(**fields: Any) -> None:
         print(json.dumps({"instance": elector.instance_id, **fields}), flush=True)
 
-    elector.on_transition(
-        lambda t: emit(event=t.kind, epoch=t.epoch, reason=t.reason, at=t.at)
-    )
+    elector.on_transition(lambda t: emit(event=t.kind, epoch=t.epoch, reason=t.reason, at=t.at))
     async with elector, await connect(dsn, autocommit=True) as work:
         emit(event="started", at=loop.time())
         acted: set[int] = set()
@@ -182,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return asyncio.run(args.func(args))
+        return int(asyncio.run(args.func(args)))
     except PgLeaderError as exc:
         print(f"pgleader {args.verb}: error: {exc}", file=sys.stderr)
         return 2
@@ -190,5 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except psycopg.Error as exc:
         lines = str(exc).strip().splitlines()
-        print(f"pgleader {args.verb}: database error: {lines[0] if lines else exc}", file=sys.stderr)
+        print(
+            f"pgleader {args.verb}: database error: {lines[0] if lines else exc}", file=sys.stderr
+        )
         return 1

@@ -55,7 +55,9 @@ async def connect(conninfo: str, *, timeout: float = 5.0, **kwargs: Any) -> Asyn
             conninfo, connect_timeout=max(2, math.ceil(timeout)), **kwargs
         )
     except psycopg.Error as exc:
-        reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        lines = str(exc).strip().splitlines()
+        # libpq says "connection failed: connection to server at ... failed: <why>"
+        reason = lines[0].rsplit("failed: ", 1)[-1].strip() if lines else type(exc).__name__
         raise DatabaseUnavailable(
             f"cannot connect to PostgreSQL at {describe_dsn(conninfo)}: {reason}"
         ) from exc

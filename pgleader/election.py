@@ -91,7 +91,9 @@ class Elector:
         self.log_levels = log_levels or LogLevels()
         self.connect_timeout = connect_timeout
         # After a resign, stay out of the race for a moment so another instance takes over.
-        self.resign_cooldown = self.timings.heartbeat if resign_cooldown is None else resign_cooldown
+        self.resign_cooldown = (
+            self.timings.heartbeat if resign_cooldown is None else resign_cooldown
+        )
         self._conninfo = lock_session_conninfo(
             dsn, self.timings, f"pgleader:{election}:{self.instance_id}"
         )
@@ -105,6 +107,7 @@ class Elector:
         self._stopping = False
         self._subscribers: list[asyncio.Queue[Transition]] = []
         self._callbacks: list[Callable[[Transition], Any]] = []
+        self._callback_tasks: set[asyncio.Future[Any]] = set()
         self._leader_changed = asyncio.Condition()
         self.stats = {"heartbeats_ok": 0, "heartbeats_failed": 0, "elected": 0, "demoted": 0}
         self.last_heartbeat_latency: float | None = None
@@ -242,7 +245,8 @@ class Elector:
         self._lock_id = int(row[0])
         # Wait on the lock in slices of one heartbeat, so a follower also polls for a hung leader.
         await conn.execute(
-            "select set_config('lock_timeout', %s, false)", [f"{int(self.timings.heartbeat * 1000)}ms"]
+            "select set_config('lock_timeout', %s, false)",
+            [f"{int(self.timings.heartbeat * 1000)}ms"],
         )
 
     async def _follow(self, conn: AsyncConnection[Any]) -> None:
@@ -284,12 +288,18 @@ class Elector:
         """Sleep until the next beat; wake early when the server says something (e.g. our
         session was terminated) or a resign is requested. True when resigning."""
         loop = asyncio.get_running_loop()
-        readable = loop.create_future()
+        readable: asyncio.Future[None] = loop.create_future()
         fd = conn.fileno()
-        loop.add_reader(fd, lambda: readable.done() or readable.set_result(None))
-        resign = asyncio.ensure_future(self._resign_requested.wait())
+
+        def wake() -> None:
+            if not readable.done():
+                readable.set_result(None)
+
+        loop.add_reader(fd, wake)
+        resign: asyncio.Future[Any] = asyncio.ensure_future(self._resign_requested.wait())
+        waits: set[asyncio.Future[Any]] = {readable, resign}
         try:
-            await asyncio.wait({readable, resign}, timeout=seconds, return_when="FIRST_COMPLETED")
+            await asyncio.wait(waits, timeout=seconds, return_when="FIRST_COMPLETED")
         finally:
             loop.remove_reader(fd)
             resign.cancel()
@@ -354,7 +364,9 @@ class Elector:
         for callback in self._callbacks:
             result = callback(transition)
             if asyncio.iscoroutine(result):
-                asyncio.ensure_future(result)
+                task = asyncio.ensure_future(result)
+                self._callback_tasks.add(task)
+                task.add_done_callback(self._callback_tasks.discard)
 
     def __repr__(self) -> str:
         return (
@@ -365,10 +377,12 @@ class Elector:
 
 async def _drop(conn: AsyncConnection[Any]) -> None:
     """Close a lock session for good: whatever it held is released by the server."""
-    with contextlib.suppress(Exception):
-        await asyncio.wait_for(conn.cancel_safe(timeout=1.0), 1.5)
-    with contextlib.suppress(Exception):
-        await conn.close()
+    try:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(conn.cancel_safe(timeout=1.0), 1.5)
+    finally:  # even when cancelled (stop) while cancelling
+        with contextlib.suppress(Exception):
+            await conn.close()
 
 
 def _reason(exc: BaseException) -> str:

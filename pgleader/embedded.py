@@ -99,7 +99,7 @@ class EmbeddedPostgres:
         self.init()
         opts = (
             f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.data_dir}"
-            " -c max_connections=300 -c fsync=on -c shared_buffers=64MB"
+            " -c max_connections=300 -c shared_buffers=64MB -c track_commit_timestamp=on"
         )
         result = self._run(
             "pg_ctl", "-D", str(self.data_dir), "-l", str(self.data_dir / "server.log"),
@@ -130,7 +130,12 @@ class EmbeddedPostgres:
     def wait_ready(self, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self._run("pg_isready", "-h", "127.0.0.1", "-p", str(self.port), check=False).returncode == 0:
+            if (
+                self._run(
+                    "pg_isready", "-h", "127.0.0.1", "-p", str(self.port), check=False
+                ).returncode
+                == 0
+            ):
                 return
             time.sleep(0.1)
         raise ConfigError(f"PostgreSQL on port {self.port} not ready after {timeout} s")

@@ -26,7 +26,9 @@ async def check_epoch(conn: AsyncConnection[object], election: str, epoch: int) 
     row lock it takes is what makes the check hold until commit.
     """
     if conn.info.transaction_status != TransactionStatus.INTRANS:
-        raise RuntimeError("check_epoch must run inside a transaction (async with conn.transaction())")
+        raise RuntimeError(
+            "check_epoch must run inside a transaction (async with conn.transaction())"
+        )
     cur = await conn.execute(_FENCE, [election])
     row = await cur.fetchone()
     current = None if row is None else int(row[0])  # type: ignore[index]

@@ -23,7 +23,10 @@ def configure_logging(fmt: Literal["json", "console"] = "json", level: int = log
         # Frame locals can hold a DSN with its password: never render them.
         tracebacks = structlog.tracebacks.ExceptionDictTransformer(show_locals=False)
         renderer: structlog.types.Processor = structlog.processors.JSONRenderer()
-        final = [structlog.processors.ExceptionRenderer(tracebacks), renderer]
+        final: list[structlog.types.Processor] = [
+            structlog.processors.ExceptionRenderer(tracebacks),
+            renderer,
+        ]
     else:
         final = [structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())]
     structlog.configure(

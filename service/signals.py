@@ -128,7 +128,13 @@ def parse_dict(
     max_future_skew: timedelta = _DEFAULT_SKEW,
     instruments: frozenset[str] | None = None,
 ) -> Parsed:
-    """Validate an already decoded body (e.g. replayed from the spool)."""
+    """Validate an already decoded body (e.g. replayed from the spool).
+
+    Fields are checked in a fixed order (secret, type, instrument, position, lots,
+    price, stop, timestamp) and the first problem is the one reported. A null in
+    an optional field (an exit's lots or price, stop) counts as absent, which is
+    also how `Signal.payload` writes an absent price or stop.
+    """
     if now.utcoffset() is None:
         raise ValueError("now must be timezone-aware")
     body = _clean_body(data)
@@ -185,7 +191,7 @@ def _decode(body: bytes) -> dict[str, Any]:
             parse_int=_json_int,
             parse_float=_json_float,
         )
-    except SignalError:
+    except SignalError:  # a ValueError too: keep the hooks' own messages
         raise
     except RecursionError:
         raise SignalError(f"body is nested deeper than {_MAX_DEPTH} levels") from None
@@ -271,7 +277,7 @@ def _clean(value: Any, where: str, depth: int) -> Any:
     if isinstance(value, str):
         return _checked_text(value, where)
     if not isinstance(value, Mapping | list | tuple):
-        raise SignalError(f"{where} holds a {type(value).__name__}, which is not JSON data")
+        raise SignalError(f"{where} holds a value of type {type(value).__name__}, not JSON data")
     # Also what stops a self-referencing structure handed to parse_dict.
     if depth >= _MAX_DEPTH:
         raise SignalError(f"{where} is nested deeper than {_MAX_DEPTH} levels")

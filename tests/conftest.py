@@ -94,3 +94,16 @@ def own_server() -> Iterator[EmbeddedPostgres]:
     finally:
         server.stop("immediate")
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.fixture
+def empty_database_dsn(dsn: str) -> Iterator[str]:
+    """A database with no schema at all, next to this test's database; dropped after."""
+    plain = f"{conninfo_to_dict(dsn)['dbname']}_bare"
+    name = psycopg.sql.Identifier(plain)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(psycopg.sql.SQL("drop database if exists {} with (force)").format(name))
+        conn.execute(psycopg.sql.SQL("create database {}").format(name))
+    yield make_conninfo(dsn, dbname=plain)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(psycopg.sql.SQL("drop database if exists {} with (force)").format(name))
