@@ -1,0 +1,327 @@
+"""One gateway instance: its pool, elector, executor, spool and background jobs.
+
+Every instance accepts signals; only the leader executes them. Start-up waits
+for the database (bounded exponential backoff; a wrong password or database
+fails at once), applies missing migrations, then campaigns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import random
+import signal
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+import psycopg
+import structlog
+from aiohttp import web
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
+
+from pgleader import DatabaseUnavailable, Elector, Transition, migrate
+from pgleader.connect import connect, describe_dsn
+from pgleader.embedded import EmbeddedPostgres
+from pgleader.events import Reconnected, listen
+from pgleader.logs import configure_logging
+from service.brokers import PaperBroker
+from service.config import ServiceConfig
+from service.execution import Executor
+from service.inbox import NOTIFY_CHANNEL, Stored, store_signal
+from service.signals import Signal, SignalError, parse_dict
+from service.spool import Spool, SpoolError
+
+__all__ = ["Gateway", "serve"]
+
+log = structlog.get_logger("service")
+
+# Failures no retry can fix: say so at once instead of backing off for a minute.
+_PERMANENT = ("password authentication failed", "does not exist", "no pg_hba.conf entry",
+              "invalid dsn", "invalid connection option", "<unparsable DSN>", "role")  # fmt: skip
+_UNAVAILABLE = (psycopg.OperationalError, PoolTimeout)
+
+
+class Gateway:
+    def __init__(self, config: ServiceConfig, dsn: str) -> None:
+        self.config = config
+        self.dsn = dsn
+        self.pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
+            dsn,
+            min_size=2,
+            max_size=10,
+            open=False,
+            kwargs={"autocommit": True, "application_name": f"gateway:{config.instance_id}"[:63]},
+            timeout=1.0,  # a webhook must answer within TradingView's 3 s: spool instead
+            reconnect_timeout=3600 * 24 * 365,  # keep trying through an outage, never give up
+        )
+        self.elector = Elector(
+            dsn, config.election, instance_id=config.instance_id, timings=config.timings
+        )
+        self.broker = PaperBroker(self.pool)
+        self.executor = Executor(
+            self.pool, self.elector, self.broker, max_age=config.max_signal_age
+        )
+        self.spool = Spool(config.spool_path)
+        self.shutting_down = False
+        self.started_at = time.time()
+        self.responses: dict[str, int] = {}
+        self._wake = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._inline: set[asyncio.Task[str]] = set()
+        self.elector.on_transition(self._on_transition)
+
+    # -- life cycle -----------------------------------------------------------
+
+    async def start(self, wait_for_database: float = 60.0) -> None:
+        await _wait_for_database(self.dsn, wait_for_database)
+        if self.config.migrate:
+            applied = await migrate(self.dsn)
+            if applied:
+                log.info("migrations applied", files=applied)
+        await self.pool.open(wait=True, timeout=10)
+        await self.elector.start()
+        self.executor.start()
+        self._tasks = [
+            asyncio.create_task(self._listen(), name="gateway-listen"),
+            asyncio.create_task(self._sweep_loop(), name="gateway-sweep"),
+        ]
+
+    async def stop(self) -> None:
+        self.shutting_down = True
+        if self._inline:
+            await asyncio.wait(self._inline, timeout=self.config.shutdown_timeout)
+        await self.elector.stop("shutdown")  # resign + NOTIFY: a follower takes over at once
+        await self.executor.stop()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self.pool.close()
+
+    def _on_transition(self, t: Transition) -> None:
+        if t.kind == "elected":
+            self._wake.set()  # sweep and reconcile at once
+
+    # -- accepting a signal ---------------------------------------------------
+
+    async def accept(self, signal: Signal, fp: str, body: bytes) -> tuple[int, dict[str, Any]]:
+        """Store (or spool) a validated signal; execute inline when leading.
+        Returns the HTTP status and JSON answer."""
+        try:
+            stored = await self._store(signal, fp)
+        except _UNAVAILABLE as exc:
+            fields = json.loads(body.decode("utf-8-sig"))  # validated already
+            fields.pop("secret", None)  # the spool never holds the secret
+            record = {
+                "body": fields,
+                "fingerprint": fp,
+                "received_at": datetime.now(UTC).isoformat(),
+            }
+            try:
+                await self.spool.append(record)
+            except SpoolError as spool_exc:
+                log.critical("signal refused: database and spool both failed", error=str(spool_exc))
+                return 503, {
+                    "status": "unavailable",
+                    "error": "database unreachable and spool failed; retry",
+                }
+            log.error("database unreachable: signal spooled", fingerprint=fp, error=_line(exc))
+            return 202, {"status": "spooled", "fingerprint": fp}
+        if stored.duplicate:
+            return 200, {"status": "duplicate", "signal_id": stored.signal_id}
+        if self.elector.is_leader:
+            task = asyncio.create_task(self.executor.execute(stored.signal_id))
+            self._inline.add(task)
+            task.add_done_callback(self._inline.discard)
+            try:
+                status = await asyncio.wait_for(asyncio.shield(task), self.config.inline_timeout)
+            except TimeoutError:
+                status = "executing"
+            except Exception:
+                log.exception(
+                    "inline execution failed; the sweep retries", signal_id=stored.signal_id
+                )
+                status = "pending"
+            if status in ("executed", "failed", "expired", "rejected"):
+                return 200, {"status": status, "signal_id": stored.signal_id}
+        return 202, {"status": "accepted", "signal_id": stored.signal_id}
+
+    async def _store(self, signal: Signal, fp: str, received_at: datetime | None = None) -> Stored:
+        for attempt in (1, 2):
+            try:
+                async with self.pool.connection() as conn:
+                    return await store_signal(
+                        conn, signal, fp, self.config.instance_id, received_at
+                    )
+            except psycopg.OperationalError:
+                # A pooled connection may have died with a database restart: one fresh try.
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    async def _store_spooled(self, record: dict[str, Any]) -> None:
+        received_at = datetime.fromisoformat(record["received_at"])
+        try:
+            parsed = parse_dict(
+                record["body"], now=received_at, max_future_skew=self.config.max_future_skew
+            )
+        except SignalError as exc:  # cannot happen for a record we validated; never block the spool
+            log.critical(
+                "spooled record no longer parses; dropped", error=exc.message, record=record
+            )
+            return
+        await self._store(parsed.signal, record["fingerprint"], received_at)
+
+    # -- background jobs ------------------------------------------------------
+
+    async def _listen(self) -> None:
+        async for item in listen(self.dsn, NOTIFY_CHANNEL):
+            if isinstance(item, Reconnected):
+                self._wake.set()  # notifications may have been missed: sweep
+            elif self.elector.is_leader:
+                with contextlib.suppress(ValueError):
+                    self.executor.enqueue([int(item.payload)])
+
+    async def _sweep_loop(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.config.sweep_interval)
+            self._wake.clear()
+            try:
+                if len(self.spool):
+                    replayed = await self.spool.replay(self._store_spooled)
+                    log.warning("spool replayed into the inbox", signals=replayed)
+                await self.executor.sweep()
+                await self.executor.reconcile()
+            except (*_UNAVAILABLE, OSError) as exc:
+                log.warning("sweep failed; will retry", error=_line(exc))
+            except Exception:
+                log.exception("sweep crashed; will retry")
+
+    # -- what the HTTP surface reports ----------------------------------------
+
+    async def readiness(self) -> tuple[bool, str]:
+        if self.shutting_down:
+            return False, "shutting_down"
+        try:
+            async with self.pool.connection(timeout=1.0) as conn:
+                from pgleader.migrations import pending
+
+                missing = await asyncio.wait_for(pending(conn), 1.0)
+        except (*_UNAVAILABLE, TimeoutError):
+            return False, "database_unreachable"
+        if missing:
+            return False, "migrations_missing"
+        return True, "ready"
+
+    async def leader_view(self) -> dict[str, Any]:
+        row: dict[str, Any] | None = None
+        with contextlib.suppress(*_UNAVAILABLE, TimeoutError):
+            async with self.pool.connection(timeout=1.0) as conn:
+                cur = await conn.execute(
+                    "select epoch, leader, host, lock_held,"
+                    " extract(epoch from heartbeat_age)::float8 from pgleader.leader where election = %s",
+                    [self.config.election],
+                )
+                found = await cur.fetchone()
+                if found is not None:
+                    keys = ("epoch", "leader", "host", "lock_held", "heartbeat_age_s")
+                    row = dict(zip(keys, found, strict=True))
+        stats = self.elector.stats
+        latency = self.elector.last_heartbeat_latency
+        return {
+            "election": self.config.election,
+            "leader": row,
+            "instance_id": self.config.instance_id,
+            "is_leader": self.elector.is_leader,
+            "epoch": self.elector.epoch,
+            "metrics": {
+                "heartbeats_ok": stats["heartbeats_ok"],
+                "heartbeats_failed": stats["heartbeats_failed"],
+                "heartbeat_latency_ms": None if latency is None else round(latency * 1000, 3),
+                "leadership_changes": stats["elected"] + stats["demoted"],
+                "times_elected": stats["elected"],
+                "spooled": len(self.spool),
+                "executions": dict(self.executor.counts),
+            },
+        }
+
+
+async def _wait_for_database(dsn: str, limit: float) -> None:
+    deadline = time.monotonic() + limit
+    attempt = 0
+    while True:
+        try:
+            conn = await connect(dsn)
+            await conn.close()
+            return
+        except DatabaseUnavailable as exc:
+            if any(marker in str(exc) for marker in _PERMANENT):
+                raise
+            attempt += 1
+            pause = min(5.0, 0.2 * 2**attempt) * random.uniform(0.8, 1.0)
+            if time.monotonic() + pause > deadline:
+                raise DatabaseUnavailable(f"{exc} (gave up after {limit:.0f} s)") from None
+            log.warning(
+                "database not reachable yet; retrying", error=str(exc), retry_in=round(pause, 2)
+            )
+            await asyncio.sleep(pause)
+
+
+def _line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
+async def serve(config: ServiceConfig) -> int:
+    """Run one instance until SIGTERM/SIGINT; then drain, resign, close, exit 0."""
+    from service.http import build_app
+
+    configure_logging("console" if config.log_format == "console" else "json")
+    structlog.contextvars.bind_contextvars(instance=config.instance_id)
+    embedded: EmbeddedPostgres | None = None
+    dsn = config.dsn
+    if dsn is None:
+        embedded = EmbeddedPostgres(config.data_dir / "pg", port=config.embedded_port)
+        if embedded.is_running():
+            embedded = None  # another instance of ours started it: share, do not stop it
+            dsn = f"host=127.0.0.1 port={config.embedded_port} user=postgres dbname=postgres"
+        else:
+            dsn = embedded.start()
+            log.info(
+                "embedded PostgreSQL started", data_dir=str(embedded.data_dir), port=embedded.port
+            )
+    gateway = Gateway(config, dsn)
+    runner: web.AppRunner | None = None
+    try:
+        await gateway.start()
+        app = build_app(gateway)
+        runner = web.AppRunner(app, shutdown_timeout=config.shutdown_timeout, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, config.host, config.port).start()
+        log.info("serving", url=f"http://{config.host}:{config.port}", database=describe_dsn(dsn))
+        print(
+            json.dumps({"event": "serving", "host": config.host, "port": config.port}), flush=True
+        )
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        log.info("shutting down: draining requests, then resigning")
+        gateway.shutting_down = True
+        await runner.cleanup()  # stop accepting; in-flight requests get shutdown_timeout
+        runner = None
+        await gateway.stop()
+        return 0
+    finally:
+        if runner is not None:
+            await runner.cleanup()
+        if not gateway.shutting_down:
+            with contextlib.suppress(Exception):
+                await gateway.stop()
+        if embedded is not None:
+            embedded.stop("fast")
