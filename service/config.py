@@ -37,6 +37,7 @@ class ServiceConfig:
     shutdown_timeout: float = 30.0
     sweep_interval: float = 1.0
     inline_timeout: float = 2.0
+    broker_timeout: float = 5.0
     migrate: bool = True
 
     @property
@@ -63,6 +64,7 @@ _OPTIONS: list[tuple[str, type, object, str]] = [
     ("allowed-ips", str, None, "comma-separated source addresses/networks (default: any)"),
     ("shutdown-timeout", float, 30.0, "seconds in-flight requests get on shutdown"),
     ("sweep-interval", float, 1.0, "seconds between sweeps for pending signals"),
+    ("broker-timeout", float, 5.0, "seconds a broker call may take before its outcome is unknown"),
 ]
 
 
@@ -111,7 +113,9 @@ def from_args(args: argparse.Namespace, dsn: str | None, timings: Timings) -> Se
     log_format = v["log-format"] or ("console" if os.isatty(2) else "json")
     if log_format not in ("json", "console"):
         raise ConfigError(f"log format must be json or console, got {log_format!r}")
-    for name in ("max-signal-age", "max-future-skew", "shutdown-timeout", "sweep-interval"):
+    for name in (
+        "max-signal-age", "max-future-skew", "shutdown-timeout", "sweep-interval", "broker-timeout",
+    ):  # fmt: skip
         if float(str(v[name])) <= 0:
             raise ConfigError(f"--{name} must be positive")
     instruments = None
@@ -147,5 +151,6 @@ def from_args(args: argparse.Namespace, dsn: str | None, timings: Timings) -> Se
         allowed_ips=allowed,
         shutdown_timeout=float(str(v["shutdown-timeout"])),
         sweep_interval=float(str(v["sweep-interval"])),
+        broker_timeout=float(str(v["broker-timeout"])),
         migrate=not args.no_migrate,
     )

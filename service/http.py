@@ -66,10 +66,6 @@ async def webhook(request: web.Request) -> web.Response:
         return error(503, "shutting_down", "instance is shutting down; retry on another")
     if not ip_allowed(request.remote, config.allowed_ips):
         return error(403, "forbidden", "source address not allowed")
-    if request.content_type not in _BODY_TYPES:
-        return error(
-            415, "unsupported_media_type", "send the alert as application/json or text/plain"
-        )
     # Any content type: TradingView sends JSON as application/json or text/plain.
     body = await request.read()
     signature = request.headers.get(SIGNATURE_HEADER)

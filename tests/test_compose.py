@@ -121,7 +121,7 @@ def serve_parser() -> argparse.ArgumentParser:
     return verbs.choices["serve"]
 
 
-def parse_serve(command: list[str]) -> argparse.Namespace:
+def parse_cli(command: list[str]) -> argparse.Namespace:
     try:
         return build_parser().parse_args(command)
     except SystemExit:
@@ -219,7 +219,7 @@ def test_compose_runs_postgres_three_gateways_and_a_load_balancer(compose, servi
 def test_every_gateway_command_is_a_serve_the_cli_accepts(gateways, haproxy):
     instance_ids = []
     for name, gateway in gateways.items():
-        args = parse_serve(gateway["command"])
+        args = parse_cli(gateway["command"])
         assert args.verb == "serve", name
         assert args.host == "0.0.0.0", f"{name} must listen on every interface of its container"
         for backend_name, backend in backends(haproxy).items():
@@ -270,7 +270,7 @@ def test_each_gateway_waits_for_a_healthy_postgres_and_reports_ready(services, g
     assert "pg_isready" in " ".join(services["postgres"]["healthcheck"]["test"])
     for name, gateway in gateways.items():
         assert gateway["depends_on"]["postgres"]["condition"] == "service_healthy", name
-        port = parse_serve(gateway["command"]).port
+        port = parse_cli(gateway["command"]).port
         check = " ".join(gateway["healthcheck"]["test"])
         assert f":{port}/ready" in check, f"{name}'s healthcheck must ask /ready on port {port}"
 
@@ -352,7 +352,7 @@ def test_image_runs_pgleader_as_a_non_root_user(dockerfile):
     assert instructions(dockerfile, "FROM")[-1].startswith("python:3.11-slim")
     assert [json.loads(e) for e in instructions(dockerfile, "ENTRYPOINT")][-1] == ["pgleader"]
     cmd = json.loads(instructions(dockerfile, "CMD")[-1])
-    assert parse_serve(cmd).verb == "serve"
+    assert parse_cli(cmd).verb == "serve"
     users = instructions(dockerfile, "USER")
     assert users, "the image runs as root: add a USER line"
     assert users[-1].split(":")[0] not in ("root", "0")
@@ -374,7 +374,7 @@ def test_image_exposes_the_port_the_gateways_listen_on(dockerfile, gateways):
         int(p.split("/")[0]) for args in instructions(dockerfile, "EXPOSE") for p in args.split()
     }
     for name, gateway in gateways.items():
-        assert parse_serve(gateway["command"]).port in exposed, name
+        assert parse_cli(gateway["command"]).port in exposed, name
 
 
 def test_secrets_and_local_state_stay_out_of_the_build_context():
