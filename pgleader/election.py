@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import random
 import socket
@@ -285,8 +286,14 @@ class Elector:
             raise
 
     async def _idle(self, conn: AsyncConnection[Any], seconds: float) -> bool:
-        """Sleep until the next beat; wake early when the server says something (e.g. our
-        session was terminated) or a resign is requested. True when resigning."""
+        """Sleep until the next beat; wake early when the server says something or a
+        resign is requested. True when resigning.
+
+        An idle session hears from the server unasked only when it is being ended
+        (pg_terminate_backend, shutdown): libpq hands that FATAL to the notice
+        handler as soon as the input is consumed, so we step down at once instead
+        of waiting for the socket to close, which can come after the lock is free.
+        """
         loop = asyncio.get_running_loop()
         readable: asyncio.Future[None] = loop.create_future()
         fd = conn.fileno()
@@ -303,6 +310,19 @@ class Elector:
         finally:
             loop.remove_reader(fd)
             resign.cancel()
+        if readable.done():
+            fatal: list[str] = []
+            handler = functools.partial(_collect_fatal, into=fatal)
+            conn.add_notice_handler(handler)
+            try:
+                conn.pgconn.consume_input()
+                conn.pgconn.is_busy()  # parses the input: an idle-time error goes to notices
+            except psycopg.OperationalError as exc:
+                raise _Demoted(f"session lost: {_reason(exc)}") from exc
+            finally:
+                conn.remove_notice_handler(handler)
+            if fatal:
+                raise _Demoted(f"session ended by the server: {fatal[0]}")
         return self._resign_requested.is_set()
 
     async def _beat(self, conn: AsyncConnection[Any], epoch: int) -> None:
@@ -383,6 +403,11 @@ async def _drop(conn: AsyncConnection[Any]) -> None:
     finally:  # even when cancelled (stop) while cancelling
         with contextlib.suppress(Exception):
             await conn.close()
+
+
+def _collect_fatal(diag: psycopg.errors.Diagnostic, *, into: list[str]) -> None:
+    if diag.severity_nonlocalized in ("FATAL", "PANIC"):
+        into.append(diag.message_primary or "FATAL")
 
 
 def _reason(exc: BaseException) -> str:

@@ -69,7 +69,6 @@ class Gateway:
         self.responses: dict[str, int] = {}
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
-        self._inline: set[asyncio.Task[str]] = set()
         self.elector.on_transition(self._on_transition)
 
     # -- life cycle -----------------------------------------------------------
@@ -90,8 +89,7 @@ class Gateway:
 
     async def stop(self) -> None:
         self.shutting_down = True
-        if self._inline:
-            await asyncio.wait(self._inline, timeout=self.config.shutdown_timeout)
+        await self.executor.drain(self.config.shutdown_timeout)
         await self.elector.stop("shutdown")  # resign + NOTIFY: a follower takes over at once
         await self.executor.stop()
         for task in self._tasks:
@@ -133,11 +131,10 @@ class Gateway:
         if stored.duplicate:
             return 200, {"status": "duplicate", "signal_id": stored.signal_id}
         if self.elector.is_leader:
-            task = asyncio.create_task(self.executor.execute(stored.signal_id))
-            self._inline.add(task)
-            task.add_done_callback(self._inline.discard)
             try:
-                status = await asyncio.wait_for(asyncio.shield(task), self.config.inline_timeout)
+                status = await asyncio.wait_for(
+                    self.executor.execute(stored.signal_id), self.config.inline_timeout
+                )
             except TimeoutError:
                 status = "executing"
             except Exception:
@@ -147,6 +144,11 @@ class Gateway:
                 status = "pending"
             if status in ("executed", "failed", "expired", "rejected"):
                 return 200, {"status": status, "signal_id": stored.signal_id}
+            log.info(
+                "inline execution left to the leader's loop",
+                signal_id=stored.signal_id,
+                status=status,
+            )
         return 202, {"status": "accepted", "signal_id": stored.signal_id}
 
     async def _store(self, signal: Signal, fp: str, received_at: datetime | None = None) -> Stored:

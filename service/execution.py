@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -75,8 +74,9 @@ class Executor:
         self.instance_id = elector.instance_id
         self._queue: asyncio.Queue[int] = asyncio.Queue()
         self._queued: set[int] = set()
-        # Signals this process is claiming or sending right now: never reconciled under it.
-        self._busy: Counter[int] = Counter()
+        # Executions in progress in this process, by signal: a second request for the
+        # same signal (inline + NOTIFY) joins the first; reconciliation leaves them alone.
+        self._running: dict[int, asyncio.Task[str]] = {}
         self._lookup_failures: dict[str, int] = {}
         self._workers = workers
         self._tasks: list[asyncio.Task[None]] = []
@@ -99,6 +99,11 @@ class Executor:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks = []
+
+    async def drain(self, timeout: float) -> None:
+        """Let executions in progress finish (a broker call is never abandoned midway)."""
+        if self._running:
+            await asyncio.wait(list(self._running.values()), timeout=timeout)
 
     def _on_transition(self, t: Transition) -> None:
         if t.kind == "elected":
@@ -132,24 +137,26 @@ class Executor:
 
         'not_leader' when this instance may not act (then nothing was claimed).
         """
-        self._busy[signal_id] += 1
+        task = self._running.get(signal_id)
+        if task is None:
+            task = asyncio.create_task(self._execute(signal_id))
+            self._running[signal_id] = task
+            task.add_done_callback(lambda _: self._running.pop(signal_id, None))
+        return await asyncio.shield(task)
+
+    async def _execute(self, signal_id: int) -> str:
         try:
-            try:
-                claim = await self._claim(signal_id)
-            except NotLeader:
-                self.counts["fenced"] += 1
-                return "not_leader"
-            if claim is None:
-                return await self._status(signal_id)
-            if claim.order is None:
-                self.counts[claim.status] = self.counts.get(claim.status, 0) + 1
-                log.warning("signal not executed", signal_id=signal_id, status=claim.status)
-                return claim.status
-            return await self._send(claim.signal_id, claim.order)
-        finally:
-            self._busy[signal_id] -= 1
-            if not self._busy[signal_id]:
-                del self._busy[signal_id]
+            claim = await self._claim(signal_id)
+        except NotLeader:
+            self.counts["fenced"] += 1
+            return "not_leader"
+        if claim is None:
+            return await self._status(signal_id)
+        if claim.order is None:
+            self.counts[claim.status] = self.counts.get(claim.status, 0) + 1
+            log.warning("signal not executed", signal_id=signal_id, status=claim.status)
+            return claim.status
+        return await self._send(claim.signal_id, claim.order)
 
     async def _claim(self, signal_id: int) -> _Claim | None:
         async with self.pool.connection() as conn, conn.transaction():
@@ -238,7 +245,7 @@ class Executor:
             rows = await cur.fetchall()
         settled = 0
         for signal_id, claimed_epoch, client_order_id in rows:
-            if signal_id in self._busy:
+            if signal_id in self._running:
                 continue
             if claimed_epoch < epoch and time.monotonic() < self._reconcile_older_after:
                 continue

@@ -11,7 +11,7 @@ import json
 import os
 import signal
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -202,6 +202,15 @@ async def cluster(dsn: str, data_dir: Path) -> AsyncIterator[Cluster]:
             yield c
         finally:
             await c.stop()
+
+
+async def until(check: Callable[[], Awaitable[bool]], timeout: float = 30) -> None:
+    """Bounded polling, for outcomes that only show in the database or over HTTP."""
+    async with asyncio.timeout(timeout):
+        while True:
+            if await check():
+                return
+            await asyncio.sleep(0.05)
 
 
 def minutes_ago(minutes: float) -> datetime:

@@ -160,17 +160,19 @@ async def test_leader_killed_mid_stream_loses_and_duplicates_nothing(gw):
     first = await gw.leader()
     followers = [n for n in gw.nodes.values() if n is not first]
     accepted: list[int] = []
+    midway = asyncio.Event()
 
     async def stream(count: int) -> None:
         for i in range(count):
             status, answer = await gw.post(followers[i % 2], signal_body())
             assert 200 <= status < 300, answer
             accepted.append(answer["signal_id"])
+            if len(accepted) == 40:
+                midway.set()
             await asyncio.sleep(0.01)  # a steady rate, not a synchronisation
 
     sender = asyncio.create_task(stream(150))
-    while len(accepted) < 40:
-        await asyncio.sleep(0.01)
+    await midway.wait()
     first.signal(signal.SIGKILL)
     await sender
     second = await gw.leader()

@@ -1,0 +1,197 @@
+"""The gateway when the world misbehaves: database down, instance killed, orders in doubt."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import AsyncIterator
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from pgleader import Elector, Timings
+from pgleader.embedded import EmbeddedPostgres
+from service.brokers import BrokerUnavailable, OrderResult, PaperBroker
+from service.execution import Executor
+from tests.gateway import Cluster, cluster, signal_body, until
+
+
+@pytest.fixture
+async def gw_own(own_server: EmbeddedPostgres, tmp_path: Path) -> AsyncIterator[Cluster]:
+    async with cluster(own_server.dsn, tmp_path) as c:
+        yield c
+
+
+async def test_database_down_spools_then_replays_once_even_across_an_instance_restart(
+    gw_own, own_server
+):
+    (node,) = await gw_own.start(1)
+    await gw_own.leader()
+    own_server.stop("fast")
+    body = signal_body(position="Long_spooled")
+    status, answer = await gw_own.post(node, body)
+    assert (status, answer["status"]) == (202, "spooled"), answer
+    assert "signal_id" not in answer
+    assert (await gw_own.get(node, "/ready"))[0] == 503
+    # the instance dies before the database returns: the fsynced spool must survive it
+    node.signal(signal.SIGKILL)
+    await node.wait()
+    spooled = list((gw_own.data_dir / "spool").glob("*.jsonl"))
+    assert spooled and any(f.read_text().strip() for f in spooled)
+    assert "secret" not in "".join(f.read_text() for f in spooled)
+
+    own_server.start()
+    (again,) = await gw_own.start(1)  # a new instance id finds the old spool too
+    await gw_own.leader()
+    await until(lambda: gw_own.scalar("select count(*) = 1 from gateway.signals"))
+    (sid,) = [r[0] for r in await gw_own.query("select id from gateway.signals")]
+    assert await gw_own.settled([sid]) == {sid: "executed"}
+    assert await gw_own.broker_requests_per_signal() == {sid: 1}
+    assert all(not f.read_text().strip() for f in spooled)
+    status, answer = await gw_own.post(again, body)
+    assert (status, answer["status"]) == (200, "duplicate")
+
+
+async def test_ready_turns_503_while_the_database_is_down_and_back_after(gw_own, own_server):
+    (node,) = await gw_own.start(1)
+    assert (await gw_own.get(node, "/ready"))[0] == 200
+    own_server.stop("immediate")
+    assert await gw_own.get(node, "/ready") == (503, {"status": "database_unreachable"})
+    assert (await gw_own.get(node, "/health"))[0] == 200
+    own_server.start()
+    await until(lambda: ready(gw_own, node))
+
+
+async def ready(gw: Cluster, node) -> bool:
+    return (await gw.get(node, "/ready"))[0] == 200
+
+
+# -- reconciliation of signals left 'executing' (in-process executor, real database) --
+
+
+class BlindBroker(PaperBroker):
+    """A broker that takes orders but can never say what became of one."""
+
+    name = "paper"
+
+    async def lookup(self, client_order_id: str) -> OrderResult | None:
+        raise BrokerUnavailable("order book unavailable")
+
+
+async def leave_executing(db, epoch: int, *, reached_broker: bool) -> tuple[int, str]:
+    """State a crashed leader of `epoch` leaves behind: claimed, order booked, maybe sent."""
+    await db.execute(
+        "insert into pgleader.election (name, epoch) values ('gateway', %s)"
+        " on conflict (name) do update set epoch = excluded.epoch",
+        [epoch],
+    )
+    cur = await db.execute(
+        "insert into gateway.signals (fingerprint, type, instrument, position, lots, price,"
+        " signal_at, payload, received_by, status, claimed_epoch, claimed_by, claimed_at)"
+        " values (md5(random()::text), 'BASE_ENTRY', 'NIFTY', 'Long_1', 2, 100, now(), '{}',"
+        " 'old', 'executing', %s, 'old', now()) returning id",
+        [epoch],
+    )
+    (sid,) = await cur.fetchone()
+    coid = f"pgl-{sid}-e{epoch}-1"
+    await db.execute(
+        "insert into gateway.orders (signal_id, epoch, instance_id, broker, client_order_id,"
+        " action, quantity) values (%s, %s, 'old', 'paper', %s, 'BUY', 2)",
+        [sid, epoch, coid],
+    )
+    if reached_broker:
+        await db.execute(
+            "insert into gateway.paper_broker_requests (client_order_id, instrument, action,"
+            " quantity, epoch, instance_id) values (%s, 'NIFTY', 'BUY', 2, %s, 'old')",
+            [coid, epoch],
+        )
+    return sid, coid
+
+
+@pytest.fixture
+async def executor_for(dsn):
+    from psycopg_pool import AsyncConnectionPool
+
+    made = []
+
+    async def make(broker_cls=PaperBroker) -> Executor:
+        pool = AsyncConnectionPool(
+            dsn, min_size=1, max_size=4, open=False, kwargs={"autocommit": True}
+        )
+        await pool.open()
+        elector = Elector(dsn, "gateway", instance_id="new", timings=Timings(0.2, 0.6, 1.2))
+        executor = Executor(
+            pool,
+            elector,
+            broker_cls(pool, timeout=1.0),
+            max_age=timedelta(minutes=5),
+            broker_timeout=0.5,
+            lookup_attempts=2,
+        )
+        await elector.start()
+        await elector.wait_for_leadership(10)
+        made.append((pool, elector))
+        return executor
+
+    yield make
+    for pool, elector in made:
+        await elector.stop()
+        await pool.close()
+
+
+async def reconcile_until(executor: Executor, rounds: int = 100) -> None:
+    """Run reconciliation as the sweep would until it has settled something."""
+    for _ in range(rounds):
+        if await executor.reconcile():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("reconciliation settled nothing")
+
+
+async def test_in_doubt_order_that_reached_the_broker_is_marked_executed_not_resent(
+    db, executor_for
+):
+    sid, _coid = await leave_executing(db, 7, reached_broker=True)
+    executor = await executor_for()
+    assert executor.elector.epoch == 8
+    await reconcile_until(executor)
+    cur = await db.execute("select status from gateway.signals where id = %s", [sid])
+    assert await cur.fetchone() == ("executed",)
+    cur = await db.execute("select count(*) from gateway.paper_broker_requests")
+    assert await cur.fetchone() == (1,)
+    cur = await db.execute("select count(*) from gateway.positions where signal_id = %s", [sid])
+    assert await cur.fetchone() == (1,)
+
+
+async def test_order_that_never_reached_the_broker_is_requeued_and_sent_once(db, executor_for):
+    sid, coid = await leave_executing(db, 7, reached_broker=False)
+    executor = await executor_for()
+    await reconcile_until(executor)
+    assert await executor.execute(sid) == "executed"
+    cur = await db.execute(
+        "select client_order_id, outcome from gateway.orders where signal_id = %s order by id",
+        [sid],
+    )
+    assert await cur.fetchall() == [(coid, "not_sent"), (f"pgl-{sid}-e8-2", "filled")]
+    cur = await db.execute("select client_order_id from gateway.paper_broker_requests")
+    assert await cur.fetchall() == [(f"pgl-{sid}-e8-2",)]
+
+
+async def test_broker_that_cannot_tell_leaves_the_signal_in_doubt_with_an_alert(db, executor_for):
+    sid, _ = await leave_executing(db, 7, reached_broker=False)
+    executor = await executor_for(BlindBroker)
+    await reconcile_until(executor)
+    cur = await db.execute("select status from gateway.signals where id = %s", [sid])
+    assert await cur.fetchone() == ("in_doubt",)
+    cur = await db.execute("select kind from gateway.alerts where signal_id = %s", [sid])
+    assert await cur.fetchall() == [("signal_in_doubt",)]
+    cur = await db.execute("select count(*) from gateway.paper_broker_requests")
+    assert await cur.fetchone() == (0,)
+
+
+async def test_older_epoch_claims_wait_for_the_old_lease_before_reconciling(db, executor_for):
+    await leave_executing(db, 7, reached_broker=False)
+    executor = await executor_for()
+    assert await executor.reconcile() == 0  # the old leader might still be sending
+    await reconcile_until(executor)
