@@ -12,7 +12,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from pgleader.config import Timings
 from pgleader.errors import DatabaseUnavailable
 
-__all__ = ["connect", "describe_dsn", "lock_session_conninfo"]
+__all__ = ["connect", "describe_dsn", "lock_session_conninfo", "with_settings"]
 
 
 def describe_dsn(dsn: str) -> str:
@@ -25,26 +25,36 @@ def describe_dsn(dsn: str) -> str:
     return f"{host}:{params.get('port') or 5432}/{params.get('dbname') or ''}"
 
 
+def with_settings(dsn: str, **settings: object) -> str:
+    """The DSN with server settings added to its `options` (-c name=value), keeping any there."""
+    extra = " ".join(f"-c {name}={value}" for name, value in settings.items())
+    existing = conninfo_to_dict(dsn).get("options")
+    return make_conninfo(dsn, options=f"{existing} {extra}" if existing else extra)
+
+
 def lock_session_conninfo(dsn: str, timings: Timings, application_name: str) -> str:
     """Conninfo of a lock session: keepalives on both ends so a vanished peer is noticed
     in seconds (default TCP keepalive notices after ~2 h 11 min), never a pooler's."""
     idle = max(1, math.floor(timings.evict_after / 3))
     user_timeout_ms = int(timings.evict_after * 1000)
-    server = (
-        f"-c tcp_keepalives_idle={idle} -c tcp_keepalives_interval=1 -c tcp_keepalives_count=3"
-        f" -c tcp_user_timeout={user_timeout_ms} -c client_connection_check_interval=1000"
-        " -c statement_timeout=0 -c idle_in_transaction_session_timeout=0"
-    )
-    existing = conninfo_to_dict(dsn).get("options")
-    return make_conninfo(
+    server = with_settings(
         dsn,
+        tcp_keepalives_idle=idle,
+        tcp_keepalives_interval=1,
+        tcp_keepalives_count=3,
+        tcp_user_timeout=user_timeout_ms,
+        client_connection_check_interval=1000,
+        statement_timeout=0,
+        idle_in_transaction_session_timeout=0,
+    )
+    return make_conninfo(
+        server,
         application_name=application_name[:63],
         keepalives=1,
         keepalives_idle=idle,
         keepalives_interval=1,
         keepalives_count=3,
         tcp_user_timeout=user_timeout_ms,
-        options=f"{existing} {server}" if existing else server,
     )
 
 

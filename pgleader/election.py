@@ -267,10 +267,18 @@ class Elector:
         """Lead until demoted (raises _Demoted) or resigned; returns the pause before rejoining."""
         await conn.execute("select set_config('lock_timeout', '0', false)")
         sent = time.monotonic()
-        cur = await conn.execute(_TAKE, [self.election, self.instance_id, self.host])
+        cur = await self._take(conn)
         row = await cur.fetchone()
         assert row is not None
         epoch, previous = int(row[0]), row[1]
+        if time.monotonic() - sent > self.timings.heartbeat:
+            # The bump waited (for blockers): prove the lock again, so the lease
+            # starts now instead of having run out before we ever acted.
+            sent = time.monotonic()
+            cur = await conn.execute(_HEARTBEAT, [self.election, self.instance_id, epoch])
+            beat = await cur.fetchone()
+            if beat is None or not beat[0]:
+                raise _Demoted("lock lost right after the epoch bump")
         self._lease_deadline = sent + self.timings.lease
         self._epoch = epoch
         self.stats["elected"] += 1
@@ -284,6 +292,33 @@ class Elector:
         except asyncio.CancelledError:
             self._demote("stopped")
             raise
+
+    async def _take(self, conn: AsyncConnection[Any]) -> psycopg.AsyncCursor[Any]:
+        """Run take_leadership. The epoch bump waits for fenced transactions holding the
+        election row FOR SHARE; one still open after a lease belongs to a hung process
+        of an older epoch (a paused leader mid-claim) and would stall the failover, so
+        it is terminated: it could never commit under its old epoch anyway."""
+        take = asyncio.ensure_future(
+            conn.execute(_TAKE, [self.election, self.instance_id, self.host])
+        )
+        done, _ = await asyncio.wait({take}, timeout=self.timings.lease)
+        while not done:
+            await self._terminate_blockers(conn.info.backend_pid)
+            done, _ = await asyncio.wait({take}, timeout=self.timings.heartbeat)
+        return take.result()
+
+    async def _terminate_blockers(self, backend_pid: int) -> None:
+        with contextlib.suppress(psycopg.Error, DatabaseUnavailable):
+            async with await connect(
+                self._conninfo, timeout=self.connect_timeout, autocommit=True
+            ) as side:
+                cur = await side.execute(
+                    "select pid, pg_terminate_backend(pid) from unnest(pg_blocking_pids(%s)) pid",
+                    [backend_pid],
+                )
+                pids = [r[0] for r in await cur.fetchall()]
+                if pids:
+                    self._log.warning("terminated sessions blocking the epoch bump", pids=pids)
 
     async def _idle(self, conn: AsyncConnection[Any], seconds: float) -> bool:
         """Sleep until the next beat; wake early when the server says something or a

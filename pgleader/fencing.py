@@ -22,10 +22,11 @@ _FENCE = "select epoch from pgleader.election where name = %s for share"
 async def check_epoch(conn: AsyncConnection[object], election: str, epoch: int) -> None:
     """Raise `Fenced` unless `epoch` is the current epoch of `election`.
 
-    Must be called inside a transaction (``async with conn.transaction()``): the
-    row lock it takes is what makes the check hold until commit.
+    Must be called inside a transaction (``async with conn.transaction()``, or any
+    statement of a non-autocommit connection): the row lock it takes is what makes
+    the check hold until commit.
     """
-    if conn.info.transaction_status != TransactionStatus.INTRANS:
+    if conn.autocommit and conn.info.transaction_status != TransactionStatus.INTRANS:
         raise RuntimeError(
             "check_epoch must run inside a transaction (async with conn.transaction())"
         )

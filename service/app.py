@@ -22,7 +22,7 @@ from aiohttp import web
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from pgleader import DatabaseUnavailable, Elector, Transition, migrate
-from pgleader.connect import connect, describe_dsn
+from pgleader.connect import connect, describe_dsn, with_settings
 from pgleader.embedded import EmbeddedPostgres
 from pgleader.events import Reconnected, listen
 from pgleader.logs import configure_logging
@@ -47,8 +47,12 @@ class Gateway:
     def __init__(self, config: ServiceConfig, dsn: str) -> None:
         self.config = config
         self.dsn = dsn
+        # A claim left open by a paused process must not hold the election row for long.
+        pool_dsn = with_settings(
+            dsn, idle_in_transaction_session_timeout=int(config.timings.evict_after * 1000)
+        )
         self.pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
-            dsn,
+            pool_dsn,
             min_size=2,
             max_size=10,
             open=False,

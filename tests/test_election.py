@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import time
 from collections.abc import AsyncIterator, Callable
@@ -176,15 +177,20 @@ async def test_fenced_transactions_never_commit_with_an_old_epoch_after_the_bump
     outcomes = {"committed": 0, "fenced": 0}
 
     async def worker() -> None:
-        async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
-            while not stop.is_set():
-                try:
-                    async with conn.transaction():
-                        await check_epoch(conn, "main", old_epoch)
-                        await conn.execute("insert into fenced_work values (%s)", [old_epoch])
-                    outcomes["committed"] += 1
-                except Fenced:
-                    outcomes["fenced"] += 1
+        while not stop.is_set():
+            # a claim still blocking the bump after a lease is terminated by the new leader
+            with contextlib.suppress(psycopg.OperationalError):
+                async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+                    while not stop.is_set():
+                        try:
+                            async with conn.transaction():
+                                await check_epoch(conn, "main", old_epoch)
+                                await conn.execute(
+                                    "insert into fenced_work values (%s)", [old_epoch]
+                                )
+                            outcomes["committed"] += 1
+                        except Fenced:
+                            outcomes["fenced"] += 1
 
     workers = [asyncio.create_task(worker()) for _ in range(20)]
     await asyncio.sleep(0.2)  # let the workers commit under the old epoch for a while
@@ -255,3 +261,21 @@ async def test_fence_outside_a_transaction_is_refused(electors, db):
     leader = await first_leader(await electors(1))
     with pytest.raises(RuntimeError, match="inside a transaction"):
         await leader.fence(db)
+
+
+async def test_a_hung_fenced_transaction_cannot_stall_the_failover(electors, db, dsn):
+    group = await electors(2)
+    old = await first_leader(group)
+    # a paused process of the old leader, stopped in the middle of a fenced claim
+    hung = await psycopg.AsyncConnection.connect(dsn)
+    await check_epoch(hung, "main", old.epoch)  # opens a transaction, row held FOR SHARE
+    hung_pid = hung.info.backend_pid
+    seen = await observe(db)
+    await db.execute("select pg_terminate_backend(%s)", [seen["backend_pid"]])
+    new = await first_leader([e for e in group if e is not old])
+    assert new.epoch == 2
+    cur = await db.execute("select count(*) from pg_stat_activity where pid = %s", [hung_pid])
+    assert await cur.fetchone() == (0,), "the hung claim still holds the election row"
+    with pytest.raises(psycopg.OperationalError):
+        await hung.execute("commit")
+    await hung.close()
