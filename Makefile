@@ -15,7 +15,11 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# A local gateway on http://127.0.0.1:8080 with an embedded PostgreSQL in ./var
+# (unless PGLEADER_DSN is set). Set PGLEADER_WEBHOOK_SECRET for anything real.
 run: $(STAMP)
+	PGLEADER_WEBHOOK_SECRET="$${PGLEADER_WEBHOOK_SECRET:-local-dev-secret}" \
+	PGLEADER_LOG_FORMAT="$${PGLEADER_LOG_FORMAT:-console}" \
 	$(BIN)/pgleader serve
 
 lint: $(STAMP)

@@ -43,7 +43,8 @@ _MAX_LOTS: Final = 10**12
 _MAX_NAME: Final = 64
 _DEFAULT_SKEW: Final = timedelta(seconds=5)
 
-_INSTRUMENT = re.compile(r"[A-Za-z0-9_.:&-]+")
+# TradingView tickers: "NSE:NIFTY", "BANKNIFTY1!" (continuous futures), "M&M".
+_INSTRUMENT = re.compile(r"[A-Za-z0-9_.:&!-]+")
 _TIMESTAMP = re.compile(
     r"(\d{4})-(\d{2})-(\d{2})T(\d{2}):(\d{2}):(\d{2})(?:\.(\d{1,6}))?"
     r"(?P<offset>Z|[+-]\d{2}:\d{2})?",
@@ -62,7 +63,7 @@ class SignalType(enum.StrEnum):
 
 _FIELDS: Final = frozenset({"type", "instrument", "position", "lots", "price", "stop", "timestamp"})
 _TYPES: Final = {kind.value: kind for kind in SignalType}
-_TYPE_NAMES: Final = ", ".join(_TYPES)
+_TYPE_NAMES: Final = ", ".join(kind.name for kind in SignalType)
 
 
 class SignalError(ValueError):
@@ -359,7 +360,7 @@ def _instrument(data: Mapping[str, Any]) -> str:
     # Checked before upper(): "ß".upper() is "SS", which would sneak past the pattern.
     if not _INSTRUMENT.fullmatch(name):
         raise SignalError(
-            "instrument may contain only letters A-Z, digits and _ . : & -", "instrument"
+            "instrument may contain only letters A-Z, digits and _ . : & ! -", "instrument"
         )
     return name.upper()
 
