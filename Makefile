@@ -31,6 +31,16 @@ lint: $(STAMP)
 test: lint
 	$(BIN)/python -m pytest
 
+BENCH_STAMP := $(VENV)/.installed-bench
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[test,bench]'
+	touch $(BENCH_STAMP)
+
+# Benchmarks print JSON and write plots to bench/results/; never part of `make test`.
+bench: $(BENCH_STAMP)
+	$(BIN)/python -m bench.failover
+	$(BIN)/python -m bench.webhook
+
 format: $(STAMP)
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
