@@ -77,8 +77,8 @@ class Gateway:
 
     # -- life cycle -----------------------------------------------------------
 
-    async def start(self, wait_for_database: float = 60.0) -> None:
-        await _wait_for_database(self.dsn, wait_for_database)
+    async def start(self) -> None:
+        await _wait_for_database(self.dsn, self.config.startup_timeout)
         if self.config.migrate:
             applied = await migrate(self.dsn)
             if applied:

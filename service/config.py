@@ -38,6 +38,7 @@ class ServiceConfig:
     sweep_interval: float = 1.0
     inline_timeout: float = 2.0
     broker_timeout: float = 5.0
+    startup_timeout: float = 60.0
     migrate: bool = True
 
     @property
@@ -65,6 +66,7 @@ _OPTIONS: list[tuple[str, type, object, str]] = [
     ("shutdown-timeout", float, 30.0, "seconds in-flight requests get on shutdown"),
     ("sweep-interval", float, 1.0, "seconds between sweeps for pending signals"),
     ("broker-timeout", float, 5.0, "seconds a broker call may take before its outcome is unknown"),
+    ("startup-timeout", float, 60.0, "seconds to keep retrying an unreachable database at start"),
 ]
 
 
@@ -115,6 +117,7 @@ def from_args(args: argparse.Namespace, dsn: str | None, timings: Timings) -> Se
         raise ConfigError(f"log format must be json or console, got {log_format!r}")
     for name in (
         "max-signal-age", "max-future-skew", "shutdown-timeout", "sweep-interval", "broker-timeout",
+        "startup-timeout",
     ):  # fmt: skip
         if float(str(v[name])) <= 0:
             raise ConfigError(f"--{name} must be positive")
@@ -152,5 +155,6 @@ def from_args(args: argparse.Namespace, dsn: str | None, timings: Timings) -> Se
         shutdown_timeout=float(str(v["shutdown-timeout"])),
         sweep_interval=float(str(v["sweep-interval"])),
         broker_timeout=float(str(v["broker-timeout"])),
+        startup_timeout=float(str(v["startup-timeout"])),
         migrate=not args.no_migrate,
     )

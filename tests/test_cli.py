@@ -25,7 +25,8 @@ def run(
 def assert_one_line_error(result: subprocess.CompletedProcess[str], *needles: str) -> None:
     assert result.returncode != 0
     assert "Traceback" not in result.stderr
-    lines = [line for line in result.stderr.splitlines() if "unavailable" not in line]
+    # structured log lines (JSON) may come first; the error itself is one plain line
+    lines = [line for line in result.stderr.splitlines() if not line.startswith("{")]
     assert len(lines) == 1, result.stderr
     for needle in needles:
         assert needle in lines[0], lines[0]
@@ -96,3 +97,23 @@ def test_watch_prints_transitions_as_json_lines(dsn):
         finally:
             proc.terminate()
             proc.wait(10)
+
+
+def test_serve_with_an_unknown_database_fails_at_once_in_one_line(dsn):
+    bad = dsn.replace("dbname=pgleader_test", "dbname=no_such_db")
+    result = run("serve", "--dsn", bad, "--port", "1", env={"PGLEADER_WEBHOOK_SECRET": "x"})
+    assert_one_line_error(result, 'database "no_such_db" does not exist')
+
+
+def test_serve_gives_up_on_an_unreachable_database_after_its_startup_timeout():
+    result = run(
+        "serve", "--dsn", "host=127.0.0.1 port=1 dbname=x", "--startup-timeout", "1",
+        env={"PGLEADER_WEBHOOK_SECRET": "x"},
+    )  # fmt: skip
+    assert_one_line_error(
+        result, "cannot connect to PostgreSQL at 127.0.0.1:1/x", "gave up after 1 s"
+    )
+
+
+def test_serve_without_a_webhook_secret_refuses_to_start(dsn):
+    assert_one_line_error(run("serve", "--dsn", dsn), "no webhook secret")

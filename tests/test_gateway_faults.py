@@ -14,7 +14,7 @@ from pgleader import Elector, Timings
 from pgleader.embedded import EmbeddedPostgres
 from service.brokers import BrokerUnavailable, OrderResult, PaperBroker
 from service.execution import Executor
-from tests.gateway import Cluster, cluster, signal_body, until
+from tests.gateway import Cluster, GatewayProcess, cluster, signal_body, until
 
 
 @pytest.fixture
@@ -195,3 +195,18 @@ async def test_older_epoch_claims_wait_for_the_old_lease_before_reconciling(db, 
     executor = await executor_for()
     assert await executor.reconcile() == 0  # the old leader might still be sending
     await reconcile_until(executor)
+
+
+async def test_start_up_waits_for_a_database_that_comes_up_late(gw_own, own_server):
+    own_server.stop("fast")
+    node = GatewayProcess(own_server.dsn, "late", gw_own.data_dir, "--startup-timeout", "60")
+    gw_own.nodes[node.instance_id] = node
+    starting = asyncio.create_task(node.start())
+    await until(lambda: log_mentions(node, "database not reachable yet"))
+    own_server.start()
+    await starting
+    assert await gw_own.leader() is node
+
+
+async def log_mentions(node: GatewayProcess, text: str) -> bool:
+    return text in node.log_tail(200)
