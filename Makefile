@@ -4,6 +4,10 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+ROUNDS   ?= 3
+SEED     ?=
+DURATION ?= 120
+FAULTS   ?= 12
 
 .PHONY: install run test lint format chaos bench clean
 
@@ -40,6 +44,11 @@ $(BENCH_STAMP): $(STAMP)
 bench: $(BENCH_STAMP)
 	$(BIN)/python -m bench.failover
 	$(BIN)/python -m bench.webhook
+
+# Long randomized fault campaigns (the short fixed-seed one is part of `make test`).
+# Knobs: ROUNDS, SEED, DURATION (s per round), FAULTS (per round).
+chaos: $(STAMP)
+	ROUNDS=$(ROUNDS) SEED=$(SEED) DURATION=$(DURATION) FAULTS=$(FAULTS) $(BIN)/python -m tests.chaos
 
 format: $(STAMP)
 	$(BIN)/ruff check --fix .

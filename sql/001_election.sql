@@ -51,6 +51,8 @@ create table if not exists pgleader.leadership_history (
     released_at    timestamptz,
     duration       interval generated always as (released_at - acquired_at) stored,
     release_reason text,
+    -- the bump's transaction: with track_commit_timestamp, when this epoch became current
+    acquired_txid  bigint not null default txid_current(),
     unique (election, epoch),
     check (released_at is null or released_at >= acquired_at)
 );

@@ -53,7 +53,9 @@ create table if not exists gateway.orders (
                     ('sending', 'filled', 'rejected', 'not_sent', 'unknown')),
     detail          text,
     created_at      timestamptz not null default now(),
-    updated_at      timestamptz not null default now()
+    updated_at      timestamptz not null default now(),
+    -- the claim's transaction, for audits of "which epoch was current when it committed"
+    claim_txid      bigint not null default txid_current()
 );
 create index if not exists orders_signal_idx on gateway.orders (signal_id);
 

@@ -1,0 +1,167 @@
+"""Reads a campaign's history and database and names every broken promise.
+
+Invariants:
+  once        no signal reached the broker more than once
+  no-loss     every signal answered 2xx is executed, or in an explicit terminal
+              state (rejected, expired, in_doubt) with an alert recorded
+  fenced      no order was claimed under an epoch older than the newest epoch
+              at the moment its claim committed (commit timestamps)
+  epochs      epochs strictly increase and leadership intervals never overlap
+              by the database clock
+  spool       every instance's spool is empty at the end
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections import Counter
+from typing import TYPE_CHECKING, Any
+
+import psycopg
+
+if TYPE_CHECKING:
+    from tests.chaos.harness import Campaign
+
+INVARIANTS = ["once", "no-loss", "fenced", "epochs", "spool"]
+TERMINAL_WITH_ALERT = ("rejected", "expired", "in_doubt")
+
+
+async def _rows(conn: psycopg.AsyncConnection[Any], sql: str) -> list[tuple[Any, ...]]:
+    cur = await conn.execute(sql)
+    return await cur.fetchall()
+
+
+def _spooled(c: Campaign) -> int:
+    return sum(
+        1
+        for f in (c.workdir / "spool").glob("*.jsonl")
+        for line in f.read_text().splitlines()
+        if line
+    )
+
+
+async def settle(c: Campaign, conn: psycopg.AsyncConnection[Any], quiet: float) -> None:
+    """Wait until nothing is pending, executing or spooled (bounded by `quiet` seconds)."""
+    deadline = time.monotonic() + quiet
+    while time.monotonic() < deadline:
+        (busy,) = (
+            await _rows(
+                conn,
+                "select count(*) from gateway.signals where status in ('pending', 'executing')",
+            )
+        )[0]
+        if busy == 0 and _spooled(c) == 0:
+            return
+        await asyncio.sleep(0.2)
+
+
+async def check(c: Campaign, quiet: float) -> dict[str, Any]:
+    violations: list[str] = []
+    async with await psycopg.AsyncConnection.connect(c.server.dsn, autocommit=True) as conn:
+        await settle(c, conn, quiet)
+        signals = {
+            fp: (sid, status)
+            for sid, fp, status in await _rows(
+                conn, "select id, fingerprint, status from gateway.signals"
+            )
+        }
+        alerted = {
+            sid
+            for (sid,) in await _rows(
+                conn, "select signal_id from gateway.alerts where signal_id is not null"
+            )
+        }
+
+        # once: count what the broker itself recorded, per signal
+        for sid, count in await _rows(
+            conn,
+            "select o.signal_id, count(p.id) from gateway.orders o"
+            " join gateway.paper_broker_requests p on p.client_order_id = o.client_order_id"
+            " group by o.signal_id having count(p.id) > 1",
+        ):
+            violations.append(f"once: signal {sid} reached the broker {count} times")
+        for coid, count in await _rows(
+            conn,
+            "select client_order_id, count(*) from gateway.paper_broker_requests"
+            " group by 1 having count(*) > 1",
+        ):
+            violations.append(f"once: client order id {coid} received {count} times")
+
+        # no-loss
+        accepted = [r for r in c.history.requests if r.status is not None and 200 <= r.status < 300]
+        executed = terminal = 0
+        for r in accepted:
+            found = signals.get(r.fingerprint)
+            if found is None:
+                violations.append(
+                    f"no-loss: {r.fingerprint[:12]} answered {r.status} {r.body} by {r.instance} is not in the inbox"
+                )
+                continue
+            sid, status = found
+            if status == "executed":
+                executed += 1
+            elif status in TERMINAL_WITH_ALERT and sid in alerted:
+                terminal += 1
+            else:
+                violations.append(
+                    f"no-loss: signal {sid} answered {r.status} ended {status!r} without an alert"
+                )
+
+        # fenced: the epoch current when each claim committed
+        for order_id, sid, epoch, newest in await _rows(
+            conn,
+            """
+            select o.id, o.signal_id, o.epoch,
+                   (select max(h.epoch) from pgleader.leadership_history h
+                     where h.election = 'gateway'
+                       and pg_xact_commit_timestamp((h.acquired_txid % 4294967296)::text::xid)
+                           < pg_xact_commit_timestamp((o.claim_txid % 4294967296)::text::xid))
+              from gateway.orders o
+            """,
+        ):
+            if newest is not None and epoch < newest:
+                violations.append(
+                    f"fenced: order {order_id} of signal {sid} claimed under epoch {epoch} after epoch {newest} was current"
+                )
+
+        # epochs
+        history = await _rows(
+            conn,
+            "select epoch, acquired_at, released_at, release_reason from pgleader.leadership_history"
+            " where election = 'gateway' order by epoch",
+        )
+        for before, after in itertools.pairwise(history):
+            if after[0] <= before[0] or after[1] <= before[1]:
+                violations.append(f"epochs: epoch {after[0]} does not follow {before[0]}")
+            if before[2] is None or before[2] > after[1]:
+                violations.append(
+                    f"epochs: epoch {before[0]} (released {before[2]}) overlaps epoch {after[0]} (acquired {after[1]})"
+                )
+
+        spooled = _spooled(c)
+        if spooled:
+            violations.append(f"spool: {spooled} signals still spooled")
+        (broker_requests,) = (
+            await _rows(conn, "select count(*) from gateway.paper_broker_requests")
+        )[0]
+
+    return {
+        "seed": c.seed,
+        "requests": len(c.history.requests),
+        "accepted": len(accepted),
+        "unanswered": sum(r.status is None for r in c.history.requests),
+        "answers": dict(
+            Counter(
+                f"{r.status} {(r.body or {}).get('status')}" for r in c.history.requests if r.status
+            )
+        ),
+        "executed": executed,
+        "terminal": terminal,
+        "epochs": len(history),
+        "broker_requests": broker_requests,
+        "faults": c.history.faults,
+        "invariants": INVARIANTS,
+        "violations": violations,
+    }

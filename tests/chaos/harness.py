@@ -1,0 +1,265 @@
+"""A Jepsen-style campaign: real processes, injected faults, a recorded history.
+
+    PostgreSQL (owned by the campaign: restarted, stopped)
+      ^ ^ ^   one blackholing proxy per instance (partitions)
+    gw1 gw2 gw3   real `pgleader serve` processes (SIGKILL, SIGSTOP, SIGTERM)
+      ^ ^ ^
+    load generator: distinct signals round-robin at a steady rate, every
+    request and answer logged
+
+Faults come from a seeded schedule, so a failing seed replays. At the end the
+faults stop, everything is healed and restarted, the system gets a quiet
+period, and `checker.check` reads the log and the database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import random
+import shutil
+import signal
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from pgleader.embedded import EmbeddedPostgres
+from pgleader.migrations import migrate
+from service.signals import fingerprint_raw
+from tests.chaos.proxy import BlackholeProxy
+from tests.gateway import GatewayProcess, signal_body
+
+FAULTS = ("kill", "pause", "partition", "restart_fast", "restart_immediate", "db_down", "sigterm")
+# Fast election timings so a campaign fits in minutes; the rules of Timings still hold.
+TIMINGS = ["--heartbeat", "0.2", "--lease", "0.6", "--evict-after", "1.2"]
+EXTRA = ["--sweep-interval", "0.2", "--broker-timeout", "1.0", "--startup-timeout", "120"]
+EVICT_AFTER = 1.2
+
+
+@dataclass
+class Request:
+    sent_at: float
+    instance: str
+    fingerprint: str
+    status: int | None  # None: no answer (refused, timed out)
+    body: dict[str, Any] | None
+
+
+@dataclass
+class History:
+    seed: int
+    requests: list[Request] = field(default_factory=list)
+    faults: list[tuple[float, str, str]] = field(default_factory=list)  # (time, fault, target)
+
+    def fault(self, kind: str, target: str) -> None:
+        self.faults.append((time.monotonic(), kind, target))
+        print(f"  fault {kind:18} {target}", flush=True)
+
+
+class Campaign:
+    def __init__(self, seed: int, duration: float, rate: float, workdir: Path) -> None:
+        self.seed = seed
+        self.random = random.Random(seed)
+        self.duration = duration
+        self.rate = rate
+        self.workdir = workdir
+        self.history = History(seed)
+        self.server = EmbeddedPostgres(workdir / "pg")
+        self.proxies: dict[str, BlackholeProxy] = {}
+        self.nodes: dict[str, GatewayProcess] = {}
+        self._load_stop = asyncio.Event()
+
+    # -- set-up ---------------------------------------------------------------
+
+    async def start(self) -> None:
+        await asyncio.to_thread(self.server.start)
+        await migrate(self.server.dsn)
+        for name in ("gw1", "gw2", "gw3"):
+            proxy = BlackholeProxy(self.server.port)
+            await proxy.start()
+            self.proxies[name] = proxy
+            dsn = f"host=127.0.0.1 port={proxy.port} user=postgres dbname=postgres"
+            self.nodes[name] = GatewayProcess(dsn, name, self.workdir, *TIMINGS, *EXTRA)
+        await asyncio.gather(*(node.start() for node in self.nodes.values()))
+
+    async def stop(self) -> None:
+        for node in self.nodes.values():
+            await node.stop()
+        for proxy in self.proxies.values():
+            await proxy.stop()
+        await asyncio.to_thread(self.server.stop, "immediate")
+
+    # -- load -----------------------------------------------------------------
+
+    async def load(self, http: aiohttp.ClientSession) -> None:
+        """Distinct signals, round-robin, at a steady rate; every answer is logged."""
+        names = list(self.nodes)
+        interval = 1.0 / self.rate
+        pending: set[asyncio.Task[None]] = set()
+        n = 0
+        next_at = time.monotonic()
+        while not self._load_stop.is_set():
+            node = self.nodes[names[n % len(names)]]
+            body = signal_body(position=f"S{self.seed}_{n}")
+            task = asyncio.create_task(self._post(http, node, body))
+            pending.add(task)
+            task.add_done_callback(pending.discard)
+            n += 1
+            next_at += interval
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._load_stop.wait(), max(0.0, next_at - time.monotonic()))
+        await asyncio.gather(*pending)
+
+    async def _post(
+        self, http: aiohttp.ClientSession, node: GatewayProcess, body: dict[str, Any]
+    ) -> None:
+        sent = time.monotonic()
+        status: int | None = None
+        answer: dict[str, Any] | None = None
+        try:
+            async with http.post(f"{node.url}/webhook", json=body) as resp:
+                status = resp.status
+                answer = await resp.json(content_type=None)
+        except (aiohttp.ClientError, TimeoutError, json.JSONDecodeError):
+            pass  # refused, reset or timed out: no answer, no promise made
+        self.history.requests.append(
+            Request(sent, node.instance_id, fingerprint_raw(body), status, answer)
+        )
+
+    # -- faults ---------------------------------------------------------------
+
+    async def leader(self, timeout: float = 30) -> GatewayProcess | None:
+        """The instance the database names as leader, if one is alive."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with contextlib.suppress(Exception):
+                import psycopg
+
+                async with await psycopg.AsyncConnection.connect(
+                    self.server.dsn, autocommit=True
+                ) as c:
+                    cur = await c.execute(
+                        "select leader from pgleader.leader where election = 'gateway'"
+                    )
+                    row = await cur.fetchone()
+                    if row and row[0] in self.nodes and self.nodes[row[0]].proc.returncode is None:
+                        return self.nodes[row[0]]
+            await asyncio.sleep(0.1)
+        return None
+
+    async def inject(self, kind: str) -> None:
+        rnd = self.random
+        if kind in ("restart_fast", "restart_immediate"):
+            mode = kind.split("_")[1]
+            self.history.fault(kind, "postgres")
+            await asyncio.to_thread(self.server.restart, mode)
+            return
+        if kind == "db_down":
+            self.history.fault(kind, "postgres")
+            await asyncio.to_thread(self.server.stop, "fast")
+            await asyncio.sleep(rnd.uniform(2, 4))
+            await asyncio.to_thread(self.server.start)
+            return
+        target = await self.leader()
+        if target is None:
+            return
+        name = target.instance_id
+        self.history.fault(kind, name)
+        if kind == "kill":
+            target.signal(signal.SIGKILL)
+            await target.wait()
+            await asyncio.sleep(rnd.uniform(0.5, 2))
+            await target.start()
+        elif kind == "sigterm":
+            target.signal(signal.SIGTERM)
+            with contextlib.suppress(TimeoutError):
+                await target.wait(40)
+            await target.start()
+        elif kind == "pause":
+            target.signal(signal.SIGSTOP)
+            await asyncio.sleep(EVICT_AFTER + rnd.uniform(0.5, 2))
+            target.signal(signal.SIGCONT)
+        elif kind == "partition":
+            proxy = self.proxies[name]
+            proxy.blackhole()
+            await asyncio.sleep(EVICT_AFTER + rnd.uniform(0.5, 3))
+            proxy.heal()
+
+    async def faults(self, kinds: list[str]) -> None:
+        for kind in kinds:
+            await asyncio.sleep(self.random.uniform(1.0, 2.5))
+            await self.inject(kind)
+
+    def schedule(self, count: int) -> list[str]:
+        """Every fault kind at least once when count allows, then random ones, shuffled."""
+        kinds = list(FAULTS)[:count] + [
+            self.random.choice(FAULTS) for _ in range(count - len(FAULTS))
+        ]
+        self.random.shuffle(kinds)
+        return kinds
+
+    # -- the run --------------------------------------------------------------
+
+    async def run(self, fault_count: int, quiet: float = 60) -> dict[str, Any]:
+        from tests.chaos.checker import check
+
+        kinds = self.schedule(fault_count)
+        print(f"chaos seed={self.seed} faults={kinds}", flush=True)
+        await self.start()
+        timeout = aiohttp.ClientTimeout(total=5)
+        async with aiohttp.ClientSession(timeout=timeout) as http:
+            load = asyncio.create_task(self.load(http))
+            started = time.monotonic()
+            await self.faults(kinds)
+            await asyncio.sleep(max(0.0, self.duration - (time.monotonic() - started)))
+            self._load_stop.set()
+            await load
+        await self.heal_all()
+        return await check(self, quiet)
+
+    async def heal_all(self) -> None:
+        for proxy in self.proxies.values():
+            proxy.heal()
+        if not await asyncio.to_thread(self.server.is_running):
+            await asyncio.to_thread(self.server.start)
+        for node in self.nodes.values():
+            node.signal(signal.SIGCONT)
+            if node.proc is None or node.proc.returncode is not None:
+                await node.start()
+
+
+def summary(result: dict[str, Any]) -> str:
+    faults = Counter(kind for _, kind, _ in result["faults"])
+    rows = [
+        f"seed {result['seed']}: {'PASS' if not result['violations'] else 'FAIL'}",
+        f"  requests {result['requests']}, 2xx {result['accepted']}, no answer {result['unanswered']}",
+        "  answers: " + ", ".join(f"{k} x{v}" for k, v in sorted(result["answers"].items())),
+        f"  signals executed {result['executed']}, terminal with alert {result['terminal']}",
+        f"  epochs {result['epochs']}, broker requests {result['broker_requests']}",
+        "  faults: " + ", ".join(f"{k} x{v}" for k, v in sorted(faults.items())),
+        "  invariants: " + ", ".join(result["invariants"]),
+    ]
+    rows += [f"  VIOLATION {v}" for v in result["violations"]]
+    return "\n".join(rows)
+
+
+async def campaign(seed: int, duration: float, faults: int, rate: float = 20.0) -> dict[str, Any]:
+    workdir = Path(tempfile.mkdtemp(prefix=f"pgleader-chaos-{seed}-"))
+    os.chmod(workdir, 0o755)
+    c = Campaign(seed, duration, rate, workdir)
+    try:
+        result = await c.run(faults)
+        result["finished_at"] = datetime.now(UTC).isoformat()
+        return result
+    finally:
+        await c.stop()
+        if not os.environ.get("CHAOS_KEEP"):
+            shutil.rmtree(workdir, ignore_errors=True)
