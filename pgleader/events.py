@@ -47,7 +47,11 @@ def parse_event(payload: str) -> dict[str, Any]:
 
 
 async def listen(
-    dsn: str, *channels: str, ping_every: float = 5.0, max_backoff: float = 5.0
+    dsn: str,
+    *channels: str,
+    ping_every: float = 5.0,
+    max_backoff: float = 5.0,
+    application_name: str = "pgleader:listen",
 ) -> AsyncIterator[Notification | Reconnected]:
     """Yield notifications on `channels` forever, reconnecting with backoff.
 
@@ -58,7 +62,7 @@ async def listen(
     attempt = 0
     while True:
         try:
-            conn = await connect(dsn, autocommit=True)
+            conn = await connect(dsn, autocommit=True, application_name=application_name[:63])
         except DatabaseUnavailable:
             attempt += 1
             await asyncio.sleep(min(max_backoff, 0.1 * 2**attempt) * random.uniform(0.5, 1))

@@ -184,7 +184,8 @@ class Gateway:
     # -- background jobs ------------------------------------------------------
 
     async def _listen(self) -> None:
-        async for item in listen(self.dsn, NOTIFY_CHANNEL):
+        name = f"gateway-listen:{self.config.instance_id}"
+        async for item in listen(self.dsn, NOTIFY_CHANNEL, application_name=name):
             if isinstance(item, Reconnected):
                 self._wake.set()  # notifications may have been missed: sweep
             elif self.elector.is_leader:

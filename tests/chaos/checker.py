@@ -24,7 +24,11 @@ import psycopg
 if TYPE_CHECKING:
     from tests.chaos.harness import Campaign
 
-INVARIANTS = ["once", "no-loss", "fenced", "epochs", "spool"]
+INVARIANTS = ["once", "no-loss", "fenced", "epochs", "spool", "soak"]
+# A gateway holds its pool (max 10), the election session, the listener, and briefly a
+# side session (blocker termination). More than that is a leak.
+MAX_SESSIONS = 13
+MAX_RSS_MB = 150
 TERMINAL_WITH_ALERT = ("rejected", "expired", "in_doubt")
 
 
@@ -40,6 +44,20 @@ def _spooled(c: Campaign) -> int:
         for line in f.read_text().splitlines()
         if line
     )
+
+
+def _soak(c: Campaign) -> dict[str, Any]:
+    """RSS first/last/max of each instance's longest-lived process, and the most
+    sessions any instance held at once."""
+    by_pid: dict[tuple[str, int], list[int]] = {}
+    for _, name, pid, rss, _ in c.history.samples:
+        by_pid.setdefault((name, pid), []).append(rss)
+    rss_mb: dict[str, tuple[int, int, int]] = {}
+    for name in sorted({name for name, _ in by_pid}):
+        longest = max((v for (n, _), v in by_pid.items() if n == name), key=len)
+        rss_mb[name] = (longest[0] // 1024, longest[-1] // 1024, max(longest) // 1024)
+    sessions = [s[4] for s in c.history.samples]
+    return {"rss_mb": rss_mb, "max_sessions": max(sessions, default=0), "samples": len(sessions)}
 
 
 async def settle(c: Campaign, conn: psycopg.AsyncConnection[Any], quiet: float) -> None:
@@ -140,6 +158,13 @@ async def check(c: Campaign, quiet: float) -> dict[str, Any]:
                     f"epochs: epoch {before[0]} (released {before[2]}) overlaps epoch {after[0]} (acquired {after[1]})"
                 )
 
+        soak = _soak(c)
+        if soak["max_sessions"] > MAX_SESSIONS:
+            violations.append(f"soak: an instance held {soak['max_sessions']} sessions")
+        for name, (first, last, peak) in soak["rss_mb"].items():
+            if peak > MAX_RSS_MB or last > first * 1.5 + 10:
+                violations.append(f"soak: {name} RSS grew {first} -> {last} MB (max {peak})")
+
         spooled = _spooled(c)
         if spooled:
             violations.append(f"spool: {spooled} signals still spooled")
@@ -160,8 +185,10 @@ async def check(c: Campaign, quiet: float) -> dict[str, Any]:
         "executed": executed,
         "terminal": terminal,
         "epochs": len(history),
+        "inbox": len(signals),
         "broker_requests": broker_requests,
         "faults": c.history.faults,
         "invariants": INVARIANTS,
+        "soak": soak,
         "violations": violations,
     }

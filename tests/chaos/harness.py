@@ -59,6 +59,9 @@ class History:
     requests: list[Request] = field(default_factory=list)
     faults: list[tuple[float, str, str]] = field(default_factory=list)  # (time, fault, target)
 
+    # (time, instance, pid, rss_kb, connections): the soak's resource samples
+    samples: list[tuple[float, str, int, int, int]] = field(default_factory=list)
+
     def fault(self, kind: str, target: str) -> None:
         self.faults.append((time.monotonic(), kind, target))
         print(f"  fault {kind:18} {target}", flush=True)
@@ -133,6 +136,32 @@ class Campaign:
         self.history.requests.append(
             Request(sent, node.instance_id, fingerprint_raw(body), status, answer)
         )
+
+    # -- soak -----------------------------------------------------------------
+
+    async def sample(self, every: float = 2.0) -> None:
+        """Each instance's RSS and its sessions in pg_stat_activity, every few seconds."""
+        import psycopg
+
+        while not self._load_stop.is_set():
+            with contextlib.suppress(Exception):
+                async with await psycopg.AsyncConnection.connect(
+                    self.server.dsn, autocommit=True
+                ) as c:
+                    cur = await c.execute(
+                        "select split_part(application_name, ':', -1), count(*)"
+                        " from pg_stat_activity where application_name like '%%:gw_' group by 1"
+                    )
+                    sessions = dict(await cur.fetchall())
+                for name, node in self.nodes.items():
+                    if node.proc is not None and node.proc.returncode is None:
+                        rss = _rss_kb(node.proc.pid)
+                        if rss:
+                            self.history.samples.append(
+                                (time.monotonic(), name, node.proc.pid, rss, sessions.get(name, 0))
+                            )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._load_stop.wait(), every)
 
     # -- faults ---------------------------------------------------------------
 
@@ -217,11 +246,13 @@ class Campaign:
         timeout = aiohttp.ClientTimeout(total=5)
         async with aiohttp.ClientSession(timeout=timeout) as http:
             load = asyncio.create_task(self.load(http))
+            sampler = asyncio.create_task(self.sample())
             started = time.monotonic()
             await self.faults(kinds)
             await asyncio.sleep(max(0.0, self.duration - (time.monotonic() - started)))
             self._load_stop.set()
             await load
+            await sampler
         await self.heal_all()
         return await check(self, quiet)
 
@@ -236,16 +267,29 @@ class Campaign:
                 await node.start()
 
 
+def _rss_kb(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
 def summary(result: dict[str, Any]) -> str:
     faults = Counter(kind for _, kind, _ in result["faults"])
     rows = [
         f"seed {result['seed']}: {'PASS' if not result['violations'] else 'FAIL'}",
         f"  requests {result['requests']}, 2xx {result['accepted']}, no answer {result['unanswered']}",
         "  answers: " + ", ".join(f"{k} x{v}" for k, v in sorted(result["answers"].items())),
-        f"  signals executed {result['executed']}, terminal with alert {result['terminal']}",
+        f"  2xx signals executed {result['executed']}, terminal with alert {result['terminal']};"
+        f" inbox {result['inbox']} (a signal stored before its instance died unanswered still runs)",
         f"  epochs {result['epochs']}, broker requests {result['broker_requests']}",
         "  faults: " + ", ".join(f"{k} x{v}" for k, v in sorted(faults.items())),
         "  invariants: " + ", ".join(result["invariants"]),
+        f"  soak: RSS per instance {result['soak']['rss_mb']} MB (first -> last -> max of the"
+        f" longest-lived process), sessions per instance max {result['soak']['max_sessions']}",
     ]
     rows += [f"  VIOLATION {v}" for v in result["violations"]]
     return "\n".join(rows)
