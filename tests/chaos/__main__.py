@@ -27,7 +27,8 @@ def main() -> int:
         print(summary(result), flush=True)
         results.append(result)
     failed = [r["seed"] for r in results if r["violations"]]
-    out = Path("tests/chaos/last-campaign.json")
+    out = Path("var/chaos-last-campaign.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1, default=str))
     print(
         f"\n{len(results) - len(failed)}/{len(results)} rounds clean; replay a round with SEED=<seed> ROUNDS=1"
