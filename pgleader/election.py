@@ -220,7 +220,7 @@ class Elector:
                 await self._join(conn)
                 await self._follow(conn)
                 pause = await self._lead(conn)
-            except (psycopg.Error, OSError, DatabaseUnavailable, _Demoted) as exc:
+            except Exception as exc:  # whatever went wrong, step down and rejoin: never die
                 if self._epoch is not None:
                     self._demote(_reason(exc))
                 failures += 1
@@ -301,10 +301,14 @@ class Elector:
         take = asyncio.ensure_future(
             conn.execute(_TAKE, [self.election, self.instance_id, self.host])
         )
-        done, _ = await asyncio.wait({take}, timeout=self.timings.lease)
-        while not done:
-            await self._terminate_blockers(conn.info.backend_pid)
-            done, _ = await asyncio.wait({take}, timeout=self.timings.heartbeat)
+        try:
+            done, _ = await asyncio.wait({take}, timeout=self.timings.lease)
+            while not done:
+                await self._terminate_blockers(conn.info.backend_pid)
+                done, _ = await asyncio.wait({take}, timeout=self.timings.heartbeat)
+        except BaseException:
+            take.cancel()
+            raise
         return take.result()
 
     async def _terminate_blockers(self, backend_pid: int) -> None:
