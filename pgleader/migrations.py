@@ -71,6 +71,16 @@ async def applied_versions(conn: AsyncConnection[Any]) -> dict[str, str]:
     return {version: checksum for version, checksum in await cur.fetchall()}
 
 
+def _missing(migrations: list[Migration], applied: dict[str, str]) -> list[Migration]:
+    """The migrations still to apply; an applied file changed on disk is an error."""
+    for m in migrations:
+        if m.version in applied and applied[m.version] != m.checksum:
+            raise MigrationError(
+                f"{m.name} changed after it was applied; add a new migration instead"
+            )
+    return [m for m in migrations if m.version not in applied]
+
+
 async def pending(conn: AsyncConnection[Any], directory: Path | None = None) -> list[Migration]:
     applied = await applied_versions(conn)
     return [m for m in discover(directory) if m.version not in applied]
@@ -81,18 +91,15 @@ async def migrate(dsn: str, directory: Path | None = None) -> list[str]:
     migrations = discover(directory)
     conn = await connect(dsn, autocommit=True)
     try:
+        # Read-only first: an up-to-date database needs no lock and no DDL rights, so
+        # a least-privilege role may run this at start-up.
+        if not _missing(migrations, await applied_versions(conn)):
+            return []
         await conn.execute(_RUNNER_LOCK)
         try:
             await conn.execute(_BOOTSTRAP)
-            applied = await applied_versions(conn)
             done = []
-            for m in migrations:
-                if m.version in applied:
-                    if applied[m.version] != m.checksum:
-                        raise MigrationError(
-                            f"{m.name} changed after it was applied; add a new migration instead"
-                        )
-                    continue
+            for m in _missing(migrations, await applied_versions(conn)):
                 try:
                     async with conn.transaction():
                         await conn.execute(m.sql.encode())

@@ -39,7 +39,7 @@ log = structlog.get_logger("service")
 
 # Failures no retry can fix: say so at once instead of backing off for a minute.
 _PERMANENT = ("password authentication failed", "does not exist", "no pg_hba.conf entry",
-              "invalid dsn", "invalid connection option", "<unparsable DSN>", "role")  # fmt: skip
+              "invalid", "<unparsable DSN>", "role")  # fmt: skip
 _UNAVAILABLE = (psycopg.OperationalError, PoolTimeout)
 
 

@@ -6,8 +6,10 @@ signal). Nothing is stored unless the body is valid and authenticated.
 
 from __future__ import annotations
 
+import functools
 import json
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -33,6 +35,7 @@ __all__ = ["GATEWAY", "build_app"]
 log = structlog.get_logger("service.http")
 
 GATEWAY = web.AppKey("gateway", Gateway)
+OPENAPI_PATH = Path(__file__).with_name("openapi.yaml")
 
 
 def answer(http_status: int, /, **body: Any) -> web.Response:
@@ -105,7 +108,7 @@ async def leader(request: web.Request) -> web.Response:
 
 async def signal_by_id(request: web.Request) -> web.Response:
     raw = request.match_info["signal_id"]
-    if not raw.isdigit() or len(raw) > 18:
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 18:
         return error(400, "invalid", "signal id must be a positive integer", field="signal_id")
     try:
         async with request.app[GATEWAY].pool.connection(timeout=1.0) as conn:
@@ -159,6 +162,16 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
 
 
+@functools.cache
+def _openapi_document() -> bytes:
+    return OPENAPI_PATH.read_bytes()
+
+
+async def openapi(request: web.Request) -> web.Response:
+    """This HTTP surface described for clients and tools (tests/test_openapi.py keeps it true)."""
+    return web.Response(body=_openapi_document(), content_type="application/yaml", charset="utf-8")
+
+
 def build_app(gateway: Gateway) -> web.Application:
     app = web.Application(client_max_size=gateway.config.max_body_bytes, middlewares=[json_errors])
     app[GATEWAY] = gateway
@@ -169,4 +182,5 @@ def build_app(gateway: Gateway) -> web.Application:
     app.router.add_post("/coordinator/resign", resign)
     app.router.add_get("/signals/{signal_id}", signal_by_id)
     app.router.add_get("/metrics", metrics)
+    app.router.add_get("/openapi.yaml", openapi)
     return app

@@ -39,7 +39,7 @@ _MAX_KEYS: Final = 64
 _MAX_DEPTH: Final = 8  # container levels inside one field's value
 _MAX_DIGITS: Final = 30  # before and after the decimal point, for any number
 _MAX_NUMBER_TEXT: Final = 64  # checked before Decimal() sees the text
-_MAX_LOTS: Final = 10**12
+_MAX_LOTS: Final = 1_000_000  # well inside PostgreSQL integer, and any real order
 _MAX_NAME: Final = 64
 _DEFAULT_SKEW: Final = timedelta(seconds=5)
 
@@ -203,6 +203,14 @@ def _decode(body: bytes) -> dict[str, Any]:
     return data
 
 
+@dataclass(frozen=True, slots=True)
+class _Refused:
+    """A value the decoder refused. It stays in place until cleaning, which knows the
+    field it belongs to and reports it there: the answer can then name the field."""
+
+    message: str
+
+
 def _json_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     if len(pairs) > _MAX_KEYS:
         raise SignalError(f"a JSON object has more than {_MAX_KEYS} keys")
@@ -210,26 +218,30 @@ def _json_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     for key, value in pairs:
         # json.loads would silently keep the last one: refuse to guess which was meant.
         if key in obj:
-            raise SignalError(f"duplicate key {_quote(key)}: each key may appear only once")
+            value = _Refused(f"duplicate key {_quote(key)}: each key may appear only once")
         obj[key] = value
     return obj
 
 
 def _json_constant(name: str) -> Any:
-    raise SignalError(f"{name} is not allowed: numbers must be finite")
+    return _Refused(f"{name} is not allowed: numbers must be finite")
 
 
-def _json_int(text: str) -> int:
+def _json_int(text: str) -> int | _Refused:
     # Checked before int() so a megabyte of digits cannot cost quadratic time.
     if len(text.lstrip("-")) > _MAX_DIGITS:
-        raise _out_of_range(f"number {_quote(text)}")
+        return _Refused(_out_of_range(f"number {_quote(text)}").message)
     return int(text)
 
 
-def _json_float(text: str) -> Decimal:
+def _json_float(text: str) -> Decimal | _Refused:
+    where = f"number {_quote(text)}"
     if len(text) > _MAX_NUMBER_TEXT:
-        raise _out_of_range(f"number {_quote(text)}")
-    return _checked_decimal(Decimal(text), f"number {_quote(text)}")
+        return _Refused(_out_of_range(where).message)
+    try:
+        return _checked_decimal(Decimal(text), where)
+    except SignalError as exc:
+        return _Refused(exc.message)
 
 
 # --- cleaning: any mapping to plain JSON data with exact numbers ------------------
@@ -242,7 +254,13 @@ def _clean_body(data: object) -> dict[str, Any]:
     the spool) enforces exactly the same limits.
     """
     body = _mapping(data)
-    return {key: _clean(value, f"field {_quote(key)}", 0) for key, value in _items(body)}
+    cleaned = {}
+    for key, value in _items(body):
+        try:
+            cleaned[key] = _clean(value, f"field {_quote(key)}", 0)
+        except SignalError as exc:
+            raise SignalError(exc.message, key) from None  # name the field at fault
+    return cleaned
 
 
 def _mapping(data: object) -> Mapping[Any, Any]:
@@ -263,6 +281,8 @@ def _items(data: Mapping[Any, Any]) -> list[tuple[str, Any]]:
 
 
 def _clean(value: Any, where: str, depth: int) -> Any:
+    if isinstance(value, _Refused):
+        raise SignalError(value.message)
     if value is None or isinstance(value, bool):
         return value
     if isinstance(value, int):

@@ -47,7 +47,7 @@ create table if not exists gateway.orders (
     broker          text not null,
     client_order_id text not null unique,
     action          text not null check (action in ('BUY', 'SELL')),
-    quantity        integer not null,
+    quantity        bigint not null,
     broker_order_id text,
     outcome         text not null default 'sending' check (outcome in
                     ('sending', 'filled', 'rejected', 'not_sent', 'unknown')),
@@ -66,7 +66,7 @@ create table if not exists gateway.paper_broker_requests (
     client_order_id text not null,
     instrument      text not null,
     action          text not null,
-    quantity        integer not null,
+    quantity        bigint not null,
     price           numeric,
     epoch           bigint,
     instance_id     text,
@@ -135,11 +135,11 @@ select status, count(*) as signals, min(received_at) as oldest_received, max(rec
 create or replace function gateway.claim_signal(
     p_signal_id bigint, p_epoch bigint, p_instance text, p_broker text, p_max_age interval,
     out status text, out client_order_id text, out instrument text, out action text,
-    out quantity integer, out price numeric
+    out quantity bigint, out price numeric
 ) returns setof record language plpgsql as $$
 declare
     s gateway.signals;
-    open_lots integer;
+    open_lots bigint;
 begin
     select * into s from gateway.signals where id = p_signal_id and signals.status = 'pending'
        for update skip locked;

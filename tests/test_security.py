@@ -1,0 +1,481 @@
+"""Secrets stay secret, admin is off unless configured, SQL is parameterised, and the
+gateway runs under a least-privilege role (sql/roles.sql) that cannot drop its tables.
+
+Everything runs against real `pgleader serve` processes and the suite's PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import hmac
+import inspect
+import json
+import signal
+import subprocess
+import sys
+import textwrap
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg import errors
+from psycopg.conninfo import make_conninfo
+
+import service.auth
+from pgleader.embedded import find_bindir
+from tests.gateway import Cluster, GatewayProcess, cluster, signal_body, until
+
+ROOT = Path(__file__).resolve().parent.parent
+WEBHOOK_SECRET = "wh-secret-Q7v9ZpL2"
+ADMIN_TOKEN = "adm-token-K3m8RtX5"
+DSN_PASSWORD = "dsn-pass-XYZ-4c1e"
+ROLE = "pgleader_gateway"
+ROLE_PASSWORD = "role-pass-8d2b"
+
+
+def hmac_header(raw: bytes, secret: str = WEBHOOK_SECRET) -> str:
+    return "sha256=" + hmac.new(secret.encode(), raw, hashlib.sha256).hexdigest()
+
+
+@pytest.fixture
+async def gw(dsn: str, tmp_path: Path) -> AsyncIterator[Cluster]:
+    async with cluster(dsn, tmp_path) as c:
+        yield c
+
+
+async def start(gw: Cluster, name: str, dsn: str, *args: str) -> GatewayProcess:
+    node = GatewayProcess(dsn, name, gw.data_dir, *args)
+    gw.nodes[name] = node
+    await node.start()
+    return node
+
+
+async def leader_other_than(gw: Cluster, old: GatewayProcess) -> GatewayProcess:
+    """The leader by the database once it is no longer `old` (bounded wait)."""
+
+    async def moved() -> bool:
+        name = await gw.scalar("select leader from pgleader.leader where election = 'gateway'")
+        return name is not None and name != old.instance_id
+
+    await until(moved, timeout=20)
+    return await gw.leader()
+
+
+async def call(
+    gw: Cluster, method: str, url: str, **kwargs: Any
+) -> tuple[int, dict[str, str], bytes]:
+    async with gw.http.request(method, url, **kwargs) as resp:
+        return resp.status, dict(resp.headers), await resp.read()
+
+
+# --- secrets never leave the process ------------------------------------------------
+
+
+async def test_secrets_never_appear_in_logs_or_answers(gw, dsn):
+    """Every path is driven with a distinctive webhook secret, admin token and DSN
+    password; none of them may show in any answer or anywhere in the instance's log."""
+    with_password = make_conninfo(dsn, password=DSN_PASSWORD)  # trust auth: accepted
+    node = await start(
+        gw, "sec1", with_password, "--webhook-secret", WEBHOOK_SECRET, "--admin-token", ADMIN_TOKEN
+    )
+    await gw.leader()
+    url = node.url
+    answers: list[tuple[str, int, dict[str, str], bytes]] = []
+
+    async def drive(label: str, method: str, path: str, **kwargs: Any) -> int:
+        status, headers, body = await call(gw, method, url + path, **kwargs)
+        answers.append((label, status, headers, body))
+        return status
+
+    def body(**fields: Any) -> bytes:
+        return json.dumps(signal_body(**fields)).encode()
+
+    signed, valid = body(secret=None), body(secret=WEBHOOK_SECRET)
+    expected = [
+        ("valid", "POST", "/webhook", {"data": valid}, 200),
+        ("duplicate", "POST", "/webhook", {"data": valid}, 200),
+        ("hmac", "POST", "/webhook", {"data": signed, "headers": {"X-Signature": hmac_header(signed)}}, 200),
+        ("wrong secret", "POST", "/webhook", {"data": body(secret=WEBHOOK_SECRET[:-1])}, 401),
+        ("wrong hmac", "POST", "/webhook", {"data": signed, "headers": {"X-Signature": hmac_header(signed, "x")}}, 401),
+        ("hmac + secret", "POST", "/webhook", {"data": body(secret=WEBHOOK_SECRET), "headers": {"X-Signature": "sha256=00"}}, 401),
+        ("bad field", "POST", "/webhook", {"data": body(secret=WEBHOOK_SECRET, lots="5")}, 400),
+        ("bad json", "POST", "/webhook", {"data": f'{{"secret": "{WEBHOOK_SECRET}", '.encode()}, 401),
+        ("form", "POST", "/webhook", {"data": f"secret={WEBHOOK_SECRET}&type=EXIT".encode()}, 401),
+        ("secret elsewhere", "POST", "/webhook", {"data": body(secret="x", position=WEBHOOK_SECRET)}, 401),
+        ("duplicate key", "POST", "/webhook", {"data": body(secret=WEBHOOK_SECRET)[:-1] + f', "secret": "{WEBHOOK_SECRET}"}}'.encode()}, 400),
+        ("too large", "POST", "/webhook", {"data": body(secret=WEBHOOK_SECRET, pad="x" * 20_000)}, 413),
+        ("leader", "GET", "/coordinator/leader", {}, 200),
+        ("metrics", "GET", "/metrics", {}, 200),
+        ("signal", "GET", "/signals/1", {}, 200),
+        ("signal 400", "GET", "/signals/x", {}, 400),
+        ("signal 404", "GET", "/signals/424242", {}, 404),
+        ("ready", "GET", "/ready", {}, 200),
+        ("health", "GET", "/health", {}, 200),
+        ("openapi", "GET", "/openapi.yaml", {}, 200),
+        ("unknown", "GET", "/nope", {}, 404),
+        ("resign no token", "POST", "/coordinator/resign", {}, 401),
+        ("resign wrong token", "POST", "/coordinator/resign", {"headers": {"Authorization": f"Bearer {ADMIN_TOKEN[:-1]}"}}, 401),
+        ("resign basic", "POST", "/coordinator/resign", {"headers": {"Authorization": f"Basic {ADMIN_TOKEN}"}}, 401),
+        ("resign", "POST", "/coordinator/resign", {"headers": {"Authorization": f"Bearer {ADMIN_TOKEN}"}}, 200),
+    ]  # fmt: skip
+    for label, method, path, kwargs, status in expected:
+        assert await drive(label, method, path, **kwargs) == status, answers[-1]
+    await gw.leader()  # the only instance campaigns again after resigning
+    # Connection errors are logged with their messages: cut every session of the instance.
+    await gw.query(
+        "select pg_terminate_backend(pid) from pg_stat_activity"
+        " where datname = current_database() and application_name like %s",
+        f"%{node.instance_id}",
+    )
+    await gw.leader()
+    assert await drive("after the cut", "POST", "/webhook", data=body(secret=WEBHOOK_SECRET)) < 300
+    await drive("leader again", "GET", "/coordinator/leader")
+    await node.stop()  # the shutdown path logs too
+
+    log = node.log_path.read_text()
+    assert "leadership resigned" in log and "admin request" in log  # the log was written
+    for name, secret in [
+        ("webhook secret", WEBHOOK_SECRET),
+        ("admin token", ADMIN_TOKEN),
+        ("DSN password", DSN_PASSWORD),
+    ]:
+        assert secret not in log, f"{name} in the log of {node.instance_id}"
+        for label, status, headers, raw in answers:
+            assert secret.encode() not in raw, (name, label, status)
+            assert secret not in json.dumps(headers), (name, label, status)
+    spool = node.data_dir / "spool"
+    for path in spool.glob("*") if spool.exists() else []:
+        assert WEBHOOK_SECRET not in path.read_text(), path
+
+
+def _dsn_variants(dsn: str) -> list[str]:
+    params = {k: v for k, v in (part.split("=", 1) for part in dsn.split())}
+    host, port, user = params["host"], params["port"], params["user"]
+    return [
+        make_conninfo(dsn, dbname="no_such_db", password=DSN_PASSWORD),
+        make_conninfo(dsn, user="no_such_role", password=DSN_PASSWORD),
+        f"postgresql://{user}:{DSN_PASSWORD}@{host}:{port}/no_such_db",
+        f"postgresql://{user}:{DSN_PASSWORD}@{host}:notaport/no_such_db",
+        f"{dsn} password={DSN_PASSWORD} no_such_option=1",
+        f"{dsn} password='{DSN_PASSWORD}",  # unterminated quote
+    ]
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [0, 1, 2, 3, 4, 5],
+    ids=["no-db", "no-role", "url", "url-bad-port", "bad-option", "bad-quote"],
+)
+def test_start_up_failures_never_print_the_dsn_password(dsn, tmp_path, variant):
+    """A DSN that cannot work fails at once, with a message that names it without the password."""
+    bad_dsn = _dsn_variants(dsn)[variant]
+    command = [
+        sys.executable, "-m", "pgleader", "serve", "--dsn", bad_dsn, "--port", "1",
+        "--data-dir", str(tmp_path), "--webhook-secret", WEBHOOK_SECRET,
+        "--admin-token", ADMIN_TOKEN, "--log-format", "json",
+    ]  # fmt: skip
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, timeout=10, check=False)
+        output, returncode = result.stdout + result.stderr, result.returncode
+    except subprocess.TimeoutExpired as exc:
+        output, returncode = _text(exc.stdout) + _text(exc.stderr), None
+    for secret in (DSN_PASSWORD, WEBHOOK_SECRET, ADMIN_TOKEN):
+        assert secret not in output, output
+    if returncode is None:
+        raise TimeoutError(f"pgleader serve still retrying after 10 s: {output[-500:]}")
+    assert returncode != 0 and "error" in output, output
+
+
+def _text(data: bytes | str | None) -> str:
+    return data.decode(errors="replace") if isinstance(data, bytes) else data or ""
+
+
+async def test_admin_endpoints_are_off_without_a_token_and_need_the_right_one(gw, dsn):
+    off = await start(gw, "off1", dsn, "--admin-token", "")  # overrides PGLEADER_ADMIN_TOKEN
+    on = await start(gw, "on1", dsn, "--admin-token", ADMIN_TOKEN)
+    await gw.leader()
+    url = f"{off.url}/coordinator/resign"
+    for headers in ({}, {"Authorization": "Bearer "}, {"Authorization": f"Bearer {ADMIN_TOKEN}"}):
+        status, _, raw = await call(gw, "POST", url, headers=headers)
+        assert (status, json.loads(raw)["status"]) == (403, "forbidden"), raw
+    url = f"{on.url}/coordinator/resign"
+    for authorization in (
+        None,
+        "",
+        "Bearer",
+        "Bearer ",
+        f"Bearer {ADMIN_TOKEN}x",
+        f"Bearer {ADMIN_TOKEN.upper()}",
+        f"Basic {ADMIN_TOKEN}",
+        f"Token {ADMIN_TOKEN}",
+        ADMIN_TOKEN,
+        f"Bearer é{ADMIN_TOKEN}",  # non-ASCII: compared as bytes, never a TypeError
+    ):
+        headers = {} if authorization is None else {"Authorization": authorization}
+        status, _, raw = await call(gw, "POST", url, headers=headers)
+        assert (status, json.loads(raw)["status"]) == (401, "unauthorized"), (authorization, raw)
+    assert {n.instance_id for n in gw.nodes.values()} == {"off1", "on1"}
+
+
+def test_secret_checks_are_constant_time():
+    """The comparisons go through hmac.compare_digest (on bytes, so non-ASCII input
+    cannot raise), and no secret-like value is compared with == / != / in."""
+    for check in (service.auth.secret_ok, service.auth.signature_ok):
+        assert "compare_digest" in check.__code__.co_names, check.__name__
+    for check in (service.auth.admin_ok, service.auth.body_secret_ok):
+        assert "secret_ok" in check.__code__.co_names, check.__name__
+    assert service.auth.secret_ok("é-secret", "é-secret") and not service.auth.secret_ok("é", "e")
+    assert not service.auth.signature_ok(b"{}", "sha256=é", "secret")
+    secretish = ("secret", "token", "signature", "digest", "password", "expected", "given")
+    for module in (service.auth, __import__("service.http").http):
+        tree = ast.parse(inspect.getsource(module))
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.Compare):
+                continue
+            if not any(isinstance(op, ast.Eq | ast.NotEq | ast.In | ast.NotIn) for op in node.ops):
+                continue
+            names = {
+                getattr(n, "id", None) or getattr(n, "attr", None)
+                for side in (node.left, *node.comparators)
+                for n in ast.walk(side)
+            }
+            leaky = {n for n in names if n and any(word in n.lower() for word in secretish)}
+            assert not leaky, f"{module.__name__}:{node.lineno} compares {leaky} with =="
+
+
+# --- every SQL statement is parameterised ------------------------------------------
+
+
+def _built_string(node: ast.expr) -> str | None:
+    """How `node` builds a string from pieces, or None when it does not."""
+    if isinstance(node, ast.JoinedStr):
+        return "an f-string"
+    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Mod | ast.Add):
+        return "% or + on strings"
+    if (
+        isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Attribute)
+        and node.func.attr == "format"
+        and not _is_sql_composable(node.func.value)
+    ):
+        return "str.format"
+    return None
+
+
+def _is_sql_composable(node: ast.expr) -> bool:
+    """psycopg.sql.SQL(...) / sql.SQL(...) / SQL(...): composition quotes what it inserts."""
+    if not isinstance(node, ast.Call):
+        return False
+    func = node.func
+    name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
+    return name in ("SQL", "Composed")
+
+
+def unparameterised_sql(source: str, filename: str) -> list[str]:
+    """file:line of every execute() whose statement is built from strings (directly, via
+    a name assigned such a value, or inside sql.SQL(...))."""
+    tree = ast.parse(source, filename)
+    built_names: dict[str, int] = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Assign | ast.AnnAssign) and node.value is not None:
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            if _built_string(node.value):
+                for target in targets:
+                    if isinstance(target, ast.Name):
+                        built_names[target.id] = node.lineno
+    found = []
+    for node in ast.walk(tree):
+        if not (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and node.func.attr in ("execute", "executemany")
+            and node.args
+        ):
+            continue
+        statement = node.args[0]
+        how = _built_string(statement)
+        if how is None and isinstance(statement, ast.Name) and statement.id in built_names:
+            how = f"{statement.id}, built at line {built_names[statement.id]}"
+        if how is None and _is_sql_composable(statement) and statement.args:  # type: ignore[attr-defined]
+            how = _built_string(statement.args[0])  # type: ignore[attr-defined]
+            how = how and f"sql.SQL() of {how}"
+        if how is not None:
+            found.append(f"{filename}:{node.lineno}: statement is {how}")
+    return found
+
+
+def test_the_sql_scanner_recognises_string_building():
+    bad = textwrap.dedent(
+        """
+        async def f(conn, sql, name, q):
+            await conn.execute(f"select * from t where a = '{name}'")
+            await conn.execute("select * from t where a = '%s'" % name)
+            await conn.execute("select * from " + name)
+            await conn.execute("select {}".format(name))
+            stmt = f"delete from {name}"
+            await conn.execute(stmt)
+            await conn.execute(sql.SQL(f"drop table {name}"))
+            cur.executemany("insert into t values (%s)" % name, [])
+        """
+    )
+    good = textwrap.dedent(
+        """
+        Q = "select 1 from t where a = %s"
+        async def f(conn, sql, name):
+            await conn.execute(Q, [name])
+            await conn.execute("select * from t where a = %s", [name])
+            await conn.execute(sql.SQL("listen {}").format(sql.Identifier(name)))
+            await conn.execute(m.sql.encode())
+        """
+    )
+    lines = {int(found.split(":")[1]) for found in unparameterised_sql(bad, "bad.py")}
+    assert lines == {3, 4, 5, 6, 8, 9, 10}
+    assert unparameterised_sql(good, "good.py") == []
+
+
+def test_every_sql_statement_is_parameterised():
+    files = sorted([*(ROOT / "pgleader").glob("*.py"), *(ROOT / "service").glob("*.py")])
+    assert len(files) > 10
+    found = [
+        problem
+        for path in files
+        for problem in unparameterised_sql(path.read_text(), str(path.relative_to(ROOT)))
+    ]
+    assert not found, "\n".join(found)
+
+
+# --- the least-privilege role -------------------------------------------------------
+
+
+def run_roles_sql(dsn: str) -> subprocess.CompletedProcess[str]:
+    """What an operator runs: psql -v gateway_password=... -f sql/roles.sql."""
+    return subprocess.run(
+        [
+            str(find_bindir() / "psql"), dsn, "-X", "-q",
+            "-v", f"gateway_password={ROLE_PASSWORD}", "-f", str(ROOT / "sql" / "roles.sql"),
+        ],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+
+
+@pytest.fixture
+def role_dsn(dsn: str) -> Iterator[str]:
+    """This test's database with sql/roles.sql applied (twice: it is idempotent), and a
+    DSN that logs in as the role. Roles are cluster-wide: it may exist already."""
+    for _ in range(2):
+        result = run_roles_sql(dsn)
+        assert result.returncode == 0, result.stderr
+    yield make_conninfo(dsn, user=ROLE, password=ROLE_PASSWORD)
+
+
+async def test_the_gateway_runs_as_the_least_privilege_role(gw, dsn, role_dsn):
+    a = await start(gw, "role1", role_dsn, "--no-migrate")
+    b = await start(gw, "role2", role_dsn, "--no-migrate")
+    first = await gw.leader()
+    follower = b if first is a else a
+    sessions = await gw.scalar(
+        "select count(*) from pg_stat_activity where usename = %s and datname = current_database()",
+        ROLE,
+    )
+    assert sessions >= 4  # each instance: lock session, pool, listener
+    status, answer = await gw.post(first, signal_body())
+    assert (status, answer["status"]) == (200, "executed"), answer
+    status, answer = await gw.post(follower, signal_body())
+    assert (status, answer["status"]) == (202, "accepted"), answer
+    assert await gw.settled([answer["signal_id"]]) == {answer["signal_id"]: "executed"}
+
+    # A hung leader is evicted with pg_terminate_backend, as the same role.
+    first.signal(signal.SIGSTOP)
+    try:
+        second = await leader_other_than(gw, first)
+        assert second is follower
+        reason = await gw.scalar(
+            "select release_reason from pgleader.leadership_history"
+            " where instance_id = %s order by epoch desc limit 1",
+            first.instance_id,
+        )
+        assert reason == "evicted"
+        status, answer = await gw.post(second, signal_body())
+        assert (status, answer["status"]) == (200, "executed"), answer
+    finally:
+        first.signal(signal.SIGCONT)
+
+    # A crashed leader: the woken one takes over.
+    second.signal(signal.SIGKILL)
+    third = await leader_other_than(gw, second)
+    assert third is first
+    status, answer = await gw.post(third, signal_body())
+    assert (status, answer["status"]) == (200, "executed"), answer
+    assert set((await gw.broker_requests_per_signal()).values()) == {1}
+    ready = await call(gw, "GET", f"{third.url}/ready")
+    assert ready[0] == 200, ready
+
+    rows = await gw.query(
+        "select rolsuper, pg_has_role(%s, 'pg_signal_backend', 'MEMBER')"
+        " from pg_roles where rolname = %s",
+        ROLE,
+        ROLE,
+    )
+    assert rows == [(False, False)]
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "drop table gateway.signals",
+        "truncate gateway.signals",
+        "truncate gateway.paper_broker_requests",
+        "delete from gateway.signals",
+        "delete from pgleader.leadership_history",
+        "alter table gateway.orders add column x int",
+        "create table gateway.evil (x int)",
+        "update pgleader.migrations set checksum = 'x'",
+        "drop function gateway.claim_signal(bigint, bigint, text, text, interval)",
+        "create schema evil",
+        f"alter role {ROLE} superuser",
+        "select pg_terminate_backend(pid) from pg_stat_activity where usename = 'postgres' and datname = current_database()",
+    ],
+)
+def test_the_role_cannot_destroy_or_change_the_schema(role_dsn, statement):
+    with psycopg.connect(role_dsn, autocommit=True) as conn:
+        with pytest.raises(errors.InsufficientPrivilege):
+            conn.execute(statement)  # type: ignore[arg-type]
+        assert conn.execute("select count(*) from gateway.signals").fetchone() == (0,)
+
+
+async def test_the_role_can_start_serve_with_migrations_already_applied(gw, role_dsn):
+    await start(gw, "role-migrate", role_dsn)
+
+
+def test_roles_sql_refuses_a_role_that_owns_the_tables(dsn):
+    """Run as the owner with gateway_role set to that owner: least privilege is void."""
+    with psycopg.connect(dsn) as conn:
+        owner = conn.info.user
+    result = subprocess.run(
+        [str(find_bindir() / "psql"), dsn, "-X", "-q", "-v", f"gateway_role={owner}", "-f",
+         str(ROOT / "sql" / "roles.sql")],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "superuser" in result.stderr or "owns" in result.stderr, result.stderr
+
+
+async def test_evicting_needs_no_pg_signal_backend(role_dsn):
+    """pg_terminate_backend works on a session of the same role without superuser."""
+    async with await psycopg.AsyncConnection.connect(role_dsn, autocommit=True) as victim:
+        pid = victim.info.backend_pid
+        async with await psycopg.AsyncConnection.connect(role_dsn, autocommit=True) as killer:
+            cur = await killer.execute("select pg_terminate_backend(%s)", [pid])
+            assert await cur.fetchone() == (True,)
+
+        async def gone() -> bool:
+            try:
+                await victim.execute("select 1")
+            except psycopg.OperationalError:
+                return True
+            return False
+
+        await until(gone, timeout=5)
