@@ -23,9 +23,8 @@ import pytest
 import pytest_asyncio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from psycopg.conninfo import make_conninfo
-from pytest_postgresql.janitor import DatabaseJanitor
 
+from tests.conftest import cloned_database
 from tests.gateway import SECRET, GatewayProcess, sign, until
 
 FUZZ = settings(
@@ -51,17 +50,8 @@ MISSING = object()  # a field deleted from the body
 @pytest.fixture(scope="module")
 def fuzz_dsn(pg_template: Any) -> Iterator[str]:
     """A database of this module's own, cloned from the migrated template."""
-    janitor = DatabaseJanitor(
-        user=pg_template.user, host=pg_template.host, port=pg_template.port,
-        password=pg_template.password, dbname="pgleader_fuzz_webhook",
-        template_dbname=pg_template.template_dbname,
-    )  # fmt: skip
-    janitor.drop()
-    with janitor:
-        yield make_conninfo(
-            host=pg_template.host, port=pg_template.port, user=pg_template.user,
-            dbname=janitor.dbname, password=pg_template.password or None,
-        )  # fmt: skip
+    with cloned_database(pg_template, "pgleader_fuzz_webhook") as dsn:
+        yield dsn
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")

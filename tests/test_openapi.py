@@ -20,13 +20,12 @@ import pytest_asyncio
 import schemathesis
 import yaml
 from hypothesis import HealthCheck, given, settings
-from psycopg.conninfo import make_conninfo
-from pytest_postgresql.janitor import DatabaseJanitor
 from schemathesis import GenerationMode
 
 from service.app import Gateway
 from service.config import ServiceConfig
 from service.http import OPENAPI_PATH, build_app
+from tests.conftest import cloned_database
 from tests.gateway import GatewayProcess, signal_body, until
 
 SPEC: dict[str, Any] = yaml.safe_load(OPENAPI_PATH.read_text())
@@ -115,17 +114,8 @@ async def test_every_route_is_documented_and_nothing_else(tmp_path):
 @pytest.fixture(scope="module")
 def openapi_dsn(pg_template: Any) -> Iterator[str]:
     """A database of this module's own, cloned from the migrated template."""
-    janitor = DatabaseJanitor(
-        user=pg_template.user, host=pg_template.host, port=pg_template.port,
-        password=pg_template.password, dbname="pgleader_openapi",
-        template_dbname=pg_template.template_dbname,
-    )  # fmt: skip
-    janitor.drop()
-    with janitor:
-        yield make_conninfo(
-            host=pg_template.host, port=pg_template.port, user=pg_template.user,
-            dbname=janitor.dbname, password=pg_template.password or None,
-        )  # fmt: skip
+    with cloned_database(pg_template, "pgleader_openapi") as dsn:
+        yield dsn
 
 
 def request(
