@@ -367,16 +367,19 @@ class Elector:
     async def _beat(self, conn: AsyncConnection[Any], epoch: int) -> None:
         sent = time.monotonic()
         remaining = self._lease_deadline - sent
+        beat = asyncio.ensure_future(
+            conn.execute(_HEARTBEAT, [self.election, self.instance_id, epoch])
+        )
         try:
-            if remaining <= 0:
-                raise TimeoutError
-            cur = await asyncio.wait_for(
-                conn.execute(_HEARTBEAT, [self.election, self.instance_id, epoch]), remaining
-            )
+            done, _ = await asyncio.wait({beat}, timeout=max(0.0, remaining))
+            if not done:
+                # Not wait_for: it would wait for the cancellation, and cancelling a
+                # query on a partitioned session hangs too. Step down now.
+                _abandon(beat)
+                self.stats["heartbeats_failed"] += 1
+                raise _Demoted("lease expired: no heartbeat succeeded in time")
+            cur = beat.result()
             row = await cur.fetchone()
-        except TimeoutError:
-            self.stats["heartbeats_failed"] += 1
-            raise _Demoted("lease expired: no heartbeat succeeded in time") from None
         except psycopg.Error:
             self.stats["heartbeats_failed"] += 1
             raise
@@ -442,6 +445,12 @@ async def _drop(conn: AsyncConnection[Any]) -> None:
     finally:  # even when cancelled (stop) while cancelling
         with contextlib.suppress(Exception):
             await conn.close()
+
+
+def _abandon(task: asyncio.Future[Any]) -> None:
+    """Cancel a task nobody will wait for, and swallow whatever it ends with."""
+    task.cancel()
+    task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
 
 def _collect_fatal(diag: psycopg.errors.Diagnostic, *, into: list[str]) -> None:

@@ -279,3 +279,35 @@ async def test_a_hung_fenced_transaction_cannot_stall_the_failover(electors, db,
     with pytest.raises(psycopg.OperationalError):
         await hung.execute("commit")
     await hung.close()
+
+
+async def test_a_partitioned_leader_steps_down_on_its_lease_before_anyone_is_elected(dsn, db):
+    from tests.chaos.proxy import BlackholeProxy
+
+    port = psycopg.conninfo.conninfo_to_dict(dsn)["port"]
+    proxy = BlackholeProxy(int(port))
+    await proxy.start()
+    cut_off = Elector(
+        psycopg.conninfo.make_conninfo(dsn, port=proxy.port), "main", instance_id="cut-off",
+        timings=FAST,
+    )  # fmt: skip
+    other = Elector(dsn, "main", instance_id="other", timings=FAST)
+    order: list[str] = []
+    cut_off.on_transition(lambda t: t.kind == "demoted" and order.append("cut-off demoted"))
+    other.on_transition(lambda t: t.kind == "elected" and order.append("other elected"))
+    try:
+        await cut_off.start()
+        await cut_off.wait_for_leadership(10)
+        await other.start()
+        proxy.blackhole()  # silence: no FIN, no RST
+        await other.wait_for_leadership(15)
+        assert order == ["cut-off demoted", "other elected"]
+        assert not cut_off.is_leader
+        cur = await db.execute(
+            "select release_reason from pgleader.leadership_history where epoch = 1"
+        )
+        assert await cur.fetchone() == ("evicted",)
+    finally:
+        proxy.heal()
+        await asyncio.gather(cut_off.stop(), other.stop())
+        await proxy.stop()
