@@ -46,12 +46,18 @@ def _spooled(c: Campaign) -> int:
     )
 
 
+WARM_UP_S = 5.0  # a process still importing its modules is not a baseline
+
+
 def _soak(c: Campaign) -> dict[str, Any]:
-    """RSS first/last/max of each instance's longest-lived process, and the most
-    sessions any instance held at once."""
+    """RSS first/last/max of each instance's longest-lived process once warmed up,
+    and the most sessions any instance held at once."""
+    born: dict[tuple[str, int], float] = {}
     by_pid: dict[tuple[str, int], list[int]] = {}
-    for _, name, pid, rss, _ in c.history.samples:
-        by_pid.setdefault((name, pid), []).append(rss)
+    for at, name, pid, rss, _ in c.history.samples:
+        start = born.setdefault((name, pid), at)
+        if at - start >= WARM_UP_S:
+            by_pid.setdefault((name, pid), []).append(rss)
     rss_mb: dict[str, tuple[int, int, int]] = {}
     for name in sorted({name for name, _ in by_pid}):
         longest = max((v for (n, _), v in by_pid.items() if n == name), key=len)
