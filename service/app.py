@@ -26,6 +26,7 @@ from pgleader.connect import connect, describe_dsn, with_settings
 from pgleader.embedded import EmbeddedPostgres
 from pgleader.events import Reconnected, listen
 from pgleader.logs import configure_logging
+from pgleader.migrations import pending
 from service.brokers import PaperBroker
 from service.config import ServiceConfig
 from service.execution import Executor
@@ -215,8 +216,6 @@ class Gateway:
             return False, "shutting_down"
         try:
             async with self.pool.connection(timeout=1.0) as conn:
-                from pgleader.migrations import pending
-
                 missing = await asyncio.wait_for(pending(conn), 1.0)
         except (*_UNAVAILABLE, TimeoutError):
             return False, "database_unreachable"
