@@ -142,12 +142,16 @@ async def one_round(
 
     if scenario == "partition":
         # The cut-off leader stops acting when its lease runs out: `lease` after it
-        # *sent* its last successful beat, which is no later than the database stamped
-        # that beat (its registry row, not yet overwritten: it cannot reach the server).
+        # *sent* its last successful beat (or the epoch bump, when it was cut off before
+        # its first beat), which is no later than the database stamped them: its
+        # registry row (it cannot reach the server to overwrite it) and its history row.
         last_beat = await cluster.scalar(
-            "select last_heartbeat from pgleader.instances"
-            " where election = 'gateway' and instance_id = %s",
+            "select greatest(i.last_heartbeat, h.acquired_at)"
+            " from pgleader.instances i join pgleader.leadership_history h"
+            " on h.election = i.election and h.instance_id = i.instance_id"
+            " where i.election = 'gateway' and i.instance_id = %s and h.epoch = %s",
             leader.instance_id,
+            epoch,
         )
         lease_end_ms = (last_beat - killed_db).total_seconds() * 1000 + t.lease * 1000
         row["lease_end_db_ms"] = lease_end_ms
