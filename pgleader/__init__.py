@@ -18,7 +18,7 @@ from pgleader.errors import (
     NotLeader,
     PgLeaderError,
 )
-from pgleader.fencing import check_epoch
+from pgleader.fencing import check_epoch, fenced_statement
 from pgleader.migrations import migrate
 
 __all__ = [
@@ -34,5 +34,6 @@ __all__ = [
     "Transition",
     "__version__",
     "check_epoch",
+    "fenced_statement",
     "migrate",
 ]

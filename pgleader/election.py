@@ -132,10 +132,20 @@ class Elector:
         Raises NotLeader when this instance does not lead by its own lease, Fenced
         when the database knows a newer epoch. Returns the epoch to stamp the work with.
         """
+        epoch = self.require_epoch()
+        await check_epoch(conn, self.election, epoch)
+        return epoch
+
+    def require_epoch(self) -> int:
+        """The epoch to fence a statement with (see `pgleader.fenced_statement`).
+
+        Raises NotLeader when this instance does not lead by its own lease. The
+        database still has the last word: the statement's own check may find the
+        epoch superseded.
+        """
         epoch = self.epoch
         if epoch is None:
             raise NotLeader(f"instance {self.instance_id!r} does not lead {self.election!r}")
-        await check_epoch(conn, self.election, epoch)
         return epoch
 
     async def wait_for_leadership(self, timeout: float | None = None) -> int:

@@ -30,7 +30,7 @@ from pgleader.migrations import pending
 from service.brokers import PaperBroker
 from service.config import ServiceConfig
 from service.execution import Executor
-from service.inbox import NOTIFY_CHANNEL, Stored, store_signal
+from service.inbox import NOTIFY_CHANNEL, Stored, notify_signal, store_signal
 from service.signals import Signal, SignalError, parse_dict
 from service.spool import Spool, SpoolError
 
@@ -42,6 +42,8 @@ log = structlog.get_logger("service")
 _PERMANENT = ("password authentication failed", "does not exist", "no pg_hba.conf entry",
               "invalid", "<unparsable DSN>", "role")  # fmt: skip
 _UNAVAILABLE = (psycopg.OperationalError, PoolTimeout)
+# Inline executions that ended here: answered 200 with the outcome (else 202 accepted).
+_ANSWERED = frozenset({"executed", "failed", "expired", "rejected"})
 
 
 class Gateway:
@@ -54,7 +56,7 @@ class Gateway:
         )
         self.pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
             pool_dsn,
-            min_size=2,
+            min_size=4,  # a burst need not wait for connections to be opened
             max_size=10,
             open=False,
             kwargs={"autocommit": True, "application_name": f"gateway:{config.instance_id}"[:63]},
@@ -66,7 +68,11 @@ class Gateway:
         )
         self.broker = PaperBroker(self.pool)
         self.executor = Executor(
-            self.pool, self.elector, self.broker, max_age=config.max_signal_age
+            self.pool,
+            self.elector,
+            self.broker,
+            max_age=config.max_signal_age,
+            broker_timeout=config.broker_timeout,
         )
         self.spool = Spool(config.spool_path)
         self.shutting_down = False
@@ -86,7 +92,6 @@ class Gateway:
                 log.info("migrations applied", files=applied)
         await self.pool.open(wait=True, timeout=10)
         await self.elector.start()
-        self.executor.start()
         self._tasks = [
             asyncio.create_task(self._listen(), name="gateway-listen"),
             asyncio.create_task(self._sweep_loop(), name="gateway-sweep"),
@@ -113,8 +118,9 @@ class Gateway:
     async def accept(self, signal: Signal, fp: str, body: bytes) -> tuple[int, dict[str, Any]]:
         """Store (or spool) a validated signal; execute inline when leading.
         Returns the HTTP status and JSON answer."""
+        leading = self.elector.is_leader
         try:
-            stored = await self._store(signal, fp)
+            stored = await self._store(signal, fp, notify=not leading)
         except _UNAVAILABLE as exc:
             fields = json.loads(body.decode("utf-8-sig"))  # validated already
             fields.pop("secret", None)  # the spool never holds the secret
@@ -135,33 +141,47 @@ class Gateway:
             return 202, {"status": "spooled", "fingerprint": fp}
         if stored.duplicate:
             return 200, {"status": "duplicate", "signal_id": stored.signal_id}
-        if self.elector.is_leader:
-            try:
-                status = await asyncio.wait_for(
-                    self.executor.execute(stored.signal_id), self.config.inline_timeout
-                )
-            except TimeoutError:
-                status = "executing"
-            except Exception:
-                log.exception(
-                    "inline execution failed; the sweep retries", signal_id=stored.signal_id
-                )
-                status = "pending"
-            if status in ("executed", "failed", "expired", "rejected"):
+        if leading:
+            status = await self._execute_inline(stored.signal_id)
+            if status in _ANSWERED:
                 return 200, {"status": status, "signal_id": stored.signal_id}
-            log.info(
-                "inline execution left to the leader's loop",
-                signal_id=stored.signal_id,
-                status=status,
-            )
         return 202, {"status": "accepted", "signal_id": stored.signal_id}
 
-    async def _store(self, signal: Signal, fp: str, received_at: datetime | None = None) -> Stored:
+    async def _execute_inline(self, signal_id: int) -> str:
+        """Execute a signal this (leading) instance just stored without a NOTIFY."""
+        try:
+            status = await asyncio.wait_for(
+                self.executor.execute(signal_id), self.config.inline_timeout
+            )
+        except TimeoutError:
+            status = "executing"  # still in its batch, which goes on
+        except Exception:
+            log.exception("inline execution failed; the sweep retries", signal_id=signal_id)
+            status = "pending"
+        if status in ("not_leader", "pending"):
+            # Nobody else knows of it yet: the NOTIFY skipped at store time goes out now.
+            with contextlib.suppress(*_UNAVAILABLE):
+                async with self.pool.connection() as conn:
+                    await notify_signal(conn, signal_id)
+        if status not in _ANSWERED:
+            log.info(
+                "inline execution left to the leader's loop", signal_id=signal_id, status=status
+            )
+        return status
+
+    async def _store(
+        self,
+        signal: Signal,
+        fp: str,
+        received_at: datetime | None = None,
+        *,
+        notify: bool = True,
+    ) -> Stored:
         for attempt in (1, 2):
             try:
                 async with self.pool.connection() as conn:
                     return await store_signal(
-                        conn, signal, fp, self.config.instance_id, received_at
+                        conn, signal, fp, self.config.instance_id, received_at, notify=notify
                     )
             except psycopg.OperationalError:
                 # A pooled connection may have died with a database restart: one fresh try.

@@ -2,10 +2,13 @@
 
 A broker has no idempotency key we can rely on (OpenAlgo has none), so the
 gateway never re-sends after an unknown outcome: it asks `lookup` instead.
+Orders go out in batches (`place_many`): a broker with a basket call sends the
+batch as one request; one without sends the orders side by side.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
@@ -43,14 +46,29 @@ class BrokerUnavailable(Exception):
 class Broker(Protocol):
     name: str
 
-    async def place(self, order: OrderRequest) -> OrderResult:
-        """Send the order once. Raises BrokerUnavailable when the outcome is unknown."""
+    async def place_many(
+        self, orders: Sequence[OrderRequest]
+    ) -> list[OrderResult | BrokerUnavailable]:
+        """Send each order once (one basket where the broker has one). One answer per
+        order, in order: a result, or BrokerUnavailable when its outcome is unknown."""
         ...
 
     async def lookup(self, client_order_id: str) -> OrderResult | None:
         """What became of an order: a result, None when the broker never received it.
         Raises BrokerUnavailable when the broker cannot tell."""
         ...
+
+
+_PLACE = """
+insert into gateway.paper_broker_requests
+    (client_order_id, instrument, action, quantity, price, epoch, instance_id)
+select o.client_order_id, o.instrument, o.action, o.quantity, o.price, o.epoch, o.instance_id
+  from unnest(%s::text[], %s::text[], %s::text[], %s::bigint[], %s::numeric[], %s::bigint[],
+              %s::text[], %s::timestamptz[])
+       as o (client_order_id, instrument, action, quantity, price, epoch, instance_id, valid_until)
+ where clock_timestamp() < o.valid_until
+returning client_order_id, id
+"""
 
 
 class PaperBroker:
@@ -62,25 +80,27 @@ class PaperBroker:
         self.pool = pool
         self.timeout = timeout
 
-    async def place(self, order: OrderRequest) -> OrderResult:
+    async def place_many(
+        self, orders: Sequence[OrderRequest]
+    ) -> list[OrderResult | BrokerUnavailable]:
+        columns = [
+            [getattr(o, name) for o in orders]
+            for name in ("client_order_id", "instrument", "action", "quantity", "price",
+                         "epoch", "instance_id", "valid_until")
+        ]  # fmt: skip
         try:
             async with self.pool.connection(timeout=self.timeout) as conn:
-                cur = await conn.execute(
-                    "insert into gateway.paper_broker_requests"
-                    " (client_order_id, instrument, action, quantity, price, epoch, instance_id)"
-                    " select %s, %s, %s, %s, %s, %s, %s where clock_timestamp() < %s"
-                    " returning id",
-                    [
-                        order.client_order_id, order.instrument, order.action, order.quantity,
-                        order.price, order.epoch, order.instance_id, order.valid_until,
-                    ],
-                )  # fmt: skip
-                row = await cur.fetchone()
+                cur = await conn.execute(_PLACE, columns)
+                booked = dict(await cur.fetchall())
         except (psycopg.Error, TimeoutError) as exc:
-            raise BrokerUnavailable(f"paper broker: {type(exc).__name__}: {exc}") from exc
-        if row is None:
-            return OrderResult(None, "rejected", "arrived after its validity")
-        return OrderResult(f"paper-{row[0]}", "filled")
+            unknown = BrokerUnavailable(f"paper broker: {type(exc).__name__}: {exc}")
+            return [unknown for _ in orders]
+        return [
+            OrderResult(f"paper-{booked[o.client_order_id]}", "filled")
+            if o.client_order_id in booked
+            else OrderResult(None, "rejected", "arrived after its validity")
+            for o in orders
+        ]
 
     async def lookup(self, client_order_id: str) -> OrderResult | None:
         try:

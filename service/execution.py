@@ -1,15 +1,25 @@
 """The fenced executor: claim under the epoch, call the broker after commit, record.
 
-    claim   one transaction: pgleader fence (election row FOR SHARE, epoch must be
-            ours) + gateway.claim_signal (pending -> executing, order booked)
-    send    only after the claim committed, and only while our lease holds
-    record  gateway.complete_order (executed/failed, positions)
+Signals are executed in batches, three statements a batch whatever its size:
+
+    claim   gateway.claim_signals: one statement, fenced by pgleader.check_epoch
+            (election row FOR SHARE, epoch must be ours), pending -> executing,
+            an order booked per signal
+    send    only after the claim committed, and only while our lease holds:
+            broker.place_many
+    record  gateway.complete_orders (executed/failed, positions)
+
+A batch starts as soon as a signal arrives and fewer than `concurrency` batches
+are in flight; what arrives meanwhile waits and goes out together in the next
+one. At a trickle every signal is its own batch; under load batches grow, so the
+database does less work per signal exactly when it matters.
 
 A signal left 'executing' (we crashed, the broker did not answer, we lost the
 lease) is reconciled, never re-sent blindly: the broker is asked whether it got
 the order's client id; yes -> executed, no -> back to pending, cannot tell ->
 in_doubt with an alert. Claims of an older epoch are reconciled only once that
-leader's lease has surely run out, so it cannot still be sending.
+leader's lease has surely run out, so it cannot still be sending; our own only
+once a send of theirs must have ended (broker_timeout).
 """
 
 from __future__ import annotations
@@ -17,7 +27,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Iterable
+from collections import deque
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -26,31 +37,31 @@ import psycopg
 import structlog
 from psycopg_pool import AsyncConnectionPool
 
-from pgleader import Elector, NotLeader, Transition
-from service.brokers import Broker, BrokerUnavailable, OrderRequest
+from pgleader import Elector, NotLeader, Transition, fenced_statement
+from service.brokers import Broker, BrokerUnavailable, OrderRequest, OrderResult
 
 __all__ = ["Executor"]
 
 log = structlog.get_logger("service.execution")
 
 _CLAIM = (
-    "select status, client_order_id, instrument, action, quantity, price"
-    " from gateway.claim_signal(%s, %s, %s, %s, %s)"
+    "select signal_id, acted, status, client_order_id, instrument, action, quantity, price"
+    " from gateway.claim_signals(%s, %s, %s, %s, %s, %s)"
 )
-_COMPLETE = "select gateway.complete_order(%s, %s, %s, %s)"
+_COMPLETE = "select client_order_id, status from gateway.complete_orders(%s, %s, %s, %s)"
 _PENDING = "select id from gateway.signals where status = 'pending' order by received_at limit %s"
+# Our own epoch's claims only once any send of ours must have ended.
 _EXECUTING = (
     "select signal_id, claimed_epoch, client_order_id from gateway.executing"
-    " order by claimed_at limit %s"
+    " where claimed_epoch <> %(epoch)s or claimed_at < now() - %(grace)s"
+    " order by claimed_at limit %(limit)s"
 )
-_STATUS = "select status from gateway.signals where id = %s"
 
 
 @dataclass(frozen=True, slots=True)
-class _Claim:
+class _Sent:
     signal_id: int
-    status: str
-    order: OrderRequest | None
+    order: OrderRequest
 
 
 class Executor:
@@ -62,48 +73,56 @@ class Executor:
         *,
         max_age: timedelta,
         broker_timeout: float = 5.0,
-        workers: int = 4,
+        batch_size: int = 200,
+        concurrency: int = 2,
         lookup_attempts: int = 3,
     ) -> None:
+        if batch_size < 1 or concurrency < 1:
+            raise ValueError("batch_size and concurrency must be at least 1")
         self.pool = pool
         self.elector = elector
         self.broker = broker
         self.max_age = max_age
         self.broker_timeout = broker_timeout
+        self.batch_size = batch_size
+        self.concurrency = concurrency
         self.lookup_attempts = lookup_attempts
         self.instance_id = elector.instance_id
-        self._queue: asyncio.Queue[int] = asyncio.Queue()
-        self._queued: set[int] = set()
-        # Executions in progress in this process, by signal: a second request for the
-        # same signal (inline + NOTIFY) joins the first; reconciliation leaves them alone.
-        self._running: dict[int, asyncio.Task[str]] = {}
+        # Every signal queued or in a batch in this process, with the future of its
+        # status: a second request for it (inline + NOTIFY + sweep) joins the first,
+        # and reconciliation leaves it alone.
+        self._running: dict[int, asyncio.Future[str]] = {}
+        self._waiting: deque[int] = deque()
+        self._batches: set[asyncio.Task[None]] = set()
         self._lookup_failures: dict[str, int] = {}
-        self._workers = workers
-        self._tasks: list[asyncio.Task[None]] = []
         # Older epochs' claims may be reconciled only after their leader's lease ran out.
         self._reconcile_older_after = float("inf")
         self.counts = {"executed": 0, "failed": 0, "expired": 0, "rejected": 0, "fenced": 0}
+        self.batch_stats = {"batches": 0, "signals": 0, "largest": 0}
         elector.on_transition(self._on_transition)
 
     # -- life cycle -----------------------------------------------------------
 
-    def start(self) -> None:
-        self._tasks = [
-            asyncio.create_task(self._work(), name=f"executor-{n}") for n in range(self._workers)
-        ]
-
-    async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        self._tasks = []
+    @property
+    def backlog(self) -> int:
+        """Signals waiting for a batch slot (not counting those in flight)."""
+        return len(self._waiting)
 
     async def drain(self, timeout: float) -> None:
         """Let executions in progress finish (a broker call is never abandoned midway)."""
-        if self._running:
-            await asyncio.wait(list(self._running.values()), timeout=timeout)
+        if self._batches:
+            await asyncio.wait(list(self._batches), timeout=timeout)
+
+    async def stop(self) -> None:
+        self._waiting.clear()
+        for task in list(self._batches):
+            task.cancel()
+        for task in list(self._batches):
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        for future in self._running.values():  # never dispatched: the sweep has them
+            if not future.done():
+                future.set_result("pending")
 
     def _on_transition(self, t: Transition) -> None:
         if t.kind == "elected":
@@ -113,115 +132,152 @@ class Executor:
             wait = timings.lease + self.broker_timeout + timings.heartbeat
             self._reconcile_older_after = time.monotonic() + wait
 
+    # -- submitting work ------------------------------------------------------
+
     def enqueue(self, ids: Iterable[int]) -> None:
+        """Queue signals (from NOTIFY, the sweep, reconciliation). Leader only: a
+        follower drops them, the leader has its own copy of the work."""
+        if not self.elector.is_leader:
+            return
         for signal_id in ids:
-            if signal_id not in self._queued:
-                self._queued.add(signal_id)
-                self._queue.put_nowait(signal_id)
-
-    async def _work(self) -> None:
-        while True:
-            signal_id = await self._queue.get()
-            self._queued.discard(signal_id)
-            if not self.elector.is_leader:
-                continue  # the leader has its own copy of the work (NOTIFY + sweep)
-            try:
-                await self.execute(signal_id)
-            except Exception:
-                log.exception("execution failed; the sweep will retry", signal_id=signal_id)
-
-    # -- one signal -----------------------------------------------------------
+            self._submit(signal_id)
+        self._dispatch()
 
     async def execute(self, signal_id: int) -> str:
         """Execute one signal if it is pending; returns its status afterwards.
 
-        'not_leader' when this instance may not act (then nothing was claimed).
+        'not_leader' when this instance may not act (then nothing was claimed);
+        'executing' when the broker's answer is not recorded (yet); 'pending' when
+        it could not be claimed now (the sweep retries).
         """
-        task = self._running.get(signal_id)
-        if task is None:
-            task = asyncio.create_task(self._execute(signal_id))
-            self._running[signal_id] = task
-            task.add_done_callback(lambda _: self._running.pop(signal_id, None))
-        return await asyncio.shield(task)
+        future = self._submit(signal_id)
+        self._dispatch()
+        return await asyncio.shield(future)
 
-    async def _execute(self, signal_id: int) -> str:
+    def _submit(self, signal_id: int) -> asyncio.Future[str]:
+        future = self._running.get(signal_id)
+        if future is None:
+            future = asyncio.get_running_loop().create_future()
+            self._running[signal_id] = future
+            self._waiting.append(signal_id)
+            future.add_done_callback(lambda f: self._forget(signal_id, f))
+        return future
+
+    def _forget(self, signal_id: int, future: asyncio.Future[str]) -> None:
+        if self._running.get(signal_id) is future:
+            del self._running[signal_id]
+
+    def _dispatch(self) -> None:
+        while self._waiting and len(self._batches) < self.concurrency:
+            size = min(len(self._waiting), self.batch_size)
+            ids = [self._waiting.popleft() for _ in range(size)]
+            task = asyncio.create_task(self._run_batch(ids), name="executor-batch")
+            self._batches.add(task)
+            task.add_done_callback(self._batch_done)
+
+    def _batch_done(self, task: asyncio.Task[None]) -> None:
+        self._batches.discard(task)
+        self._dispatch()
+
+    # -- one batch ------------------------------------------------------------
+
+    async def _run_batch(self, ids: list[int]) -> None:
+        stats = self.batch_stats
+        stats["batches"] += 1
+        stats["signals"] += len(ids)
+        stats["largest"] = max(stats["largest"], len(ids))
+        status: dict[int, str] = {}
         try:
-            claim = await self._claim(signal_id)
+            await self._execute_batch(ids, status)
+        except Exception:
+            log.exception("batch failed; sweep and reconciliation settle it", signals=len(ids))
+        finally:
+            for signal_id in ids:
+                future = self._running.get(signal_id)
+                if future is not None and not future.done():
+                    future.set_result(status.get(signal_id, "pending"))
+
+    async def _execute_batch(self, ids: list[int], status: dict[int, str]) -> None:
+        """Claim, send, record; `status` is kept up to date as the batch goes."""
+        try:
+            claimed = await self._claim(ids, status)
         except NotLeader:
-            self.counts["fenced"] += 1
-            return "not_leader"
-        if claim is None:
-            return await self._status(signal_id)
-        if claim.order is None:
-            self.counts[claim.status] = self.counts.get(claim.status, 0) + 1
-            log.warning("signal not executed", signal_id=signal_id, status=claim.status)
-            return claim.status
-        return await self._send(claim.signal_id, claim.order)
-
-    async def _claim(self, signal_id: int) -> _Claim | None:
-        async with self.pool.connection() as conn, conn.transaction():
-            epoch = await self.elector.fence(conn)
-            cur = await conn.execute(
-                _CLAIM, [signal_id, epoch, self.instance_id, self.broker.name, self.max_age]
-            )
-            row = await cur.fetchone()
-        if row is None:
-            return None
-        status, client_order_id, instrument, action, quantity, price = row
-        if status != "executing":
-            return _Claim(signal_id, status, None)
-        valid_until = datetime.now(UTC) + timedelta(seconds=self.broker_timeout)
-        order = OrderRequest(
-            client_order_id,
-            instrument,
-            action,
-            quantity,
-            price,
-            epoch,
-            self.instance_id,
-            valid_until,
-        )
-        return _Claim(signal_id, status, order)
-
-    async def _send(self, signal_id: int, order: OrderRequest) -> str:
+            self.counts["fenced"] += len(ids)
+            status.update((signal_id, "not_leader") for signal_id in ids)
+            return
+        if not claimed:
+            return
         if not self.elector.is_leader:
             # Our lease ran out after the claim: do not send; the next leader reconciles.
-            return "executing"
+            return
+        orders = [sent.order for sent in claimed]
         try:
-            result = await asyncio.wait_for(self.broker.place(order), self.broker_timeout)
-        except (BrokerUnavailable, TimeoutError) as exc:
-            log.error("broker outcome unknown; will reconcile", signal_id=signal_id, error=str(exc))
-            return "executing"
-        outcome = "filled" if result.status == "filled" else "rejected"
-        status = await self._complete(
-            order.client_order_id, outcome, result.broker_order_id, result.detail
-        )
-        self.counts["executed" if status == "executed" else "failed"] += 1
-        return status
+            answers = await asyncio.wait_for(self.broker.place_many(orders), self.broker_timeout)
+        except TimeoutError:
+            answers = [BrokerUnavailable("no answer within broker_timeout")] * len(orders)
+        done: list[tuple[str, OrderResult]] = []
+        for sent, answer in zip(claimed, answers, strict=True):
+            if isinstance(answer, OrderResult):
+                done.append((sent.order.client_order_id, answer))
+            else:
+                log.error(
+                    "broker outcome unknown; will reconcile",
+                    signal_id=sent.signal_id,
+                    error=str(answer),
+                )
+        recorded = await self._complete(done)
+        for sent in claimed:
+            final = recorded.get(sent.order.client_order_id)
+            if final is not None:
+                status[sent.signal_id] = final
+                self.counts["executed" if final == "executed" else "failed"] += 1
 
-    async def _complete(
-        self, client_order_id: str, outcome: str, broker_order_id: str | None, detail: str | None
-    ) -> str:
+    async def _claim(self, ids: list[int], status: dict[int, str]) -> list[_Sent]:
+        """Claim what is pending among `ids`; raises NotLeader (Fenced) for a stale epoch."""
+        epoch = self.elector.require_epoch()
+        args = [self.elector.election, epoch, ids, self.instance_id, self.broker.name]
+        with fenced_statement(self.elector.election, epoch):
+            async with self.pool.connection() as conn:
+                cur = await conn.execute(_CLAIM, [*args, self.max_age])
+                rows = await cur.fetchall()
+        valid_until = datetime.now(UTC) + timedelta(seconds=self.broker_timeout)
+        claimed = []
+        for signal_id, acted, state, coid, instrument, action, quantity, price in rows:
+            status[signal_id] = state or "unknown"
+            if not acted:
+                continue
+            if coid is None:  # ended now without an order: expired or rejected
+                self.counts[state] = self.counts.get(state, 0) + 1
+                log.warning("signal not executed", signal_id=signal_id, status=state)
+                continue
+            order = OrderRequest(
+                coid, instrument, action, quantity, price, epoch, self.instance_id, valid_until
+            )
+            claimed.append(_Sent(signal_id, order))
+        return claimed
+
+    async def _complete(self, done: Sequence[tuple[str, OrderResult]]) -> dict[str, str]:
+        """Record the broker's answers, by client order id; returns each recorded
+        order's signal status."""
+        if not done:
+            return {}
+        columns: list[list[str | None]] = [[], [], [], []]
+        for client_order_id, result in done:
+            outcome = "filled" if result.status == "filled" else "rejected"
+            row = (client_order_id, outcome, result.broker_order_id, result.detail)
+            for column, value in zip(columns, row, strict=True):
+                column.append(value)
         try:
             async with self.pool.connection() as conn:
-                cur = await conn.execute(
-                    _COMPLETE, [client_order_id, outcome, broker_order_id, detail]
-                )
-                row = await cur.fetchone()
+                cur = await conn.execute(_COMPLETE, columns)
+                rows = await cur.fetchall()
         except psycopg.Error as exc:
-            # The order went out; recording failed. Reconciliation records it later.
+            # The orders went out; recording failed. Reconciliation records them later.
             log.error(
-                "order sent but not recorded; will reconcile", coid=client_order_id, error=str(exc)
+                "orders sent but not recorded; will reconcile", orders=len(done), error=str(exc)
             )
-            return "executing"
-        assert row is not None
-        return str(row[0])
-
-    async def _status(self, signal_id: int) -> str:
-        async with self.pool.connection() as conn:
-            cur = await conn.execute(_STATUS, [signal_id])
-            row = await cur.fetchone()
-        return "unknown" if row is None else str(row[0])
+            return {}
+        return {str(coid): str(state) for coid, state in rows}
 
     # -- the safety net -------------------------------------------------------
 
@@ -240,8 +296,9 @@ class Executor:
         epoch = self.elector.epoch
         if epoch is None:
             return 0
+        grace = timedelta(seconds=self.broker_timeout)
         async with self.pool.connection() as conn:
-            cur = await conn.execute(_EXECUTING, [limit])
+            cur = await conn.execute(_EXECUTING, {"epoch": epoch, "grace": grace, "limit": limit})
             rows = await cur.fetchall()
         settled = 0
         for signal_id, claimed_epoch, client_order_id in rows:
@@ -272,8 +329,10 @@ class Executor:
             return 1
         self._lookup_failures.pop(client_order_id, None)
         if found is not None:
-            outcome = "filled" if found.status == "filled" else "rejected"
-            await self._complete(client_order_id, outcome, found.broker_order_id, "reconciled")
+            result = OrderResult(found.broker_order_id, found.status, "reconciled")
+            recorded = await self._complete([(client_order_id, result)])
+            if client_order_id not in recorded:
+                return 0
             log.warning("reconciled: the broker had the order", signal_id=signal_id)
             return 1
         try:

@@ -1,7 +1,10 @@
 """The signal inbox: store a signal once (by fingerprint), read it back.
 
 Storing also NOTIFYs `gateway_signals` with the new id, delivered on commit, so
-the leader wakes up even when another instance received the signal.
+the leader wakes up even when another instance received the signal. The leader
+storing a signal it executes at once skips that NOTIFY (it would only come back
+to itself); if it then cannot execute it, it sends the NOTIFY after all
+(`notify_signal`), so a successor hears of the signal without waiting for a sweep.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from psycopg.rows import dict_row
 
 from service.signals import Signal
 
-__all__ = ["NOTIFY_CHANNEL", "Stored", "get_signal", "store_signal"]
+__all__ = ["NOTIFY_CHANNEL", "Stored", "get_signal", "notify_signal", "store_signal"]
 
 NOTIFY_CHANNEL = "gateway_signals"
 
@@ -30,7 +33,7 @@ with new as (
     on conflict (fingerprint) do nothing
     returning id
 )
-select id, pg_notify('gateway_signals', id::text) from new
+select id, case when %(notify)s then pg_notify('gateway_signals', id::text) end from new
 """
 _EXISTING = "select id from gateway.signals where fingerprint = %s"
 
@@ -47,6 +50,8 @@ async def store_signal(
     fingerprint: str,
     received_by: str,
     received_at: datetime | None = None,
+    *,
+    notify: bool = True,
 ) -> Stored:
     """Insert the signal unless its fingerprint is known; either way return its id."""
     cur = await conn.execute(
@@ -63,6 +68,7 @@ async def store_signal(
             "payload": json.dumps(signal.payload()),
             "received_by": received_by,
             "received_at": received_at,
+            "notify": notify,
         },
     )
     row = await cur.fetchone()
@@ -73,6 +79,10 @@ async def store_signal(
     row = await cur.fetchone()
     assert row is not None, "fingerprint conflict without a row"
     return Stored(int(row[0]), duplicate=True)
+
+
+async def notify_signal(conn: AsyncConnection[Any], signal_id: int) -> None:
+    await conn.execute("select pg_notify(%s, %s)", [NOTIFY_CHANNEL, str(signal_id)])
 
 
 async def get_signal(conn: AsyncConnection[Any], signal_id: int) -> dict[str, Any] | None:
