@@ -25,6 +25,7 @@ import psycopg
 from psycopg import sql
 
 from bench.proxy import Proxy
+from pgleader.cli import run
 from pgleader.config import Timings
 from pgleader.demo import Timeline
 from pgleader.embedded import EmbeddedPostgres, free_port
@@ -48,7 +49,8 @@ __all__ = [
 
 SECRET = "bench-secret-7f3a"
 T = TypeVar("T")
-RESULTS = Path(__file__).parent / "results"
+# BENCH_RESULTS: write elsewhere (a trial run must not overwrite the committed results).
+RESULTS = Path(os.environ.get("BENCH_RESULTS") or Path(__file__).parent / "results")
 
 
 def env_int(name: str, default: int) -> int:
@@ -343,7 +345,7 @@ def run_main(main: Callable[[], Coroutine[Any, Any, dict[str, Any]]], name: str)
 
     started = time.monotonic()
     try:
-        result = asyncio.run(wrapped())
+        result = run(wrapped())
     except (KeyboardInterrupt, asyncio.CancelledError):
         print("interrupted; everything started was stopped", file=sys.stderr)
         return 130

@@ -97,6 +97,10 @@ async def run() -> dict[str, Any]:
     async with Cluster(3, timings_from_env(), settings) as cluster, session(200) as http:
         await cluster.query("create extension if not exists pg_stat_statements")
         leader, _ = await cluster.leader()
+        # PROFILE_INSTANCE=follower samples a follower instead (what receiving alone costs).
+        sampled = leader
+        if os.environ.get("PROFILE_INSTANCE") == "follower":
+            sampled = next(i for i in cluster.instances if i is not leader)
         urls = [f"{leader.url}/webhook"]
         if target != "leader":
             urls = [f"{i.url}/webhook" for i in cluster.instances]
@@ -109,7 +113,7 @@ async def run() -> dict[str, Any]:
         recorder = None
         if py_spy:
             RESULTS.mkdir(exist_ok=True)
-            recorder = asyncio.create_task(_record(py_spy, leader.pid, duration, raw))
+            recorder = asyncio.create_task(_record(py_spy, sampled.pid, duration, raw))
         meter = Meter(
             {i.instance_id: i.pid for i in cluster.instances}, cluster.server.postmaster_pid()
         )
@@ -126,6 +130,7 @@ async def run() -> dict[str, Any]:
         )
         result["target"] = target
         result["leader"] = leader.instance_id
+        result["sampled"] = sampled.instance_id
         result["answers"] = step.report()
         result["executed"] = executed
         result["cpu_s"] = usage["cpu_s"]

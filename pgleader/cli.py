@@ -13,9 +13,9 @@ import json
 import os
 import signal
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from importlib.metadata import entry_points
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
 
@@ -24,7 +24,9 @@ from pgleader.config import Timings, resolve_dsn
 from pgleader.connect import connect
 from pgleader.errors import ConfigError, PgLeaderError
 
-__all__ = ["add_common", "add_timings", "main", "require_dsn", "timings_from"]
+T = TypeVar("T")
+
+__all__ = ["add_common", "add_timings", "main", "require_dsn", "run", "timings_from"]
 
 Command = Callable[[argparse.Namespace], Awaitable[int]]
 
@@ -175,10 +177,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    """Run `coro` on uvloop where it is installed (a faster event loop: less CPU per
+    request and per query), else on asyncio's own loop."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(coro)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return int(asyncio.run(args.func(args)))
+        return int(run(args.func(args)))
     except PgLeaderError as exc:
         print(f"pgleader {args.verb}: error: {exc}", file=sys.stderr)
         return 2

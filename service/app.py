@@ -80,6 +80,7 @@ class Gateway:
         self.responses: dict[str, int] = {}
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        self._listener: asyncio.Task[None] | None = None
         self.elector.on_transition(self._on_transition)
 
     # -- life cycle -----------------------------------------------------------
@@ -92,16 +93,14 @@ class Gateway:
                 log.info("migrations applied", files=applied)
         await self.pool.open(wait=True, timeout=10)
         await self.elector.start()
-        self._tasks = [
-            asyncio.create_task(self._listen(), name="gateway-listen"),
-            asyncio.create_task(self._sweep_loop(), name="gateway-sweep"),
-        ]
+        self._tasks = [asyncio.create_task(self._sweep_loop(), name="gateway-sweep")]
 
     async def stop(self) -> None:
         self.shutting_down = True
         await self.executor.drain(self.config.shutdown_timeout)
         await self.elector.stop("shutdown")  # resign + NOTIFY: a follower takes over at once
         await self.executor.stop()
+        self._stop_listening()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -112,6 +111,15 @@ class Gateway:
     def _on_transition(self, t: Transition) -> None:
         if t.kind == "elected":
             self._wake.set()  # sweep and reconcile at once
+            if self._listener is None and not self.shutting_down:
+                self._listener = asyncio.create_task(self._listen(), name="gateway-listen")
+        else:
+            self._stop_listening()
+
+    def _stop_listening(self) -> None:
+        if self._listener is not None:
+            self._listener.cancel()
+            self._listener = None
 
     # -- accepting a signal ---------------------------------------------------
 
@@ -205,6 +213,10 @@ class Gateway:
     # -- background jobs ------------------------------------------------------
 
     async def _listen(self) -> None:
+        """The leader's ear for signals stored by other instances. Only the leader
+        listens: followers would only throw every notification away. The first
+        Reconnected comes once LISTEN is in place: the sweep it wakes covers
+        whatever was stored before."""
         name = f"gateway-listen:{self.config.instance_id}"
         async for item in listen(self.dsn, NOTIFY_CHANNEL, application_name=name):
             if isinstance(item, Reconnected):
