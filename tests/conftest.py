@@ -16,17 +16,22 @@ import os
 import shutil
 import tempfile
 from collections.abc import AsyncIterator, Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg_pool import AsyncConnectionPool
 from pytest_postgresql import factories
 from pytest_postgresql.janitor import DatabaseJanitor
 
+from pgleader import Elector, Timings
 from pgleader.embedded import EmbeddedPostgres
 from pgleader.migrations import migrate
+from service.brokers import PaperBroker
+from service.execution import Executor
 
 _SERVER: EmbeddedPostgres | None = None
 _TMP: str | None = None
@@ -125,3 +130,35 @@ def empty_database_dsn(dsn: str) -> Iterator[str]:
     yield make_conninfo(dsn, dbname=plain)
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute(psycopg.sql.SQL("drop database if exists {} with (force)").format(name))
+
+
+@pytest.fixture
+async def executor_for(dsn):
+    """make(broker_cls) -> an in-process Executor whose elector (instance 'new',
+    election 'gateway') already leads; all stopped at the end of the test."""
+    made = []
+
+    async def make(broker_cls=PaperBroker) -> Executor:
+        pool = AsyncConnectionPool(
+            dsn, min_size=1, max_size=4, open=False, kwargs={"autocommit": True}
+        )
+        await pool.open()
+        elector = Elector(dsn, "gateway", instance_id="new", timings=Timings(0.2, 0.6, 1.2))
+        executor = Executor(
+            pool,
+            elector,
+            broker_cls(pool, timeout=1.0),
+            max_age=timedelta(minutes=5),
+            broker_timeout=0.5,
+            lookup_attempts=2,
+        )
+        await elector.start()
+        await elector.wait_for_leadership(10)
+        made.append((pool, elector, executor))
+        return executor
+
+    yield make
+    for pool, elector, executor in made:
+        await executor.stop()
+        await elector.stop()
+        await pool.close()

@@ -9,9 +9,19 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import psycopg
 import pytest
 
-from tests.gateway import ADMIN_TOKEN, SECRET, Cluster, cluster, minutes_ago, sign, signal_body
+from tests.gateway import (
+    ADMIN_TOKEN,
+    SECRET,
+    Cluster,
+    cluster,
+    minutes_ago,
+    sign,
+    signal_body,
+    until,
+)
 
 
 @pytest.fixture
@@ -38,6 +48,35 @@ async def test_leader_executes_a_webhook_inline_and_books_order_and_position(gw)
         "select instrument, position, lots, is_base_position from gateway.positions"
     )
     assert rows == [("BANK_NIFTY", "Long_1", 5, True)]
+
+
+async def test_only_the_leader_listens_and_its_own_signals_send_no_notify(gw):
+    await gw.start(2)
+    leader = await gw.leader()
+    follower = next(n for n in gw.nodes.values() if n is not leader)
+
+    async def only_the_leader_listens() -> bool:
+        rows = await gw.query(
+            "select application_name from pg_stat_activity"
+            " where application_name like 'gateway-listen:%%'"
+        )
+        return rows == [(f"gateway-listen:{leader.instance_id}",)]
+
+    await until(only_the_leader_listens)
+    async with await psycopg.AsyncConnection.connect(gw.dsn, autocommit=True) as conn:
+        await conn.execute("listen gateway_signals")
+        status, own = await gw.post(leader, signal_body())
+        assert (status, own["status"]) == (200, "executed"), own
+        status, other = await gw.post(follower, signal_body())
+        assert status == 202, other
+        # Delivered in commit order: a NOTIFY for the leader's own signal would come first.
+        heard = []
+        async for note in conn.notifies(timeout=15):
+            heard.append(int(note.payload))
+            if heard[-1] == other["signal_id"]:
+                break
+    assert heard == [other["signal_id"]]
+    assert await gw.settled([other["signal_id"]]) == {other["signal_id"]: "executed"}
 
 
 async def test_follower_accepts_and_the_leader_executes(gw):

@@ -5,12 +5,10 @@ from __future__ import annotations
 import asyncio
 import signal
 from collections.abc import AsyncIterator
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
 
-from pgleader import Elector, Timings
 from pgleader.embedded import EmbeddedPostgres
 from service.brokers import BrokerUnavailable, OrderResult, PaperBroker
 from service.execution import Executor
@@ -79,13 +77,16 @@ class BlindBroker(PaperBroker):
         raise BrokerUnavailable("order book unavailable")
 
 
-async def leave_executing(db, epoch: int, *, reached_broker: bool) -> tuple[int, str]:
+async def leave_executing(
+    db, epoch: int, *, reached_broker: bool, set_epoch: bool = True
+) -> tuple[int, str]:
     """State a crashed leader of `epoch` leaves behind: claimed, order booked, maybe sent."""
-    await db.execute(
-        "insert into pgleader.election (name, epoch) values ('gateway', %s)"
-        " on conflict (name) do update set epoch = excluded.epoch",
-        [epoch],
-    )
+    if set_epoch:
+        await db.execute(
+            "insert into pgleader.election (name, epoch) values ('gateway', %s)"
+            " on conflict (name) do update set epoch = excluded.epoch",
+            [epoch],
+        )
     cur = await db.execute(
         "insert into gateway.signals (fingerprint, type, instrument, position, lots, price,"
         " signal_at, payload, received_by, status, claimed_epoch, claimed_by, claimed_at)"
@@ -107,37 +108,6 @@ async def leave_executing(db, epoch: int, *, reached_broker: bool) -> tuple[int,
             [coid, epoch],
         )
     return sid, coid
-
-
-@pytest.fixture
-async def executor_for(dsn):
-    from psycopg_pool import AsyncConnectionPool
-
-    made = []
-
-    async def make(broker_cls=PaperBroker) -> Executor:
-        pool = AsyncConnectionPool(
-            dsn, min_size=1, max_size=4, open=False, kwargs={"autocommit": True}
-        )
-        await pool.open()
-        elector = Elector(dsn, "gateway", instance_id="new", timings=Timings(0.2, 0.6, 1.2))
-        executor = Executor(
-            pool,
-            elector,
-            broker_cls(pool, timeout=1.0),
-            max_age=timedelta(minutes=5),
-            broker_timeout=0.5,
-            lookup_attempts=2,
-        )
-        await elector.start()
-        await elector.wait_for_leadership(10)
-        made.append((pool, elector))
-        return executor
-
-    yield make
-    for pool, elector in made:
-        await elector.stop()
-        await pool.close()
 
 
 async def reconcile_until(executor: Executor, rounds: int = 100) -> None:
@@ -195,6 +165,26 @@ async def test_older_epoch_claims_wait_for_the_old_lease_before_reconciling(db, 
     executor = await executor_for()
     assert await executor.reconcile() == 0  # the old leader might still be sending
     await reconcile_until(executor)
+
+
+async def test_a_fresh_claim_of_our_own_epoch_is_not_reconciled_while_it_may_be_sending(
+    db, executor_for
+):
+    executor = await executor_for()
+    epoch = executor.elector.epoch
+    sid, _ = await leave_executing(db, epoch, reached_broker=False, set_epoch=False)
+    # A send of ours may still be under way: asking the broker now could race it.
+    assert await executor.reconcile() == 0
+    cur = await db.execute("select status from gateway.signals where id = %s", [sid])
+    assert await cur.fetchone() == ("executing",)
+    # Once any send of ours must have ended (broker_timeout), it is settled.
+    await db.execute(
+        "update gateway.signals set claimed_at = now() - interval '1 minute' where id = %s", [sid]
+    )
+    await reconcile_until(executor)
+    assert await executor.execute(sid) == "executed"
+    cur = await db.execute("select count(*) from gateway.paper_broker_requests")
+    assert await cur.fetchone() == (1,)
 
 
 async def test_start_up_waits_for_a_database_that_comes_up_late(gw_own, own_server):
