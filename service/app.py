@@ -284,6 +284,7 @@ class Gateway:
                 "times_elected": stats["elected"],
                 "spooled": len(self.spool),
                 "executions": dict(self.executor.counts),
+                "execution_batches": dict(self.executor.batch_stats),
             },
         }
 

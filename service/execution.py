@@ -9,10 +9,12 @@ Signals are executed in batches, three statements a batch whatever its size:
             broker.place_many
     record  gateway.complete_orders (executed/failed, positions)
 
-A batch starts as soon as a signal arrives and fewer than `concurrency` batches
-are in flight; what arrives meanwhile waits and goes out together in the next
-one. At a trickle every signal is its own batch; under load batches grow, so the
-database does less work per signal exactly when it matters.
+A batch starts as soon as a signal arrives, provided fewer than `concurrency`
+batches are in flight and the last one started at least `batch_interval` ago;
+what arrives meanwhile waits and goes out together in the next one. At a trickle
+every signal is its own batch, at once; under load batches grow, so the database
+does less work per signal exactly when it matters (each statement, each commit
+has a fixed cost that a batch pays once).
 
 A signal left 'executing' (we crashed, the broker did not answer, we lost the
 lease) is reconciled, never re-sent blindly: the broker is asked whether it got
@@ -74,7 +76,8 @@ class Executor:
         max_age: timedelta,
         broker_timeout: float = 5.0,
         batch_size: int = 200,
-        concurrency: int = 2,
+        concurrency: int = 1,
+        batch_interval: float = 0.005,
         lookup_attempts: int = 3,
     ) -> None:
         if batch_size < 1 or concurrency < 1:
@@ -86,6 +89,9 @@ class Executor:
         self.broker_timeout = broker_timeout
         self.batch_size = batch_size
         self.concurrency = concurrency
+        self.batch_interval = batch_interval
+        self._last_batch_at = float("-inf")
+        self._dispatch_later: asyncio.TimerHandle | None = None
         self.lookup_attempts = lookup_attempts
         self.instance_id = elector.instance_id
         # Every signal queued or in a batch in this process, with the future of its
@@ -115,6 +121,9 @@ class Executor:
 
     async def stop(self) -> None:
         self._waiting.clear()
+        if self._dispatch_later is not None:
+            self._dispatch_later.cancel()
+            self._dispatch_later = None
         for task in list(self._batches):
             task.cancel()
         for task in list(self._batches):
@@ -169,11 +178,22 @@ class Executor:
 
     def _dispatch(self) -> None:
         while self._waiting and len(self._batches) < self.concurrency:
+            wait = self._last_batch_at + self.batch_interval - time.monotonic()
+            if wait > 0:
+                if self._dispatch_later is None:
+                    loop = asyncio.get_running_loop()
+                    self._dispatch_later = loop.call_later(wait, self._dispatch_on_time)
+                return
+            self._last_batch_at = time.monotonic()
             size = min(len(self._waiting), self.batch_size)
             ids = [self._waiting.popleft() for _ in range(size)]
             task = asyncio.create_task(self._run_batch(ids), name="executor-batch")
             self._batches.add(task)
             task.add_done_callback(self._batch_done)
+
+    def _dispatch_on_time(self) -> None:
+        self._dispatch_later = None
+        self._dispatch()
 
     def _batch_done(self, task: asyncio.Task[None]) -> None:
         self._batches.discard(task)
