@@ -14,6 +14,8 @@ import sys
 
 from aiohttp import web
 
+from pgleader.cli import run
+
 __all__ = ["main"]
 
 
@@ -43,7 +45,7 @@ async def serve(port: int) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, required=True)
-    asyncio.run(serve(parser.parse_args().port))
+    run(serve(parser.parse_args().port))  # the gateway's event loop (uvloop where installed)
     return 0
 
 

@@ -73,6 +73,7 @@ class Gateway:
             self.broker,
             max_age=config.max_signal_age,
             broker_timeout=config.broker_timeout,
+            batch_interval=config.batch_interval,
         )
         self.spool = Spool(config.spool_path)
         self.shutting_down = False

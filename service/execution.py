@@ -165,7 +165,7 @@ class Executor:
 
     def _submit(self, signal_id: int) -> asyncio.Future[str]:
         future = self._running.get(signal_id)
-        if future is None:
+        if future is None or future.done():  # done: its answer is stale, ask again
             future = asyncio.get_running_loop().create_future()
             self._running[signal_id] = future
             self._waiting.append(signal_id)

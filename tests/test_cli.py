@@ -117,3 +117,8 @@ def test_serve_gives_up_on_an_unreachable_database_after_its_startup_timeout():
 
 def test_serve_without_a_webhook_secret_refuses_to_start(dsn):
     assert_one_line_error(run("serve", "--dsn", dsn), "no webhook secret")
+
+
+def test_serve_refuses_a_batch_interval_outside_zero_to_one_second(dsn):
+    env = {"PGLEADER_WEBHOOK_SECRET": "x", "PGLEADER_BATCH_INTERVAL": "5"}
+    assert_one_line_error(run("serve", "--dsn", dsn, env=env), "--batch-interval must be between")
