@@ -21,7 +21,8 @@ ceiling). The load generator runs on the same machine and shares its cores.
 
 Knobs: RATES (100,200,500,1000,2000), DURATION (10 s), TARGETS (leader,round_robin),
 SEARCH_DURATION (30 s), SEARCH_STEPS (4 probes), BARE_SEARCH_STEPS (4),
-SEARCH_TARGET (round_robin), DB_DURATION (10 s), DB_CONNECTIONS (4),
+SEARCH_TARGET (round_robin), DB_DURATION (10 s), DB_CONNECTIONS (4), WARMUP (3 s at
+200/s round-robin before the first step, not reported),
 LOADGEN_CONNECTIONS (500), SETTLE_TIMEOUT (60 s), SKIP_BARE=1.
 """
 
@@ -380,6 +381,11 @@ async def run() -> dict[str, Any]:
     steps: list[dict[str, Any]] = []
     async with Cluster(3, timings) as cluster, session(connections) as http:
         progress(f"3 instances on PostgreSQL at {cluster.dsn}")
+        warmup = env_float("WARMUP", 3.0)
+        if warmup > 0:  # pools, plan caches, first batches: not what a step should measure
+            urls = [f"{i.url}/webhook" for i in cluster.instances]
+            await open_loop(http, urls, 200, warmup, lambda i: webhook_body(f"warm_{i}"))
+            await asyncio.sleep(1)
         for target in targets:
             for rate in rates:
                 steps.append(await gateway_step(cluster, http, target, rate, duration))
