@@ -12,6 +12,7 @@ three (a load balancer). Per step:
     cost             CPU s per 1000 executed signals: the three instances + every
                      postgres process (utime+stime from /proc, exited backends included)
     memory           max VmRSS of each instance during the step
+    batches          the leader's execution batches in the step and their mean size
 
 Then a bisection over the rate for the highest rate held (round-robin): no
 error, answer p99 < 100 ms, >= 95 % of the offered rate answered *and executed*
@@ -158,6 +159,7 @@ async def gateway_step(
     postmaster = cluster.server.postmaster_pid()
     meter = Meter({i.instance_id: i.pid for i in cluster.instances}, postmaster)
     since = await cluster.clock() - timedelta(seconds=1)
+    batches_before = await _batches(http, leader.url)
     meter.start()
     step: Step = await open_loop(http, urls, rate, duration, lambda i: webhook_body(f"{tag}_{i}"))
     report = step.report()
@@ -165,6 +167,7 @@ async def gateway_step(
     timeout = env_float("SETTLE_TIMEOUT", 60.0)
     settled, waited, row = await _settle(cluster, tag, since, expected, timeout)
     usage = await meter.stop()
+    batches_after = await _batches(http, leader.url)
     _, epoch_after = await cluster.leader()
     stored, executed, unfinished, pcts, worst, span, other = row
     cpu = usage["cpu_s"]
@@ -198,6 +201,7 @@ async def gateway_step(
                 "loadgen": per_k(cpu["loadgen"]),
             },
             "max_rss_mb": usage["max_rss_mb"],
+            "leader_batches": _batch_delta(batches_before, batches_after),
         }
     )
     report["held"] = held(report)
@@ -211,6 +215,30 @@ async def gateway_step(
         f" cpu s, held={report['held']}"
     )
     return report
+
+
+async def _batches(http: Any, url: str) -> dict[str, int] | None:
+    """The leader's execution batch counters (GET /coordinator/leader)."""
+    try:
+        async with http.get(f"{url}/coordinator/leader") as resp:
+            return dict((await resp.json())["metrics"]["execution_batches"])
+    except Exception:  # a step must not fail for want of a statistic
+        return None
+
+
+def _batch_delta(
+    before: dict[str, int] | None, after: dict[str, int] | None
+) -> dict[str, Any] | None:
+    if before is None or after is None:
+        return None
+    batches = after["batches"] - before["batches"]
+    signals = after["signals"] - before["signals"]
+    return {
+        "batches": batches,
+        "signals": signals,
+        "mean_size": round(signals / batches, 2) if batches else None,
+        "largest_so_far": after["largest"],
+    }
 
 
 def _round(v: Any) -> float | None:

@@ -75,7 +75,10 @@ async def listen(
             while True:
                 async for n in conn.notifies(timeout=ping_every):
                     yield Notification(n.channel, n.payload)
-                await asyncio.wait_for(conn.execute("select 1"), ping_every)
+                # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a
+                # cancellation that lands as the ping returns, and the loop lives on.
+                async with asyncio.timeout(ping_every):
+                    await conn.execute("select 1")
         except (psycopg.OperationalError, TimeoutError):
             attempt += 1
             await asyncio.sleep(min(max_backoff, 0.1 * 2**attempt) * random.uniform(0.5, 1))

@@ -159,9 +159,8 @@ class Gateway:
     async def _execute_inline(self, signal_id: int) -> str:
         """Execute a signal this (leading) instance just stored without a NOTIFY."""
         try:
-            status = await asyncio.wait_for(
-                self.executor.execute(signal_id), self.config.inline_timeout
-            )
+            async with asyncio.timeout(self.config.inline_timeout):
+                status = await self.executor.execute(signal_id)
         except TimeoutError:
             status = "executing"  # still in its batch, which goes on
         except Exception:
@@ -219,17 +218,25 @@ class Gateway:
         Reconnected comes once LISTEN is in place: the sweep it wakes covers
         whatever was stored before."""
         name = f"gateway-listen:{self.config.instance_id}"
-        async for item in listen(self.dsn, NOTIFY_CHANNEL, application_name=name):
-            if isinstance(item, Reconnected):
-                self._wake.set()  # notifications may have been missed: sweep
-            elif self.elector.is_leader:
-                with contextlib.suppress(ValueError):
-                    self.executor.enqueue([int(item.payload)])
+        me = asyncio.current_task()
+        items = listen(self.dsn, NOTIFY_CHANNEL, application_name=name)
+        async with contextlib.aclosing(items):
+            async for item in items:
+                if self._listener is not me:
+                    return  # replaced or stopped, should a cancellation have been lost
+                if isinstance(item, Reconnected):
+                    self._wake.set()  # notifications may have been missed: sweep
+                elif self.elector.is_leader:
+                    with contextlib.suppress(ValueError):
+                        self.executor.enqueue([int(item.payload)])
 
     async def _sweep_loop(self) -> None:
         while True:
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow the
+            # cancellation that stops this loop, and stop() would wait forever.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.config.sweep_interval)
+                async with asyncio.timeout(self.config.sweep_interval):
+                    await self._wake.wait()
             self._wake.clear()
             try:
                 if len(self.spool):

@@ -115,9 +115,17 @@ class Executor:
         return len(self._waiting)
 
     async def drain(self, timeout: float) -> None:
-        """Let executions in progress finish (a broker call is never abandoned midway)."""
-        if self._batches:
-            await asyncio.wait(list(self._batches), timeout=timeout)
+        """Let executions in progress and queued finish (a broker call is never
+        abandoned midway), for at most `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        while self._batches or self._waiting:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            if self._batches:
+                await asyncio.wait(list(self._batches), timeout=remaining)
+            else:  # the next batch waits for batch_interval: its timer is set
+                await asyncio.sleep(min(self.batch_interval, remaining))
 
     async def stop(self) -> None:
         self._waiting.clear()
@@ -232,7 +240,8 @@ class Executor:
             return
         orders = [sent.order for sent in claimed]
         try:
-            answers = await asyncio.wait_for(self.broker.place_many(orders), self.broker_timeout)
+            async with asyncio.timeout(self.broker_timeout):
+                answers = await self.broker.place_many(orders)
         except TimeoutError:
             answers = [BrokerUnavailable("no answer within broker_timeout")] * len(orders)
         done: list[tuple[str, OrderResult]] = []

@@ -55,14 +55,14 @@ async def test_only_the_leader_listens_and_its_own_signals_send_no_notify(gw):
     leader = await gw.leader()
     follower = next(n for n in gw.nodes.values() if n is not leader)
 
-    async def only_the_leader_listens() -> bool:
+    async def only_listener_is(node) -> bool:
         rows = await gw.query(
             "select application_name from pg_stat_activity"
             " where application_name like 'gateway-listen:%%'"
         )
-        return rows == [(f"gateway-listen:{leader.instance_id}",)]
+        return rows == [(f"gateway-listen:{node.instance_id}",)]
 
-    await until(only_the_leader_listens)
+    await until(lambda: only_listener_is(leader))
     async with await psycopg.AsyncConnection.connect(gw.dsn, autocommit=True) as conn:
         await conn.execute("listen gateway_signals")
         status, own = await gw.post(leader, signal_body())
@@ -77,6 +77,13 @@ async def test_only_the_leader_listens_and_its_own_signals_send_no_notify(gw):
                 break
     assert heard == [other["signal_id"]]
     assert await gw.settled([other["signal_id"]]) == {other["signal_id"]: "executed"}
+
+    # A handover moves the ear with the leadership: the old leader hangs up.
+    url = f"{leader.url}/coordinator/resign"
+    async with gw.http.post(url, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}) as resp:
+        assert resp.status == 200
+    await until(lambda: only_listener_is(follower))
+    assert await gw.leader() is follower
 
 
 async def test_follower_accepts_and_the_leader_executes(gw):

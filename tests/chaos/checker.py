@@ -166,7 +166,9 @@ async def check(c: Campaign, quiet: float) -> dict[str, Any]:
 
         soak = _soak(c)
         if soak["max_sessions"] > MAX_SESSIONS:
-            violations.append(f"soak: an instance held {soak['max_sessions']} sessions")
+            violations.append(
+                f"soak: an instance held {soak['max_sessions']} sessions: {c.history.session_peak}"
+            )
         for name, (first, last, peak) in soak["rss_mb"].items():
             if peak > MAX_RSS_MB or last > first * 1.5 + 10:
                 violations.append(f"soak: {name} RSS grew {first} -> {last} MB (max {peak})")

@@ -61,6 +61,8 @@ class History:
 
     # (time, instance, pid, rss_kb, connections): the soak's resource samples
     samples: list[tuple[float, str, int, int, int]] = field(default_factory=list)
+    # the breakdown (application_name, state, count) of the most sessions one instance held
+    session_peak: dict[str, Any] = field(default_factory=dict)
 
     def fault(self, kind: str, target: str) -> None:
         self.faults.append((time.monotonic(), kind, target))
@@ -149,10 +151,38 @@ class Campaign:
                     self.server.dsn, autocommit=True
                 ) as c:
                     cur = await c.execute(
-                        "select split_part(application_name, ':', -1), count(*)"
-                        " from pg_stat_activity where application_name like '%%:gw_' group by 1"
+                        "select application_name, coalesce(state, ''), count(*)"
+                        " from pg_stat_activity where application_name like '%%:gw_'"
+                        " group by 1, 2"
                     )
-                    sessions = dict(await cur.fetchall())
+                    rows = await cur.fetchall()
+                    if os.environ.get("CHAOS_TRACE_SESSIONS"):
+                        cur = await c.execute(
+                            "select application_name, pid, backend_start::time,"
+                            " state_change::time, client_port, state"
+                            " from pg_stat_activity where application_name like 'gateway-listen%%'"
+                        )
+                        print(
+                            "  sessions",
+                            time.strftime("%H:%M:%S"),
+                            await cur.fetchall(),
+                            flush=True,
+                        )
+                sessions: dict[str, int] = {}
+                for app, _, n in rows:
+                    name = app.rsplit(":", 1)[-1]
+                    sessions[name] = sessions.get(name, 0) + n
+                for name, n in sessions.items():
+                    if n > self.history.session_peak.get("sessions", 0):
+                        self.history.session_peak = {
+                            "instance": name,
+                            "sessions": n,
+                            "by_application_and_state": sorted(
+                                (app, state, k)
+                                for app, state, k in rows
+                                if app.rsplit(":", 1)[-1] == name
+                            ),
+                        }
                 for name, node in self.nodes.items():
                     if node.proc is not None and node.proc.returncode is None:
                         rss = _rss_kb(node.proc.pid)

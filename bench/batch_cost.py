@@ -1,0 +1,190 @@
+"""`python -m bench.batch_cost`: what one signal costs PostgreSQL in the statements the
+gateway sends, as a function of the executor's batch size.
+
+One embedded PostgreSQL, one connection, no HTTP and no other load. For batch sizes
+1, 10 and 50 (BATCH_SIZES), N signals (default 3000) are stored pending and then
+claimed, sent to the paper broker and recorded by the executor's own statements,
+BATCH at a time. The CPU of the connection's backend process (/proc, utime+stime)
+is read around each phase; a least-squares line through the per-batch costs gives
+the fixed cost of a batch statement and the cost of each signal in it. The inbox
+insert is measured the same way, without and with its NOTIFY (a second connection
+LISTENs; its backend's CPU is the delivery cost), with the client's own Python CPU
+per statement beside it. Clock ticks are 10 ms: N x the statements keeps the error
+of each figure under a few microseconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+from bench.harness import progress, run_main, webhook_body
+from pgleader.embedded import EmbeddedPostgres
+from pgleader.migrations import migrate
+from service.brokers import _PLACE
+from service.execution import _CLAIM, _COMPLETE
+from service.inbox import store_signal
+from service.signals import fingerprint, parse_body
+
+__all__ = ["main"]
+
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _cpu(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _TICK
+
+
+def _fit(points: list[tuple[int, float]]) -> dict[str, float]:
+    """Least squares: cost of a batch (us) = fixed + per_signal x size."""
+    n = len(points)
+    mx = sum(b for b, _ in points) / n
+    my = sum(c for _, c in points) / n
+    sxx = sum((b - mx) ** 2 for b, _ in points)
+    slope = sum((b - mx) * (c - my) for b, c in points) / sxx if sxx else 0.0
+    return {"fixed_us": round(my - slope * mx, 1), "per_signal_us": round(slope, 1)}
+
+
+async def _store_pending(conn: psycopg.AsyncConnection[Any], n: int, tag: str) -> list[int]:
+    cur = await conn.execute(
+        "insert into gateway.signals (fingerprint, type, instrument, position, lots, price,"
+        " signal_at, payload, received_by)"
+        " select %s || g, 'BASE_ENTRY', 'NIFTY', 'Long_' || g, 1, 100, now(), '{}', 'bench'"
+        "   from generate_series(1, %s) g returning id",
+        [tag, n],
+    )
+    return [int(r[0]) for r in await cur.fetchall()]
+
+
+async def _batches(dsn: str, n: int, size: int) -> dict[str, Any]:
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        pid = conn.info.backend_pid
+        ids = await _store_pending(conn, n, f"b{size}_")
+        epoch = 1
+        valid = datetime.now(UTC) + timedelta(hours=1)
+        cost: dict[str, float] = {}
+        orders: list[tuple[Any, ...]] = []
+        began = _cpu(pid)
+        for i in range(0, n, size):
+            args = ["gateway", epoch, ids[i : i + size], "bench", "paper", timedelta(hours=1)]
+            cur = await conn.execute(_CLAIM, args)
+            orders += [r for r in await cur.fetchall() if r[1] and r[3]]
+        cost["claim"] = _cpu(pid) - began
+        began = _cpu(pid)
+        for i in range(0, len(orders), size):
+            part = orders[i : i + size]
+            columns = [
+                [r[3] for r in part], [r[4] for r in part], [r[5] for r in part],
+                [r[6] for r in part], [r[7] for r in part], [epoch] * len(part),
+                ["bench"] * len(part), [valid] * len(part),
+            ]  # fmt: skip
+            await conn.execute(_PLACE, columns)
+        cost["broker"] = _cpu(pid) - began
+        began = _cpu(pid)
+        for i in range(0, len(orders), size):
+            coids = [r[3] for r in orders[i : i + size]]
+            k = len(coids)
+            await conn.execute(_COMPLETE, [coids, ["filled"] * k, ["b"] * k, [None] * k])
+        cost["complete"] = _cpu(pid) - began
+        cur = await conn.execute(
+            "select count(*) from gateway.signals where status = 'executed'"
+            " and fingerprint like %s",
+            [f"b{size}_%"],
+        )
+        row = await cur.fetchone()
+    assert row is not None and row[0] == n, f"batch {size}: {row} of {n} executed"
+    per_signal = {k: round(v / n * 1e6, 1) for k, v in cost.items()}
+    per_signal["total"] = round(sum(per_signal.values()), 1)
+    return {"batch_size": size, "signals": n, "backend_cpu_us_per_signal": per_signal}
+
+
+async def _inserts(dsn: str, n: int) -> dict[str, Any]:
+    now = datetime.now(UTC)
+    parsed = []
+    for i in range(2 * n):
+        p = parse_body(webhook_body(f"ins_{i}"), now=now, max_future_skew=timedelta(seconds=5))
+        parsed.append((p.signal, fingerprint(p.signal)))
+    out: dict[str, Any] = {}
+    async with (
+        await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn,
+        await psycopg.AsyncConnection.connect(dsn, autocommit=True) as listener,
+    ):
+        await listener.execute("listen gateway_signals")
+        pid, lpid = conn.info.backend_pid, listener.info.backend_pid
+        heard = 0
+        all_heard = asyncio.Event()
+
+        async def drain() -> None:
+            nonlocal heard
+            async for _ in listener.notifies():
+                heard += 1
+                if heard == n:
+                    all_heard.set()
+
+        task = asyncio.create_task(drain())
+        for notify, part in ((False, parsed[:n]), (True, parsed[n:])):
+            b0, l0, p0 = _cpu(pid), _cpu(lpid), time.process_time()
+            for signal, fp in part:
+                await store_signal(conn, signal, fp, "bench", notify=notify)
+            if notify:
+                await asyncio.wait_for(all_heard.wait(), 30)
+            out["with_notify" if notify else "without_notify"] = {
+                "backend_cpu_us": round((_cpu(pid) - b0) / n * 1e6, 1),
+                "listener_backend_cpu_us": round((_cpu(lpid) - l0) / n * 1e6, 1),
+                "client_python_cpu_us": round((time.process_time() - p0) / n * 1e6, 1),
+            }
+        task.cancel()
+    return out
+
+
+async def run() -> dict[str, Any]:
+    n = int(os.environ.get("N", "3000"))
+    sizes = [int(s) for s in os.environ.get("BATCH_SIZES", "1,10,50").split(",")]
+    tmp = tempfile.mkdtemp(prefix="pgleader-bench-")
+    os.chmod(tmp, 0o755)
+    server = EmbeddedPostgres(Path(tmp) / "pg")
+    dsn = server.start()
+    try:
+        await migrate(dsn)
+        async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+            await conn.execute("insert into pgleader.election (name, epoch) values ('gateway', 1)")
+        inserts = await _inserts(dsn, n)
+        progress(f"inbox insert: {inserts}")
+        batches = []
+        for size in sizes:
+            batches.append(await _batches(dsn, n, size))
+            progress(f"batch {size:3}: {batches[-1]['backend_cpu_us_per_signal']} us/signal")
+    finally:
+        server.stop("fast")
+    fits = {}
+    for phase in ("claim", "broker", "complete"):
+        points = [(b["batch_size"], b["backend_cpu_us_per_signal"][phase] * b["batch_size"])
+                  for b in batches]  # fmt: skip
+        fits[phase] = _fit(points)
+    progress(f"per batch statement: {fits}")
+    return {
+        "benchmark": "batch_cost",
+        "when": datetime.now().astimezone().isoformat(timespec="seconds"),
+        "method": __doc__.split("\n\n", 1)[1].strip() if __doc__ else "",
+        "inbox_insert": inserts,
+        "batches": batches,
+        "fit_us": fits,
+    }
+
+
+def main() -> int:
+    return run_main(run, "batch_cost")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
