@@ -4,7 +4,8 @@ gateway sends, as a function of the executor's batch size.
 One embedded PostgreSQL, one connection, no HTTP and no other load. For batch sizes
 1, 10 and 50 (BATCH_SIZES), N signals (default 3000) are stored pending and then
 claimed, sent to the paper broker and recorded by the executor's own statements,
-BATCH at a time. The CPU of the connection's backend process (/proc, utime+stime)
+that many at a time; REPEAT times (default 5) each, the median is reported (single
+runs vary by a third: buffer writes, hint bits, checkpoints). The CPU of the connection's backend process (/proc, utime+stime)
 is read around each phase; a least-squares line through the per-batch costs gives
 the fixed cost of a batch statement and the cost of each signal in it. The inbox
 insert is measured the same way, without and with its NOTIFY (a second connection
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -66,10 +68,11 @@ async def _store_pending(conn: psycopg.AsyncConnection[Any], n: int, tag: str) -
     return [int(r[0]) for r in await cur.fetchall()]
 
 
-async def _batches(dsn: str, n: int, size: int) -> dict[str, Any]:
+async def _batches(dsn: str, n: int, size: int, run: int) -> dict[str, Any]:
+    tag = f"b{size}r{run}_"
     async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
         pid = conn.info.backend_pid
-        ids = await _store_pending(conn, n, f"b{size}_")
+        ids = await _store_pending(conn, n, tag)
         epoch = 1
         valid = datetime.now(UTC) + timedelta(hours=1)
         cost: dict[str, float] = {}
@@ -99,7 +102,7 @@ async def _batches(dsn: str, n: int, size: int) -> dict[str, Any]:
         cur = await conn.execute(
             "select count(*) from gateway.signals where status = 'executed'"
             " and fingerprint like %s",
-            [f"b{size}_%"],
+            [f"{tag}%"],
         )
         row = await cur.fetchone()
     assert row is not None and row[0] == n, f"batch {size}: {row} of {n} executed"
@@ -149,6 +152,7 @@ async def _inserts(dsn: str, n: int) -> dict[str, Any]:
 
 async def run() -> dict[str, Any]:
     n = int(os.environ.get("N", "3000"))
+    repeat = int(os.environ.get("REPEAT", "5"))
     sizes = [int(s) for s in os.environ.get("BATCH_SIZES", "1,10,50").split(",")]
     tmp = tempfile.mkdtemp(prefix="pgleader-bench-")
     os.chmod(tmp, 0o755)
@@ -162,8 +166,18 @@ async def run() -> dict[str, Any]:
         progress(f"inbox insert: {inserts}")
         batches = []
         for size in sizes:
-            batches.append(await _batches(dsn, n, size))
-            progress(f"batch {size:3}: {batches[-1]['backend_cpu_us_per_signal']} us/signal")
+            runs = [await _batches(dsn, n, size, r) for r in range(repeat)]
+            phases = runs[0]["backend_cpu_us_per_signal"].keys()
+            median = {
+                k: statistics.median(r["backend_cpu_us_per_signal"][k] for r in runs)
+                for k in phases
+            }
+            batches.append(
+                {"batch_size": size, "signals": n, "runs": repeat,
+                 "backend_cpu_us_per_signal": median,
+                 "each_run": [r["backend_cpu_us_per_signal"] for r in runs]}
+            )  # fmt: skip
+            progress(f"batch {size:3}: median of {repeat} {median} us/signal")
     finally:
         server.stop("fast")
     fits = {}

@@ -34,9 +34,12 @@ $$;
 -- in the order given). Returns each order's signal status afterwards.
 create or replace function gateway.complete_orders(
     p_client_order_ids text[], p_outcomes text[], p_broker_order_ids text[], p_details text[]
-) returns table (client_order_id text, status text) language sql as $$
+) returns table (client_order_id text, status text) language plpgsql as $$
+begin
+    return query
     select t.coid, gateway.complete_order(t.coid, t.outcome, t.broker_order_id, t.detail)
       from unnest(p_client_order_ids, p_outcomes, p_broker_order_ids, p_details)
            with ordinality as t (coid, outcome, broker_order_id, detail, n)
-     order by t.n
+     order by t.n;
+end
 $$;
