@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -180,6 +181,7 @@ async def run() -> dict[str, Any]:
             progress(f"batch {size:3}: median of {repeat} {median} us/signal")
     finally:
         server.stop("fast")
+        shutil.rmtree(tmp, ignore_errors=True)
     fits = {}
     for phase in ("claim", "broker", "complete"):
         points = [(b["batch_size"], b["backend_cpu_us_per_signal"][phase] * b["batch_size"])
