@@ -10,11 +10,12 @@ Signals are executed in batches, three statements a batch whatever its size:
     record  gateway.complete_orders (executed/failed, positions)
 
 A batch starts as soon as a signal arrives, provided fewer than `concurrency`
-batches are in flight and the last one started at least `batch_interval` ago;
-what arrives meanwhile waits and goes out together in the next one. At a trickle
-every signal is its own batch, at once; under load batches grow, so the database
-does less work per signal exactly when it matters (each statement, each commit
-has a fixed cost that a batch pays once).
+batches are in flight and, under load (the last batch carried more than one
+signal), the last one started at least `batch_interval` ago; what arrives
+meanwhile waits and goes out together in the next one. At a trickle every signal
+is its own batch, at once; under load batches grow, so the database does less
+work per signal exactly when it matters (each statement, each commit has a fixed
+cost that a batch pays once).
 
 A signal left 'executing' (we crashed, the broker did not answer, we lost the
 lease) is reconciled, never re-sent blindly: the broker is asked whether it got
@@ -91,6 +92,7 @@ class Executor:
         self.concurrency = concurrency
         self.batch_interval = batch_interval
         self._last_batch_at = float("-inf")
+        self._last_batch_size = 0
         self._dispatch_later: asyncio.TimerHandle | None = None
         self.lookup_attempts = lookup_attempts
         self.instance_id = elector.instance_id
@@ -187,13 +189,13 @@ class Executor:
     def _dispatch(self) -> None:
         while self._waiting and len(self._batches) < self.concurrency:
             wait = self._last_batch_at + self.batch_interval - time.monotonic()
-            if wait > 0:
+            if wait > 0 and self._last_batch_size > 1:  # under load: let a batch gather
                 if self._dispatch_later is None:
                     loop = asyncio.get_running_loop()
                     self._dispatch_later = loop.call_later(wait, self._dispatch_on_time)
                 return
             self._last_batch_at = time.monotonic()
-            size = min(len(self._waiting), self.batch_size)
+            size = self._last_batch_size = min(len(self._waiting), self.batch_size)
             ids = [self._waiting.popleft() for _ in range(size)]
             task = asyncio.create_task(self._run_batch(ids), name="executor-batch")
             self._batches.add(task)
