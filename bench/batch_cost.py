@@ -8,15 +8,17 @@ that many at a time; REPEAT times (default 5) each, the median is reported (sing
 runs vary by a third: buffer writes, hint bits, checkpoints). The CPU of the connection's backend process (/proc, utime+stime)
 is read around each phase; a least-squares line through the per-batch costs gives
 the fixed cost of a batch statement and the cost of each signal in it. The inbox
-insert is measured the same way, without and with its NOTIFY (a second connection
-LISTENs; its backend's CPU is the delivery cost), with the client's own Python CPU
-per statement beside it. Clock ticks are 10 ms: N x the statements keeps the error
+write (the group commit of received signals, with the NOTIFY a follower sends; a
+second connection LISTENs, its backend's CPU is the delivery cost) is measured
+the same way for writes of 1 and 10 signals (WRITE_SIZES), with the client's own
+Python CPU beside it. Clock ticks are 10 ms: N x the statements keeps the error
 of each figure under a few microseconds.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import statistics
@@ -34,7 +36,7 @@ from pgleader.embedded import EmbeddedPostgres
 from pgleader.migrations import migrate
 from service.brokers import _PLACE
 from service.execution import _CLAIM, _COMPLETE
-from service.inbox import store_signal
+from service.inbox import Incoming, parse_notification, store_signals
 from service.signals import fingerprint, parse_body
 
 __all__ = ["main"]
@@ -112,12 +114,17 @@ async def _batches(dsn: str, n: int, size: int, run: int) -> dict[str, Any]:
     return {"batch_size": size, "signals": n, "backend_cpu_us_per_signal": per_signal}
 
 
-async def _inserts(dsn: str, n: int) -> dict[str, Any]:
-    now = datetime.now(UTC)
-    parsed = []
-    for i in range(2 * n):
-        p = parse_body(webhook_body(f"ins_{i}"), now=now, max_future_skew=timedelta(seconds=5))
-        parsed.append((p.signal, fingerprint(p.signal)))
+async def _hear(listener: psycopg.AsyncConnection[Any], n: int, done: asyncio.Event) -> None:
+    heard = 0
+    async for note in listener.notifies():
+        heard += len(parse_notification(note.payload))
+        if heard >= n:
+            done.set()
+
+
+async def _inserts(dsn: str, n: int, sizes: list[int]) -> dict[str, Any]:
+    """Per signal, storing n signals in writes of each size (the inbox's group
+    commit), with the NOTIFY a follower sends and a listener hearing it."""
     out: dict[str, Any] = {}
     async with (
         await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn,
@@ -125,29 +132,28 @@ async def _inserts(dsn: str, n: int) -> dict[str, Any]:
     ):
         await listener.execute("listen gateway_signals")
         pid, lpid = conn.info.backend_pid, listener.info.backend_pid
-        heard = 0
-        all_heard = asyncio.Event()
-
-        async def drain() -> None:
-            nonlocal heard
-            async for _ in listener.notifies():
-                heard += 1
-                if heard == n:
-                    all_heard.set()
-
-        task = asyncio.create_task(drain())
-        for notify, part in ((False, parsed[:n]), (True, parsed[n:])):
+        for size in [0, *sizes]:  # 0: a warm-up of caches and plans, not reported
+            items = []
+            for i in range(n):
+                body = webhook_body(f"ins{size}_{i}")
+                p = parse_body(body, now=datetime.now(UTC), max_future_skew=timedelta(seconds=5))
+                items.append(Incoming(p.signal, fingerprint(p.signal)))
+            all_heard = asyncio.Event()
+            task = asyncio.create_task(_hear(listener, n, all_heard))
             b0, l0, p0 = _cpu(pid), _cpu(lpid), time.process_time()
-            for signal, fp in part:
-                await store_signal(conn, signal, fp, "bench", notify=notify)
-            if notify:
-                await asyncio.wait_for(all_heard.wait(), 30)
-            out["with_notify" if notify else "without_notify"] = {
+            for start in range(0, n, size or 10):
+                await store_signals(conn, items[start : start + (size or 10)], "bench")
+            await asyncio.wait_for(all_heard.wait(), 30)
+            cost = {
                 "backend_cpu_us": round((_cpu(pid) - b0) / n * 1e6, 1),
                 "listener_backend_cpu_us": round((_cpu(lpid) - l0) / n * 1e6, 1),
                 "client_python_cpu_us": round((time.process_time() - p0) / n * 1e6, 1),
             }
-        task.cancel()
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            if size:
+                out[f"write_of_{size}"] = cost
     return out
 
 
@@ -163,7 +169,8 @@ async def run() -> dict[str, Any]:
         await migrate(dsn)
         async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
             await conn.execute("insert into pgleader.election (name, epoch) values ('gateway', 1)")
-        inserts = await _inserts(dsn, n)
+        write_sizes = [int(s) for s in os.environ.get("WRITE_SIZES", "1,10").split(",")]
+        inserts = await _inserts(dsn, n, write_sizes)
         progress(f"inbox insert: {inserts}")
         batches = []
         for size in sizes:

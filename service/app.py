@@ -30,7 +30,7 @@ from pgleader.migrations import pending
 from service.brokers import PaperBroker
 from service.config import ServiceConfig
 from service.execution import Executor
-from service.inbox import NOTIFY_CHANNEL, Stored, notify_signal, store_signal
+from service.inbox import NOTIFY_CHANNEL, Inbox, Stored, notify_signal, parse_notification
 from service.signals import Signal, SignalError, parse_dict
 from service.spool import Spool, SpoolError
 
@@ -67,6 +67,7 @@ class Gateway:
             dsn, config.election, instance_id=config.instance_id, timings=config.timings
         )
         self.broker = PaperBroker(self.pool)
+        self.inbox = Inbox(self.pool, config.instance_id)
         self.executor = Executor(
             self.pool,
             self.elector,
@@ -98,6 +99,7 @@ class Gateway:
 
     async def stop(self) -> None:
         self.shutting_down = True
+        await self.inbox.close()
         await self.executor.drain(self.config.shutdown_timeout)
         await self.elector.stop("shutdown")  # resign + NOTIFY: a follower takes over at once
         await self.executor.stop()
@@ -185,17 +187,7 @@ class Gateway:
         *,
         notify: bool = True,
     ) -> Stored:
-        for attempt in (1, 2):
-            try:
-                async with self.pool.connection() as conn:
-                    return await store_signal(
-                        conn, signal, fp, self.config.instance_id, received_at, notify=notify
-                    )
-            except psycopg.OperationalError:
-                # A pooled connection may have died with a database restart: one fresh try.
-                if attempt == 2:
-                    raise
-        raise AssertionError("unreachable")
+        return await self.inbox.store(signal, fp, received_at, notify=notify)
 
     async def _store_spooled(self, record: dict[str, Any]) -> None:
         received_at = datetime.fromisoformat(record["received_at"])
@@ -227,8 +219,7 @@ class Gateway:
                 if isinstance(item, Reconnected):
                     self._wake.set()  # notifications may have been missed: sweep
                 elif self.elector.is_leader:
-                    with contextlib.suppress(ValueError):
-                        self.executor.enqueue([int(item.payload)])
+                    self.executor.enqueue(parse_notification(item.payload))
 
     async def _sweep_loop(self) -> None:
         while True:
@@ -293,6 +284,7 @@ class Gateway:
                 "spooled": len(self.spool),
                 "executions": dict(self.executor.counts),
                 "execution_batches": dict(self.executor.batch_stats),
+                "inbox_writes": dict(self.inbox.stats),
             },
         }
 

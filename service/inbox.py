@@ -1,41 +1,79 @@
-"""The signal inbox: store a signal once (by fingerprint), read it back.
+"""The signal inbox: store signals once (by fingerprint), read them back.
 
-Storing also NOTIFYs `gateway_signals` with the new id, delivered on commit, so
-the leader wakes up even when another instance received the signal. The leader
-storing a signal it executes at once skips that NOTIFY (it would only come back
-to itself); if it then cannot execute it, it sends the NOTIFY after all
-(`notify_signal`), so a successor hears of the signal without waiting for a sweep.
+Storing is group-committed: the signals of concurrent requests go into the
+database together, in one statement and one commit (`Inbox.store`). At a
+trickle each signal is written at once, alone; while a write is in flight, what
+arrives waits for it and goes in the next, so under load a request pays a
+fraction of a statement and of a commit instead of a whole one.
+
+A write also NOTIFYs `gateway_signals` with the new ids (comma-separated, one
+notification per write), delivered on commit, so the leader wakes up even when
+another instance received them. The leader storing a signal it executes at
+once skips that NOTIFY (it would only come back to itself); if it then cannot
+execute it, it sends the NOTIFY after all (`notify_signal`), so a successor
+hears of the signal without waiting for a sweep.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+import psycopg
 from psycopg import AsyncConnection
 from psycopg.rows import dict_row
+from psycopg_pool import AsyncConnectionPool
 
 from service.signals import Signal
 
-__all__ = ["NOTIFY_CHANNEL", "Stored", "get_signal", "notify_signal", "store_signal"]
+__all__ = [
+    "NOTIFY_CHANNEL",
+    "Inbox",
+    "Stored",
+    "get_signal",
+    "notify_signal",
+    "parse_notification",
+    "store_signals",
+]
 
 NOTIFY_CHANNEL = "gateway_signals"
 
+# One row per input, in input order, with the id if this statement inserted it (else
+# null: a duplicate, read back by fingerprint; not joined here, as a generic plan
+# would scan the whole table for it). The NOTIFY lists the new ids asked for.
 _INSERT = """
-with new as (
+with input as (
+    select * from unnest(%(fp)s::text[], %(type)s::text[], %(instrument)s::text[],
+                         %(position)s::text[], %(lots)s::int[], %(price)s::numeric[],
+                         %(stop)s::numeric[], %(signal_at)s::timestamptz[], %(payload)s::jsonb[],
+                         %(received_at)s::timestamptz[], %(notify)s::bool[])
+        with ordinality as t (fp, type, instrument, position, lots, price, stop, signal_at,
+                              payload, received_at, notify, n)
+), new as (
     insert into gateway.signals
         (fingerprint, type, instrument, position, lots, price, stop, signal_at, payload,
          received_by, received_at)
-    values (%(fp)s, %(type)s, %(instrument)s, %(position)s, %(lots)s, %(price)s, %(stop)s,
-            %(signal_at)s, %(payload)s, %(received_by)s, coalesce(%(received_at)s, now()))
+    select fp, type, instrument, position, lots, price, stop, signal_at, payload,
+           %(received_by)s, coalesce(received_at, now())
+      from input order by n
     on conflict (fingerprint) do nothing
-    returning id
+    returning id, fingerprint
+), woken as (
+    select pg_notify('gateway_signals', string_agg(new.id::text, ',' order by new.id))
+      from new
+     where exists (select from input where input.fp = new.fingerprint and input.notify)
+    having count(*) > 0
 )
-select id, case when %(notify)s then pg_notify('gateway_signals', id::text) end from new
+select input.fp, new.id, (select count(*) from woken)
+  from input left join new on new.fingerprint = input.fp
+ order by input.n
 """
-_EXISTING = "select id from gateway.signals where fingerprint = %s"
+_EXISTING = "select fingerprint, id from gateway.signals where fingerprint = any(%s)"
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,41 +82,151 @@ class Stored:
     duplicate: bool
 
 
-async def store_signal(
-    conn: AsyncConnection[Any],
-    signal: Signal,
-    fingerprint: str,
-    received_by: str,
-    received_at: datetime | None = None,
-    *,
-    notify: bool = True,
-) -> Stored:
-    """Insert the signal unless its fingerprint is known; either way return its id."""
-    cur = await conn.execute(
-        _INSERT,
-        {
-            "fp": fingerprint,
-            "type": signal.type.name,
-            "instrument": signal.instrument,
-            "position": signal.position,
-            "lots": signal.lots,
-            "price": signal.price,
-            "stop": signal.stop,
-            "signal_at": signal.timestamp,
-            "payload": json.dumps(signal.payload()),
-            "received_by": received_by,
-            "received_at": received_at,
-            "notify": notify,
-        },
+@dataclass(slots=True)
+class Incoming:
+    """A signal to store: what `store_signals` takes."""
+
+    signal: Signal
+    fingerprint: str
+    received_at: datetime | None = None  # None: the database's now()
+    notify: bool = True
+
+
+async def store_signals(
+    conn: AsyncConnection[Any], items: Sequence[Incoming], received_by: str
+) -> list[Stored]:
+    """Insert the signals whose fingerprint is new, in one statement (autocommit:
+    one commit); returns each item's id, in order. An item whose fingerprint is
+    stored already, or earlier in `items`, is a duplicate."""
+    columns: dict[str, list[Any]] = {
+        k: []
+        for k in ("fp", "type", "instrument", "position", "lots", "price", "stop",
+                  "signal_at", "payload", "received_at", "notify")
+    }  # fmt: skip
+    for item in items:
+        s = item.signal
+        row = (item.fingerprint, s.type.name, s.instrument, s.position, s.lots, s.price, s.stop,
+               s.timestamp, json.dumps(s.payload()), item.received_at, item.notify)  # fmt: skip
+        for column, value in zip(columns.values(), row, strict=True):
+            column.append(value)
+    cur = await conn.execute(_INSERT, {**columns, "received_by": received_by})
+    rows = await cur.fetchall()
+    missing = [fp for fp, signal_id, _ in rows if signal_id is None]
+    found: dict[str, int] = {}
+    if missing:  # stored before (a retry), or by a concurrent write that committed first
+        cur = await conn.execute(_EXISTING, [missing])
+        found = {fp: int(signal_id) for fp, signal_id in await cur.fetchall()}
+    result = []
+    first: set[str] = set()
+    for fp, signal_id, _ in rows:
+        new = signal_id is not None and fp not in first
+        first.add(fp)
+        result.append(Stored(int(signal_id if signal_id is not None else found[fp]), not new))
+    return result
+
+
+def parse_notification(payload: str) -> list[int]:
+    """The ids of a `gateway_signals` notification ("12" or "12,13,14"); [] if garbled."""
+    try:
+        return [int(part) for part in payload.split(",")]
+    except ValueError:
+        return []
+
+
+@dataclass(slots=True)
+class _Waiting:
+    item: Incoming
+    future: asyncio.Future[Stored] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
     )
-    row = await cur.fetchone()
-    if row is not None:
-        return Stored(int(row[0]), duplicate=False)
-    # A concurrent insert of the same fingerprint committed first: read it back.
-    cur = await conn.execute(_EXISTING, [fingerprint])
-    row = await cur.fetchone()
-    assert row is not None, "fingerprint conflict without a row"
-    return Stored(int(row[0]), duplicate=True)
+
+
+class Inbox:
+    """Group commit: `store` waits for the write that carries its signal. One
+    write is in flight at a time; what arrives meanwhile goes in the next, up to
+    `max_batch` signals a write."""
+
+    def __init__(
+        self, pool: AsyncConnectionPool[Any], received_by: str, *, max_batch: int = 200
+    ) -> None:
+        self.pool = pool
+        self.received_by = received_by
+        self.max_batch = max_batch
+        self._queue: list[_Waiting] = []
+        self._writer: asyncio.Task[None] | None = None
+        self.stats = {"writes": 0, "signals": 0, "largest": 0}
+
+    async def store(
+        self,
+        signal: Signal,
+        fingerprint: str,
+        received_at: datetime | None = None,
+        *,
+        notify: bool = True,
+    ) -> Stored:
+        """Store one signal; raises what the write raised (the database is
+        unreachable: psycopg.OperationalError or PoolTimeout) and then nothing of it
+        was stored by this call."""
+        waiting = _Waiting(Incoming(signal, fingerprint, received_at, notify))
+        waiting.future.add_done_callback(_retrieve)
+        self._queue.append(waiting)
+        if self._writer is None:
+            self._writer = asyncio.create_task(self._write_all(), name="inbox-writer")
+        # shield: a request that goes away must not cancel a write others share
+        return await asyncio.shield(waiting.future)
+
+    async def close(self) -> None:
+        """Wait for the writes under way (new ones still start: call after the
+        HTTP server stopped taking requests)."""
+        while self._writer is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self._writer)
+
+    async def _write_all(self) -> None:
+        batch: list[_Waiting] = []
+        try:
+            while self._queue:
+                batch = self._queue[: self.max_batch]
+                del self._queue[: self.max_batch]
+                await self._write(batch)
+        finally:
+            self._writer = None
+            # Only if this task was cancelled (loop shutdown): nobody may wait forever.
+            for w in [*batch, *self._queue]:
+                if not w.future.done():
+                    w.future.set_exception(RuntimeError("inbox writer stopped"))
+
+    async def _write(self, batch: list[_Waiting]) -> None:
+        stats = self.stats
+        stats["writes"] += 1
+        stats["signals"] += len(batch)
+        stats["largest"] = max(stats["largest"], len(batch))
+        items = [w.item for w in batch]
+        try:
+            for attempt in (1, 2):
+                try:
+                    async with self.pool.connection() as conn:
+                        stored = await store_signals(conn, items, self.received_by)
+                    break
+                except psycopg.OperationalError:
+                    # A pooled connection may have died with a database restart: one
+                    # fresh try.
+                    if attempt == 2:
+                        raise
+        except Exception as exc:
+            for w in batch:
+                if not w.future.done():
+                    w.future.set_exception(exc)
+            return
+        for w, result in zip(batch, stored, strict=True):
+            if not w.future.done():
+                w.future.set_result(result)
+
+
+def _retrieve(future: asyncio.Future[Stored]) -> None:
+    """Mark the outcome seen: the request that waited for it may have gone."""
+    if not future.cancelled():
+        future.exception()
 
 
 async def notify_signal(conn: AsyncConnection[Any], signal_id: int) -> None:
