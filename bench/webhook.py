@@ -220,8 +220,8 @@ async def gateway_step(
 async def _batches(http: Any, url: str) -> dict[str, int] | None:
     """The leader's execution batch counters (GET /coordinator/leader)."""
     try:
-        async with http.get(f"{url}/coordinator/leader") as resp:
-            return dict((await resp.json())["metrics"]["execution_batches"])
+        _, raw = await http.request("GET", f"{url}/coordinator/leader")
+        return dict(json.loads(raw)["metrics"]["execution_batches"])
     except Exception:  # a step must not fail for want of a statistic
         return None
 
@@ -396,7 +396,7 @@ async def run() -> dict[str, Any]:
                     " then bisection: the answer is within the last bracket, not exact"
                 ),
             },
-            "client": f"aiohttp, keep-alive, up to {connections} connections, timeout 3 s"
+            "client": f"bench.loadgen.Client (HTTP/1.1 on asyncio streams), keep-alive, up to {connections} connections, timeout 3 s"
             " from the scheduled send",
             "timings_s": {
                 "heartbeat": timings.heartbeat,
