@@ -99,3 +99,145 @@ async def test_a_follower_drops_queued_work(db, executor_for):
     assert await executor.execute(ids[0]) == "not_leader"
     cur = await db.execute("select count(*) from gateway.signals where status = 'pending'")
     assert await cur.fetchone() == (3,)
+
+
+# A batch mixing every kind of signal, for two copies of the same book: one run by
+# the batch functions, one by the per-signal functions in the input order.
+_MIXED = [  # (type, instrument, position, lots, age, broker's outcome)
+    ("BASE_ENTRY", "X", "Long_1", 2, "0 s", "filled"),
+    ("PYRAMID", "X", "Long_2", 1, "0 s", "filled"),
+    ("BASE_ENTRY", "Y", "Long_1", 3, "0 s", "filled"),
+    ("EXIT", "X", "Exit_all", 0, "0 s", "filled"),  # every open lot: those before the batch
+    ("BASE_ENTRY", "Y", "Long_2", 1, "0 s", "filled"),
+    ("BASE_ENTRY", "Z", "Long_1", 1, "2 h", "filled"),  # too old: expired
+    ("EXIT", "W", "Exit_all", 0, "0 s", "filled"),  # nothing open: rejected
+    ("BASE_ENTRY", "V", "Long_1", 1, "0 s", "rejected"),  # the broker says no
+    ("EXIT", "U", "Exit_1", 1, "0 s", "filled"),  # an exit that names its lots
+    ("BASE_ENTRY", "X", "Long_3", 1, "0 s", "filled"),  # after the exit: stays open
+]
+
+
+async def _mixed_book(db, prefix: str) -> list[int]:
+    """An open X position from before, then the batch's signals, pending; their ids."""
+    cur = await db.execute(
+        "insert into gateway.signals (fingerprint, type, instrument, position, lots, price,"
+        " signal_at, payload, received_by, status, claimed_epoch)"
+        " values (%s, 'BASE_ENTRY', %s, 'Long_0', 4, 99, now(), '{}', 't', 'executed', 1)"
+        " returning id",
+        [f"{prefix}old", f"{prefix}X"],
+    )
+    (old,) = await cur.fetchone()
+    await db.execute(
+        "insert into gateway.positions (instrument, position, signal_id, is_base_position,"
+        " lots, entry_price, entry_at) values (%s, 'Long_0', %s, true, 4, 99, now() - '1 h'::interval)",
+        [f"{prefix}X", old],
+    )
+    ids = []
+    for i, (kind, instrument, position, lots, age, _) in enumerate(_MIXED):
+        cur = await db.execute(
+            "insert into gateway.signals (fingerprint, type, instrument, position, lots, price,"
+            " signal_at, payload, received_by) values (%s, %s, %s, %s, %s, 100,"
+            " now() - %s::interval, '{}', 't') returning id",
+            [f"{prefix}{i}", kind, f"{prefix}{instrument}", position, lots, age],
+        )
+        ids.append((await cur.fetchone())[0])
+    return ids
+
+
+async def _book_state(db, prefix: str) -> dict[str, list[tuple]]:
+    n = len(prefix) + 1
+    queries = {
+        "signals": "select substr(instrument, %(n)s), position, status,"
+        " regexp_replace(detail, 'signal time [^a-z]* is', 'signal time is'), claimed_epoch"
+        " from gateway.signals where instrument like %(p)s order by fingerprint",
+        "orders": "select substr(s.instrument, %(n)s), s.position, o.action, o.quantity,"
+        " o.outcome, o.broker_order_id is not null, o.epoch,"
+        " regexp_replace(o.client_order_id, '-\\d+-', '-')"
+        " from gateway.orders o join gateway.signals s on s.id = o.signal_id"
+        " where s.instrument like %(p)s order by s.fingerprint",
+        "positions": "select substr(p.instrument, %(n)s), p.position, p.lots, p.status,"
+        " p.is_base_position, b.position, x.position from gateway.positions p"
+        " left join gateway.positions b on b.id = p.base_position_id"
+        " left join gateway.signals x on x.id = p.exit_signal_id"
+        " where p.instrument like %(p)s order by p.instrument, p.position",
+        "alerts": "select a.kind, replace(a.detail, %(prefix)s, '') from gateway.alerts a"
+        " join gateway.signals s on s.id = a.signal_id where s.instrument like %(p)s"
+        " order by s.fingerprint, a.kind",
+    }
+    state = {}
+    for name, sql in queries.items():
+        cur = await db.execute(sql, {"n": n, "p": f"{prefix}%", "prefix": prefix})
+        state[name] = await cur.fetchall()
+    return state
+
+
+async def test_a_mixed_batch_ends_exactly_as_the_same_signals_one_by_one(db):
+    await db.execute("insert into pgleader.election (name, epoch) values ('gateway', 7)")
+    batch_ids = await _mixed_book(db, "b_")
+    single_ids = await _mixed_book(db, "s_")
+    args = (7, "gw1", "paper", "1 h")
+
+    cur = await db.execute(
+        "select signal_id, acted, status, client_order_id is not null"
+        " from gateway.claim_signals('gateway', %s, %s, %s, %s, %s)",
+        [7, batch_ids, *args[1:]],
+    )
+    claimed = await cur.fetchall()
+    singles = []
+    for sid in single_ids:
+        cur = await db.execute(
+            "select status, client_order_id is not null from gateway.claim_signal(%s, %s, %s, %s, %s)",
+            [sid, *args],
+        )
+        row = await cur.fetchone()
+        singles.append((True, *row) if row else (False, None, False))
+    # Same answer per signal, in the order given.
+    assert [r[0] for r in claimed] == batch_ids
+    assert [r[1:] for r in claimed] == singles
+    assert [r[2] for r in claimed] == [
+        "executing", "executing", "executing", "executing", "executing",
+        "expired", "rejected", "executing", "executing", "executing",
+    ]  # fmt: skip
+
+    outcomes = {f"{i}": outcome for i, (*_, outcome) in enumerate(_MIXED)}
+
+    async def coids(ids: list[int]) -> tuple[list[str], list[str]]:
+        cur = await db.execute(
+            "select o.client_order_id, substr(s.fingerprint, 3) from gateway.orders o"
+            " join gateway.signals s on s.id = o.signal_id"
+            " where o.signal_id = any(%s) order by array_position(%s, o.signal_id)",
+            [ids, ids],
+        )
+        rows = await cur.fetchall()
+        return [r[0] for r in rows], [outcomes[r[1]] for r in rows]
+
+    batch_coids, batch_outcomes = await coids(batch_ids)
+    cur = await db.execute(
+        "select client_order_id, status from gateway.complete_orders(%s, %s, %s, %s)",
+        [batch_coids, batch_outcomes, [f"B{c}" for c in batch_coids], ["ok"] * len(batch_coids)],
+    )
+    recorded = await cur.fetchall()
+    assert [r[0] for r in recorded] == batch_coids
+    single_coids, single_outcomes = await coids(single_ids)
+    single_recorded = []
+    for coid, outcome in zip(single_coids, single_outcomes, strict=True):
+        cur = await db.execute(
+            "select gateway.complete_order(%s, %s, %s, 'ok')", [coid, outcome, f"B{coid}"]
+        )
+        single_recorded.append((await cur.fetchone())[0])
+    assert [r[1] for r in recorded] == single_recorded
+    assert "failed" in single_recorded and "executed" in single_recorded
+
+    batch_state, single_state = await _book_state(db, "b_"), await _book_state(db, "s_")
+    assert batch_state == single_state
+    # The exit closed what was open when it was claimed and what the batch opened before it.
+    assert ("X", "Long_0", 4, "closed", True, None, "Exit_all") in batch_state["positions"]
+    assert [p[3] for p in batch_state["positions"] if p[0] == "Y"] == ["open", "open"]
+    assert ("X", "Long_3", 1, "open", True, None, None) in batch_state["positions"]
+    # Recording again changes nothing (idempotent), by either path.
+    cur = await db.execute(
+        "select status from gateway.complete_orders(%s, %s, %s, %s)",
+        [batch_coids, batch_outcomes, [f"B{c}" for c in batch_coids], ["ok"] * len(batch_coids)],
+    )
+    assert [r[0] for r in await cur.fetchall()] == [r[1] for r in recorded]
+    assert await _book_state(db, "b_") == batch_state
