@@ -22,6 +22,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from decimal import Decimal
 from typing import Any
 
 import psycopg
@@ -48,12 +49,10 @@ NOTIFY_CHANNEL = "gateway_signals"
 # would scan the whole table for it). The NOTIFY lists the new ids asked for.
 _INSERT = """
 with input as (
-    select * from unnest(%(fp)s::text[], %(type)s::text[], %(instrument)s::text[],
-                         %(position)s::text[], %(lots)s::int[], %(price)s::numeric[],
-                         %(stop)s::numeric[], %(signal_at)s::timestamptz[], %(payload)s::jsonb[],
-                         %(received_at)s::timestamptz[], %(notify)s::bool[])
-        with ordinality as t (fp, type, instrument, position, lots, price, stop, signal_at,
-                              payload, received_at, notify, n)
+    select * from jsonb_to_recordset(%(rows)s::jsonb) as t (
+        n int, fp text, type text, instrument text, position text, lots int, price numeric,
+        stop numeric, signal_at timestamptz, payload jsonb, received_at timestamptz,
+        notify bool)
 ), new as (
     insert into gateway.signals
         (fingerprint, type, instrument, position, lots, price, stop, signal_at, payload,
@@ -98,18 +97,18 @@ async def store_signals(
     """Insert the signals whose fingerprint is new, in one statement (autocommit:
     one commit); returns each item's id, in order. An item whose fingerprint is
     stored already, or earlier in `items`, is a duplicate."""
-    columns: dict[str, list[Any]] = {
-        k: []
-        for k in ("fp", "type", "instrument", "position", "lots", "price", "stop",
-                  "signal_at", "payload", "received_at", "notify")
-    }  # fmt: skip
-    for item in items:
-        s = item.signal
-        row = (item.fingerprint, s.type.name, s.instrument, s.position, s.lots, s.price, s.stop,
-               s.timestamp, json.dumps(s.payload()), item.received_at, item.notify)  # fmt: skip
-        for column, value in zip(columns.values(), row, strict=True):
-            column.append(value)
-    cur = await conn.execute(_INSERT, {**columns, "received_by": received_by})
+    # One JSON parameter for the whole write: psycopg adapts one string much faster
+    # than eleven arrays. Decimals and times go as text, so nothing is rounded.
+    rows = [
+        {"n": n, "fp": item.fingerprint, "type": item.signal.type.name,
+         "instrument": item.signal.instrument, "position": item.signal.position,
+         "lots": item.signal.lots, "price": _text(item.signal.price),
+         "stop": _text(item.signal.stop), "signal_at": item.signal.timestamp.isoformat(),
+         "payload": item.signal.payload(), "notify": item.notify,
+         "received_at": None if item.received_at is None else item.received_at.isoformat()}
+        for n, item in enumerate(items)
+    ]  # fmt: skip
+    cur = await conn.execute(_INSERT, {"rows": json.dumps(rows), "received_by": received_by})
     rows = await cur.fetchall()
     missing = [fp for fp, signal_id, _ in rows if signal_id is None]
     found: dict[str, int] = {}
@@ -123,6 +122,10 @@ async def store_signals(
         first.add(fp)
         result.append(Stored(int(signal_id if signal_id is not None else found[fp]), not new))
     return result
+
+
+def _text(value: Decimal | None) -> str | None:
+    return None if value is None else str(value)
 
 
 def parse_notification(payload: str) -> list[int]:

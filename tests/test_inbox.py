@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from datetime import UTC, datetime, timedelta
 
 import psycopg
 from psycopg_pool import AsyncConnectionPool
 
 from service.inbox import Inbox, Incoming, parse_notification, store_signals
-from service.signals import fingerprint, parse_dict
+from service.signals import fingerprint, parse_body, parse_dict
 
 
 def incoming(position: str, *, notify: bool = True) -> Incoming:
@@ -82,3 +83,23 @@ async def test_a_failed_write_fails_every_waiter_and_stores_nothing(db, dsn):
 def test_a_garbled_notification_names_no_signal():
     assert parse_notification("12,13") == [12, 13]
     assert parse_notification("12,x") == []
+
+
+async def test_a_write_keeps_every_digit_and_microsecond(db, dsn):
+    now = datetime.now(UTC).replace(microsecond=123456)
+    body = {"type": "base_entry", "instrument": "NIFTY", "position": "Long_1", "lots": 3,
+            "price": 52000.123456789012345, "stop": 1e-7, "timestamp": now.isoformat(),
+            "note": {"deep": [1, 2.50, "x"]}}  # fmt: skip
+    # More digits than a float holds: they must survive as they came.
+    raw = json.dumps(body).replace("52000.12345678901", "52000.123456789012345678").encode()
+    signal = parse_body(raw, now=now, max_future_skew=timedelta(seconds=5)).signal
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        (stored,) = await store_signals(conn, [Incoming(signal, fingerprint(signal))], "gw1")
+    cur = await db.execute(
+        "select price, stop, signal_at, lots, payload from gateway.signals where id = %s",
+        [stored.signal_id],
+    )
+    price, stop, signal_at, lots, payload = await cur.fetchone()
+    assert (price, stop, signal_at, lots) == (signal.price, signal.stop, signal.timestamp, 3)
+    assert payload == signal.payload()
+    assert str(price) == "52000.123456789012345678"
