@@ -158,6 +158,15 @@ async def metrics(request: web.Request) -> web.Response:
             f'gateway_executions_total{{result="{k}"}} {v}'
             for k, v in sorted(m["executions"].items())
         ),
+        # Batches and writes with the signals in them: their ratio is the mean size.
+        "# TYPE gateway_execution_batches_total counter",
+        f"gateway_execution_batches_total {m['execution_batches']['batches']}",
+        "# TYPE gateway_execution_batch_signals_total counter",
+        f"gateway_execution_batch_signals_total {m['execution_batches']['signals']}",
+        "# TYPE gateway_inbox_writes_total counter",
+        f"gateway_inbox_writes_total {m['inbox_writes']['writes']}",
+        "# TYPE gateway_inbox_write_signals_total counter",
+        f"gateway_inbox_write_signals_total {m['inbox_writes']['signals']}",
     ]
     return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
 

@@ -274,4 +274,17 @@ async def test_http_surface_answers_json(gw):
     assert (await gw.get(node, "/signals/999999"))[0] == 404
     assert (await gw.get(node, "/nope"))[1]["status"] == "not_found"
     async with gw.http.get(f"{node.url}/metrics") as resp:
-        assert "pgleader_is_leader 1" in await resp.text()
+        text = await resp.text()
+    assert "pgleader_is_leader 1" in text
+    assert "gateway_inbox_writes_total 0" in text
+    status, answer = await gw.post(node, signal_body())
+    assert (status, answer["status"]) == (200, "executed")
+    async with gw.http.get(f"{node.url}/metrics") as resp:
+        text = await resp.text()
+    for line in (
+        "gateway_inbox_writes_total 1",
+        "gateway_inbox_write_signals_total 1",
+        "gateway_execution_batches_total 1",
+        "gateway_execution_batch_signals_total 1",
+    ):
+        assert line in text.splitlines(), text  # fmt: skip
