@@ -20,20 +20,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import psycopg
 
-from bench.harness import progress, run_main, webhook_body
-from pgleader.embedded import EmbeddedPostgres
-from pgleader.migrations import migrate
+from bench.harness import progress, run_main, statement_server, webhook_body
 from service.brokers import _PLACE
 from service.execution import _CLAIM, _COMPLETE
 from service.inbox import Incoming, parse_notification, store_signals
@@ -161,14 +156,7 @@ async def run() -> dict[str, Any]:
     n = int(os.environ.get("N", "3000"))
     repeat = int(os.environ.get("REPEAT", "5"))
     sizes = [int(s) for s in os.environ.get("BATCH_SIZES", "1,10,50").split(",")]
-    tmp = tempfile.mkdtemp(prefix="pgleader-bench-")
-    os.chmod(tmp, 0o755)
-    server = EmbeddedPostgres(Path(tmp) / "pg")
-    dsn = server.start()
-    try:
-        await migrate(dsn)
-        async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
-            await conn.execute("insert into pgleader.election (name, epoch) values ('gateway', 1)")
+    async with statement_server() as dsn:
         write_sizes = [int(s) for s in os.environ.get("WRITE_SIZES", "1,10").split(",")]
         inserts = await _inserts(dsn, n, write_sizes)
         progress(f"inbox insert: {inserts}")
@@ -186,9 +174,6 @@ async def run() -> dict[str, Any]:
                  "each_run": [r["backend_cpu_us_per_signal"] for r in runs]}
             )  # fmt: skip
             progress(f"batch {size:3}: median of {repeat} {median} us/signal")
-    finally:
-        server.stop("fast")
-        shutil.rmtree(tmp, ignore_errors=True)
     fits = {}
     for phase in ("claim", "broker", "complete"):
         points = [(b["batch_size"], b["backend_cpu_us_per_signal"][phase] * b["batch_size"])

@@ -16,7 +16,7 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -329,6 +329,24 @@ async def until(check: Callable[[], Awaitable[bool]], timeout: float, every: flo
             if await check():
                 return
             await asyncio.sleep(every)
+
+
+@contextlib.asynccontextmanager
+async def statement_server() -> AsyncIterator[str]:
+    """A migrated embedded PostgreSQL of its own, with election 'gateway' at epoch 1,
+    for statement-level benchmarks (no instances); its DSN. Stopped and removed after."""
+    tmp = tempfile.mkdtemp(prefix="pgleader-bench-")
+    os.chmod(tmp, 0o755)  # the postgres user must reach its data dir
+    server = EmbeddedPostgres(Path(tmp) / "pg")
+    dsn = server.start()
+    try:
+        await migrate(dsn)
+        async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+            await conn.execute("insert into pgleader.election (name, epoch) values ('gateway', 1)")
+        yield dsn
+    finally:
+        server.stop("fast")
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def run_main(main: Callable[[], Coroutine[Any, Any, dict[str, Any]]], name: str) -> int:

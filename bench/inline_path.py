@@ -13,20 +13,15 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import sys
-import tempfile
 import time
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import psycopg
 
-from bench.harness import progress, run_main, webhook_body
+from bench.harness import progress, run_main, statement_server, webhook_body
 from bench.stats import summary
-from pgleader.embedded import EmbeddedPostgres
-from pgleader.migrations import migrate
 from service.brokers import _PLACE
 from service.execution import _CLAIM, _COMPLETE
 from service.inbox import Incoming, store_signals
@@ -40,7 +35,6 @@ _STEPS = ("store", "claim", "send", "record", "total")
 async def _trace(dsn: str, n: int, skip: int) -> dict[str, list[float]]:
     times: dict[str, list[float]] = {k: [] for k in _STEPS}
     async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
-        await conn.execute("insert into pgleader.election (name, epoch) values ('gateway', 1)")
         for i in range(n):
             now = datetime.now(UTC)
             parsed = parse_body(
@@ -74,16 +68,8 @@ async def _trace(dsn: str, n: int, skip: int) -> dict[str, list[float]]:
 async def run() -> dict[str, Any]:
     n = int(os.environ.get("N", "400"))
     skip = min(50, n // 4)
-    tmp = tempfile.mkdtemp(prefix="pgleader-bench-")
-    os.chmod(tmp, 0o755)
-    server = EmbeddedPostgres(Path(tmp) / "pg")
-    dsn = server.start()
-    try:
-        await migrate(dsn)
+    async with statement_server() as dsn:
         times = await _trace(dsn, n, skip)
-    finally:
-        server.stop("fast")
-        shutil.rmtree(tmp, ignore_errors=True)
     steps = {step: summary(values) for step, values in times.items()}
     for step, s in steps.items():
         progress(f"{step:7} p50 {s['p50']} p95 {s['p95']} p99 {s['p99']} ms")

@@ -30,7 +30,7 @@ from pgleader.migrations import pending
 from service.brokers import PaperBroker
 from service.config import ServiceConfig
 from service.execution import Executor
-from service.inbox import NOTIFY_CHANNEL, Inbox, Stored, notify_signal, parse_notification
+from service.inbox import NOTIFY_CHANNEL, Inbox, notify_signal, parse_notification
 from service.signals import Signal, SignalError, parse_dict
 from service.spool import Spool, SpoolError
 
@@ -131,7 +131,7 @@ class Gateway:
         Returns the HTTP status and JSON answer."""
         leading = self.elector.is_leader
         try:
-            stored = await self._store(signal, fp, notify=not leading)
+            stored = await self.inbox.store(signal, fp, notify=not leading)
         except _UNAVAILABLE as exc:
             fields = json.loads(body.decode("utf-8-sig"))  # validated already
             fields.pop("secret", None)  # the spool never holds the secret
@@ -179,16 +179,6 @@ class Gateway:
             )
         return status
 
-    async def _store(
-        self,
-        signal: Signal,
-        fp: str,
-        received_at: datetime | None = None,
-        *,
-        notify: bool = True,
-    ) -> Stored:
-        return await self.inbox.store(signal, fp, received_at, notify=notify)
-
     async def _store_spooled(self, record: dict[str, Any]) -> None:
         received_at = datetime.fromisoformat(record["received_at"])
         try:
@@ -200,7 +190,7 @@ class Gateway:
                 "spooled record no longer parses; dropped", error=exc.message, record=record
             )
             return
-        await self._store(parsed.signal, record["fingerprint"], received_at)
+        await self.inbox.store(parsed.signal, record["fingerprint"], received_at)
 
     # -- background jobs ------------------------------------------------------
 

@@ -22,7 +22,6 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from decimal import Decimal
 from typing import Any
 
 import psycopg
@@ -99,15 +98,17 @@ async def store_signals(
     stored already, or earlier in `items`, is a duplicate."""
     # One JSON parameter for the whole write: psycopg adapts one string much faster
     # than eleven arrays. Decimals and times go as text, so nothing is rounded.
-    rows = [
-        {"n": n, "fp": item.fingerprint, "type": item.signal.type.name,
-         "instrument": item.signal.instrument, "position": item.signal.position,
-         "lots": item.signal.lots, "price": _text(item.signal.price),
-         "stop": _text(item.signal.stop), "signal_at": item.signal.timestamp.isoformat(),
-         "payload": item.signal.payload(), "notify": item.notify,
-         "received_at": None if item.received_at is None else item.received_at.isoformat()}
-        for n, item in enumerate(items)
-    ]  # fmt: skip
+    rows = []
+    for n, item in enumerate(items):
+        s = item.signal
+        payload = s.payload()  # price and stop in it are decimal text already
+        received_at = None if item.received_at is None else item.received_at.isoformat()
+        rows.append(
+            {"n": n, "fp": item.fingerprint, "type": s.type.name, "instrument": s.instrument,
+             "position": s.position, "lots": s.lots, "price": payload["price"],
+             "stop": payload["stop"], "signal_at": s.timestamp.isoformat(),
+             "payload": payload, "received_at": received_at, "notify": item.notify}
+        )  # fmt: skip
     cur = await conn.execute(_INSERT, {"rows": json.dumps(rows), "received_by": received_by})
     rows = await cur.fetchall()
     missing = [fp for fp, signal_id, _ in rows if signal_id is None]
@@ -122,10 +123,6 @@ async def store_signals(
         first.add(fp)
         result.append(Stored(int(signal_id if signal_id is not None else found[fp]), not new))
     return result
-
-
-def _text(value: Decimal | None) -> str | None:
-    return None if value is None else str(value)
 
 
 def parse_notification(payload: str) -> list[int]:
