@@ -289,7 +289,7 @@ class Executor:
 
     async def _complete(self, done: Sequence[tuple[str, OrderResult]]) -> dict[str, str]:
         """Record the broker's answers, by client order id; returns each recorded
-        order's signal status."""
+        order's signal status (an unknown client order id is left out)."""
         if not done:
             return {}
         columns: list[list[str | None]] = [[], [], [], []]
@@ -308,7 +308,8 @@ class Executor:
                 "orders sent but not recorded; will reconcile", orders=len(done), error=str(exc)
             )
             return {}
-        return {str(coid): str(state) for coid, state in rows}
+        # A null status: no such order (cannot happen for ours); leave it to reconciliation.
+        return {str(coid): str(state) for coid, state in rows if state is not None}
 
     # -- the safety net -------------------------------------------------------
 

@@ -241,3 +241,32 @@ async def test_a_mixed_batch_ends_exactly_as_the_same_signals_one_by_one(db):
     )
     assert [r[0] for r in await cur.fetchall()] == [r[1] for r in recorded]
     assert await _book_state(db, "b_") == batch_state
+
+
+async def test_an_unknown_client_order_id_is_recorded_as_nothing(db):
+    # Both paths: one order alone (per row) and among others (the set-based pass).
+    await db.execute("insert into pgleader.election (name, epoch) values ('gateway', 3)")
+    ids = await store_pending(db, 3)
+    cur = await db.execute(
+        "select client_order_id from gateway.claim_signals('gateway', 3, %s, 't', 'paper', '1 h')",
+        [ids],
+    )
+    coids = [r[0] for r in await cur.fetchall()]
+    for outcome in ("filled", "rejected"):
+        cur = await db.execute(
+            "select gateway.complete_order('pgl-nobody', %s, 'B1', 'x')", [outcome]
+        )
+        assert await cur.fetchone() == (None,)
+    batch = [coids[0], "pgl-nobody", coids[1], coids[2]]
+    cur = await db.execute(
+        "select client_order_id, status from gateway.complete_orders(%s, %s, %s, %s)",
+        [batch, ["filled"] * 4, ["B"] * 4, ["ok"] * 4],
+    )
+    assert await cur.fetchall() == [
+        (coids[0], "executed"), ("pgl-nobody", None), (coids[1], "executed"),
+        (coids[2], "executed"),
+    ]  # fmt: skip
+    cur = await db.execute("select count(*) from gateway.alerts")
+    assert await cur.fetchone() == (0,)
+    cur = await db.execute("select count(*) from gateway.positions")
+    assert await cur.fetchone() == (3,)
