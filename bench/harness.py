@@ -41,6 +41,7 @@ __all__ = [
     "env_int",
     "progress",
     "run_main",
+    "settings_from_env",
     "timings_from_env",
     "uninterrupted",
     "until",
@@ -61,6 +62,20 @@ def env_int(name: str, default: int) -> int:
 def env_float(name: str, default: float) -> float:
     raw = os.environ.get(name, "")
     return float(raw) if raw.strip() else default
+
+
+def settings_from_env() -> dict[str, str]:
+    """PostgreSQL settings for the benchmark's server from PG_SETTINGS, e.g.
+    'synchronous_commit=off' (comma-separated name=value): to attribute a cost, never
+    for the figures a README reports."""
+    settings = {}
+    for part in os.environ.get("PG_SETTINGS", "").split(","):
+        if part.strip():
+            name, sep, value = part.partition("=")
+            if not sep or not name.strip():
+                raise SystemExit(f"PG_SETTINGS: {part!r} is not name=value")
+            settings[name.strip()] = value.strip()
+    return settings
 
 
 def timings_from_env() -> Timings:

@@ -13,6 +13,9 @@ three (a load balancer). Per step:
                      postgres process (utime+stime from /proc, exited backends included)
     memory           max VmRSS of each instance during the step
     batches          the leader's execution batches in the step and their mean size
+    disk flush       fdatasync of an 8 KiB block on PostgreSQL's file system every
+                     20 ms (bench/diskprobe.py): every answer waits for WAL flushes,
+                     so a disk stall shows in the answer tail; this says when it did
 
 Then a bisection over the rate for the highest rate held (round-robin): no
 error, answer p99 < 100 ms, >= 95 % of the offered rate answered *and executed*
@@ -24,7 +27,8 @@ Knobs: RATES (100,200,500,1000,2000), DURATION (10 s), TARGETS (leader,round_rob
 SEARCH_DURATION (30 s), SEARCH_STEPS (4 probes), BARE_SEARCH_STEPS (4),
 SEARCH_TARGET (round_robin), DB_DURATION (10 s), DB_CONNECTIONS (4), WARMUP (3 s at
 200/s round-robin before the first step, not reported),
-LOADGEN_CONNECTIONS (500), SETTLE_TIMEOUT (60 s), SKIP_BARE=1.
+LOADGEN_CONNECTIONS (500), SETTLE_TIMEOUT (60 s), SKIP_BARE=1, PG_SETTINGS
+(name=value,... for the server: to attribute a cost, e.g. synchronous_commit=off).
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from bench.db_ceiling import db_ceiling
+from bench.diskprobe import FlushProbe
 from bench.harness import (
     RESULTS,
     Cluster,
@@ -47,6 +52,7 @@ from bench.harness import (
     env_int,
     progress,
     run_main,
+    settings_from_env,
     timings_from_env,
     uninterrupted,
     webhook_body,
@@ -160,8 +166,11 @@ async def gateway_step(
     meter = Meter({i.instance_id: i.pid for i in cluster.instances}, postmaster)
     since = await cluster.clock() - timedelta(seconds=1)
     batches_before = await _batches(http, leader.url)
+    probe = FlushProbe(cluster.workdir)
     meter.start()
+    probe.start()
     step: Step = await open_loop(http, urls, rate, duration, lambda i: webhook_body(f"{tag}_{i}"))
+    flushes = probe.stop()
     report = step.report()
     expected = sum(n for k, n in step.answers.items() if k[:1] == "2" and "duplicate" not in k)
     timeout = env_float("SETTLE_TIMEOUT", 60.0)
@@ -202,6 +211,7 @@ async def gateway_step(
             },
             "max_rss_mb": usage["max_rss_mb"],
             "leader_batches": _batch_delta(batches_before, batches_after),
+            "disk_flush_ms": flushes,
         }
     )
     report["held"] = held(report)
@@ -212,7 +222,7 @@ async def gateway_step(
         f" errors {report['errors']}, timeouts {report['timeouts']}, exec p99"
         f" {report['received_to_executed_ms']['p99']} ms, cpu/1000"
         f" {report['cpu_s_per_1000']['total']} s, other processes {usage['other_processes_cpu_s']}"
-        f" cpu s, held={report['held']}"
+        f" cpu s, disk flush p99 {flushes['p99']} max {flushes['max']} ms, held={report['held']}"
     )
     return report
 
@@ -407,7 +417,10 @@ async def run() -> dict[str, Any]:
         "method": __doc__.split("\n\n", 1)[1].strip() if __doc__ else "",
     }
     steps: list[dict[str, Any]] = []
-    async with Cluster(3, timings) as cluster, session(connections) as http:
+    settings = settings_from_env()
+    if settings:
+        result["config"]["postgresql_settings"] = settings
+    async with Cluster(3, timings, settings) as cluster, session(connections) as http:
         progress(f"3 instances on PostgreSQL at {cluster.dsn}")
         warmup = env_float("WARMUP", 3.0)
         if warmup > 0:  # pools, plan caches, first batches: not what a step should measure
