@@ -81,6 +81,9 @@ def webhook_plots(result: dict[str, Any], latency_path: Path, throughput_path: P
         rates = [s["rate"] for s in got]
         for pct, style in (("p50", "o-"), ("p95", "s--"), ("p99", "^-"), ("max", "x:")):
             ax.plot(rates, [s["latency_ms"][pct] for s in got], style, label=pct)
+        flush = [(s["rate"], s["disk_flush_ms"]["max"]) for s in got if s.get("disk_flush_ms")]
+        if flush:  # the disk's worst WAL-like flush meanwhile: what a tail may be made of
+            ax.plot(*zip(*flush, strict=True), "d-.", color="grey", label="disk flush max")
         ax.axhline(25, color="red", linewidth=1, label="25 ms (p99 target at 200/s)")
         ax.axhline(100, color="orange", linewidth=1, label="100 ms (search criterion)")
         ax.set_xscale("log")
