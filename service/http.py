@@ -136,6 +136,7 @@ async def metrics(request: web.Request) -> web.Response:
     gw = request.app[GATEWAY]
     view = await gw.leader_view()
     m = view["metrics"]
+    hist = gw.inbox.write_seconds
     lines = [
         "# TYPE pgleader_is_leader gauge",
         f"pgleader_is_leader {int(view['is_leader'])}",
@@ -167,8 +168,20 @@ async def metrics(request: web.Request) -> web.Response:
         f"gateway_inbox_writes_total {m['inbox_writes']['writes']}",
         "# TYPE gateway_inbox_write_signals_total counter",
         f"gateway_inbox_write_signals_total {m['inbox_writes']['signals']}",
+        # Time to commit a write: mostly the disk's WAL flush, which every answer waits for.
+        "# TYPE gateway_inbox_write_seconds histogram",
+        *(
+            f'gateway_inbox_write_seconds_bucket{{le="{_le(bound)}"}} {n}'
+            for bound, n in hist.cumulative()
+        ),
+        f"gateway_inbox_write_seconds_sum {hist.sum:.6f}",
+        f"gateway_inbox_write_seconds_count {hist.count}",
     ]
     return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
+
+
+def _le(bound: float) -> str:
+    return "+Inf" if bound == float("inf") else f"{bound:g}"
 
 
 @functools.cache

@@ -17,8 +17,10 @@ hears of the signal without waiting for a sweep.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import json
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -34,6 +36,7 @@ from service.signals import Signal
 __all__ = [
     "NOTIFY_CHANNEL",
     "Inbox",
+    "LatencyHistogram",
     "Stored",
     "get_signal",
     "notify_signal",
@@ -133,6 +136,32 @@ def parse_notification(payload: str) -> list[int]:
         return []
 
 
+class LatencyHistogram:
+    """Durations in seconds, counted into fixed buckets (Prometheus' cumulative
+    `le` buckets when read through `cumulative`)."""
+
+    def __init__(self, bounds: Sequence[float]) -> None:
+        self.bounds = tuple(sorted(bounds))
+        self.counts = [0] * (len(self.bounds) + 1)  # the last: above every bound
+        self.sum = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, seconds)] += 1
+        self.sum += seconds
+
+    @property
+    def count(self) -> int:
+        return sum(self.counts)
+
+    def cumulative(self) -> list[tuple[float, int]]:
+        """(upper bound, writes at most that long), ending with (inf, all)."""
+        total, out = 0, []
+        for bound, n in zip((*self.bounds, float("inf")), self.counts, strict=True):
+            total += n
+            out.append((bound, total))
+        return out
+
+
 @dataclass(slots=True)
 class _Waiting:
     item: Incoming
@@ -155,6 +184,9 @@ class Inbox:
         self._queue: list[_Waiting] = []
         self._writer: asyncio.Task[None] | None = None
         self.stats = {"writes": 0, "signals": 0, "largest": 0}
+        # How long a write takes to commit: most of it is the WAL flush, so a slow or
+        # stalling disk shows here first (every answer waits for its write).
+        self.write_seconds = LatencyHistogram((0.005, 0.025, 0.1, 0.5, 2.5))
 
     async def store(
         self,
@@ -206,7 +238,9 @@ class Inbox:
             for attempt in (1, 2):
                 try:
                     async with self.pool.connection() as conn:
+                        started = time.perf_counter()
                         stored = await store_signals(conn, items, self.received_by)
+                        self.write_seconds.observe(time.perf_counter() - started)
                     break
                 except psycopg.OperationalError:
                     # A pooled connection may have died with a database restart: one

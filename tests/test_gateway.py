@@ -286,5 +286,16 @@ async def test_http_surface_answers_json(gw):
         "gateway_inbox_write_signals_total 1",
         "gateway_execution_batches_total 1",
         "gateway_execution_batch_signals_total 1",
+        'gateway_inbox_write_seconds_bucket{le="+Inf"} 1',
+        "gateway_inbox_write_seconds_count 1",
     ):
         assert line in text.splitlines(), text  # fmt: skip
+    buckets = [
+        (line.split('"')[1], int(line.rsplit(" ", 1)[1]))
+        for line in text.splitlines()
+        if line.startswith("gateway_inbox_write_seconds_bucket")
+    ]
+    assert [le for le, _ in buckets] == ["0.005", "0.025", "0.1", "0.5", "2.5", "+Inf"]
+    assert [n for _, n in buckets] == sorted(n for _, n in buckets)  # cumulative
+    seconds = float(text.split("gateway_inbox_write_seconds_sum ", 1)[1].split()[0])
+    assert 0 < seconds < 3
