@@ -31,14 +31,20 @@ WORKDIR /var/lib/pgleader
 # the outage spool lives under the data directory, which must be a volume.
 ENV PGLEADER_HOST=0.0.0.0 \
     PGLEADER_PORT=8080 \
+    PGLEADER_OPERATOR_HOST=0.0.0.0 \
+    PGLEADER_OPERATOR_PORT=9080 \
     PGLEADER_DATA_DIR=/var/lib/pgleader \
     PGLEADER_LOG_FORMAT=json
-EXPOSE 8080
+# 8080: the public listener (webhook, health, ready); 9080: the operator's
+# (signals, coordinator, metrics): publish it to no one but the operator's network.
+EXPOSE 8080 9080
 
-# Liveness only: /ready (can take traffic) is for the load balancer. No curl in
-# the slim image, so Python asks; urlopen raises (exit 1) on any non-2xx answer.
+# Liveness only: /ready (can take traffic) is for the load balancer. Asked on the
+# operator's listener, which the source allow-list of the public one does not
+# cover. No curl in the slim image, so Python asks; urlopen raises (exit 1) on
+# any non-2xx answer.
 HEALTHCHECK --interval=10s --timeout=3s --start-period=20s --retries=3 \
-    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/health' % os.environ.get('PGLEADER_PORT', '8080'), timeout=2)"]
+    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/health' % os.environ.get('PGLEADER_OPERATOR_PORT', '9080'), timeout=2)"]
 
 # pgleader handles SIGTERM itself: /ready turns 503, in-flight requests finish
 # (up to 30 s), leadership is resigned, exit 0. Give it a stop timeout above 30 s.

@@ -9,7 +9,11 @@ SEED     ?=
 DURATION ?= 120
 FAULTS   ?= 12
 
-.PHONY: install run test lint format chaos bench clean
+.PHONY: install debs run test lint format chaos bench clean
+
+# Debian packages the tests run for real: HAProxy in front of a gateway. Installed
+# here when missing and running as root; otherwise one line names them.
+DEBS := haproxy
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -18,6 +22,19 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP)
+
+debs:
+	@missing=""; for p in $(DEBS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "installing Debian packages:$$missing"; \
+	    export DEBIAN_FRONTEND=noninteractive; \
+	    apt-get install -y -qq $$missing >/dev/null 2>&1 || \
+	      { apt-get update -qq && apt-get install -y -qq $$missing >/dev/null; }; \
+	  else \
+	    echo "make test needs the Debian packages:$$missing (as root: apt-get install$$missing)"; exit 1; \
+	  fi; \
+	fi
 
 # A local gateway on http://127.0.0.1:8080 with an embedded PostgreSQL in ./var
 # (unless PGLEADER_DSN is set). Set PGLEADER_WEBHOOK_SECRET for anything real.
@@ -32,7 +49,7 @@ lint: $(STAMP)
 	$(BIN)/mypy pgleader
 
 # pytest exits non-zero (5) when it collects no test, so an empty run fails too.
-test: lint
+test: lint debs
 	$(BIN)/python -m pytest
 
 BENCH_STAMP := $(VENV)/.installed-bench

@@ -112,12 +112,19 @@ class Instance:
         self.workdir = workdir
         self.timings = timings
         self.port = free_port()
+        self.operator_port = free_port()
         self.log_path = workdir / f"{instance_id}.log"
         self.proc: asyncio.subprocess.Process | None = None
 
     @property
     def url(self) -> str:
+        """The public listener (the webhook)."""
         return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def operator_url(self) -> str:
+        """The operator's listener (coordinator, metrics, signals)."""
+        return f"http://127.0.0.1:{self.operator_port}"
 
     @property
     def pid(self) -> int:
@@ -135,12 +142,16 @@ class Instance:
 
     async def start(self, timeout: float = 60) -> None:
         self.port = free_port()  # the previous one may still be in TIME_WAIT
-        env = {**os.environ, "PGLEADER_WEBHOOK_SECRET": SECRET}
+        self.operator_port = free_port()
+        # The load client keeps up to LOADGEN_CONNECTIONS (500) open: above the
+        # production cap of 256 per listener, which is for TradingView's trickle.
+        env = {"PGLEADER_MAX_CONNECTIONS": "2048", **os.environ, "PGLEADER_WEBHOOK_SECRET": SECRET}
         t = self.timings
         with self.log_path.open("ab") as log:
             self.proc = await uninterrupted(asyncio.create_subprocess_exec(
                 sys.executable, "-m", "pgleader", "serve", "--dsn", self.dsn,
-                "--port", str(self.port), "--instance-id", self.instance_id,
+                "--port", str(self.port), "--operator-port", str(self.operator_port),
+                "--instance-id", self.instance_id,
                 "--data-dir", str(self.workdir), "--log-format", "json",
                 "--heartbeat", str(t.heartbeat), "--lease", str(t.lease),
                 "--evict-after", str(t.evict_after),

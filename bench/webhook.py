@@ -165,7 +165,7 @@ async def gateway_step(
     postmaster = cluster.server.postmaster_pid()
     meter = Meter({i.instance_id: i.pid for i in cluster.instances}, postmaster)
     since = await cluster.clock() - timedelta(seconds=1)
-    batches_before = await _batches(http, leader.url)
+    batches_before = await _batches(http, leader.operator_url)
     probe = FlushProbe(cluster.workdir)
     meter.start()
     probe.start()
@@ -176,7 +176,7 @@ async def gateway_step(
     timeout = env_float("SETTLE_TIMEOUT", 60.0)
     settled, waited, row = await _settle(cluster, tag, since, expected, timeout)
     usage = await meter.stop()
-    batches_after = await _batches(http, leader.url)
+    batches_after = await _batches(http, leader.operator_url)
     _, epoch_after = await cluster.leader()
     stored, executed, unfinished, pcts, worst, span, other = row
     cpu = usage["cpu_s"]

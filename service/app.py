@@ -31,8 +31,9 @@ from service.brokers import PaperBroker
 from service.config import ServiceConfig
 from service.execution import Executor
 from service.inbox import NOTIFY_CHANNEL, Inbox, notify_signal, parse_notification
-from service.signals import Signal, SignalError, parse_dict
-from service.spool import Spool, SpoolError
+from service.listener import HEADER_LIMITS, GuardedSite, Limits, Rejections, bind
+from service.signals import Signal
+from service.spool import Spool, Spooled, SpoolError
 
 __all__ = ["Gateway", "serve"]
 
@@ -76,10 +77,16 @@ class Gateway:
             broker_timeout=config.broker_timeout,
             batch_interval=config.batch_interval,
         )
-        self.spool = Spool(config.spool_path)
+        self.spool = Spool(config.spool_path, max_bytes=config.spool_max_bytes)
         self.shutting_down = False
         self.started_at = time.time()
         self.responses: dict[str, int] = {}
+        self.rejections = Rejections()
+        self.limits = Limits(
+            max_connections=config.max_connections,
+            request_timeout=config.request_timeout,
+            max_body_bytes=config.max_body_bytes,
+        )
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._listener: asyncio.Task[None] | None = None
@@ -88,6 +95,7 @@ class Gateway:
     # -- life cycle -----------------------------------------------------------
 
     async def start(self) -> None:
+        self.spool.check_directory()  # an unusable data dir fails now, not in an outage
         await _wait_for_database(self.dsn, self.config.startup_timeout)
         if self.config.migrate:
             applied = await migrate(self.dsn)
@@ -110,6 +118,7 @@ class Gateway:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await self.pool.close()
+        self.spool.close()
 
     def _on_transition(self, t: Transition) -> None:
         if t.kind == "elected":
@@ -126,27 +135,24 @@ class Gateway:
 
     # -- accepting a signal ---------------------------------------------------
 
-    async def accept(self, signal: Signal, fp: str, body: bytes) -> tuple[int, dict[str, Any]]:
+    async def accept(self, signal: Signal, fp: str) -> tuple[int, dict[str, Any]]:
         """Store (or spool) a validated signal; execute inline when leading.
         Returns the HTTP status and JSON answer."""
         leading = self.elector.is_leader
         try:
             stored = await self.inbox.store(signal, fp, notify=not leading)
         except _UNAVAILABLE as exc:
-            fields = json.loads(body.decode("utf-8-sig"))  # validated already
-            fields.pop("secret", None)  # the spool never holds the secret
-            record = {
-                "body": fields,
-                "fingerprint": fp,
-                "received_at": datetime.now(UTC).isoformat(),
-            }
             try:
-                await self.spool.append(record)
-            except SpoolError as spool_exc:
-                log.critical("signal refused: database and spool both failed", error=str(spool_exc))
+                await self.spool.append(signal, fp, datetime.now(UTC))
+            except SpoolError as spool_exc:  # the spool alerts; one line per refusal here
+                log.error(
+                    "signal refused: database unreachable and the spool refused it",
+                    fingerprint=fp, reason=spool_exc.reason, error=str(spool_exc),
+                )  # fmt: skip
                 return 503, {
-                    "status": "unavailable",
-                    "error": "database unreachable and spool failed; retry",
+                    "status": "spool_full" if spool_exc.full else "unavailable",
+                    "error": f"database unreachable and the spool refused the signal"
+                    f" ({spool_exc.reason}); retry",
                 }
             log.error("database unreachable: signal spooled", fingerprint=fp, error=_line(exc))
             return 202, {"status": "spooled", "fingerprint": fp}
@@ -179,18 +185,15 @@ class Gateway:
             )
         return status
 
-    async def _store_spooled(self, record: dict[str, Any]) -> None:
-        received_at = datetime.fromisoformat(record["received_at"])
-        try:
-            parsed = parse_dict(
-                record["body"], now=received_at, max_future_skew=self.config.max_future_skew
+    async def _store_spooled(self, item: Spooled) -> None:
+        await self.inbox.store(item.signal, item.fingerprint, item.received_at)
+
+    async def _raise_spool_alert(self, kind: str, detail: str) -> None:
+        async with self.pool.connection(timeout=1.0) as conn:
+            await conn.execute(
+                "select gateway.raise_alert(%s, null, %s, %s)",
+                [kind, self.config.instance_id, detail],
             )
-        except SignalError as exc:  # cannot happen for a record we validated; never block the spool
-            log.critical(
-                "spooled record no longer parses; dropped", error=exc.message, record=record
-            )
-            return
-        await self.inbox.store(parsed.signal, record["fingerprint"], received_at)
 
     # -- background jobs ------------------------------------------------------
 
@@ -220,9 +223,10 @@ class Gateway:
                     await self._wake.wait()
             self._wake.clear()
             try:
-                if len(self.spool):
+                if self.spool.waiting():
                     replayed = await self.spool.replay(self._store_spooled)
                     log.warning("spool replayed into the inbox", signals=replayed)
+                await self.spool.flush_alerts(self._raise_spool_alert)
                 await self.executor.sweep()
                 await self.executor.reconcile()
             except (*_UNAVAILABLE, OSError) as exc:
@@ -235,6 +239,8 @@ class Gateway:
     async def readiness(self) -> tuple[bool, str]:
         if self.shutting_down:
             return False, "shutting_down"
+        if not self.spool.can_accept()[0]:  # full, or not writable: would answer 503
+            return False, "spool_unavailable"
         try:
             async with self.pool.connection(timeout=1.0) as conn:
                 missing = await asyncio.wait_for(pending(conn), 1.0)
@@ -271,7 +277,7 @@ class Gateway:
                 "heartbeat_latency_ms": None if latency is None else round(latency * 1000, 3),
                 "leadership_changes": stats["elected"] + stats["demoted"],
                 "times_elected": stats["elected"],
-                "spooled": len(self.spool),
+                "spooled": self.spool.stats()["records"],
                 "executions": dict(self.executor.counts),
                 "execution_batches": dict(self.executor.batch_stats),
                 "inbox_writes": dict(self.inbox.stats),
@@ -307,10 +313,17 @@ def _line(exc: BaseException) -> str:
 
 async def serve(config: ServiceConfig) -> int:
     """Run one instance until SIGTERM/SIGINT; then drain, resign, close, exit 0."""
-    from service.http import build_app
+    from service.http import build_operator_app, build_public_app
 
     configure_logging("console" if config.log_format == "console" else "json")
     structlog.contextvars.bind_contextvars(instance=config.instance_id)
+    # Bind first: a port in use fails here, in one line, before the election is joined.
+    public_sock = bind(config.host, config.port, "public listener")
+    try:
+        operator_sock = bind(config.operator_host, config.operator_port, "operator listener")
+    except BaseException:
+        public_sock.close()
+        raise
     embedded: EmbeddedPostgres | None = None
     dsn = config.dsn
     if dsn is None:
@@ -324,17 +337,34 @@ async def serve(config: ServiceConfig) -> int:
                 "embedded PostgreSQL started", data_dir=str(embedded.data_dir), port=embedded.port
             )
     gateway = Gateway(config, dsn)
-    runner: web.AppRunner | None = None
+    runners: list[web.AppRunner] = []
     try:
         await gateway.start()
-        app = build_app(gateway)
-        runner = web.AppRunner(app, shutdown_timeout=config.shutdown_timeout, access_log=None)
-        await runner.setup()
-        await web.TCPSite(runner, config.host, config.port).start()
-        log.info("serving", url=f"http://{config.host}:{config.port}", database=describe_dsn(dsn))
+        for name, app, sock in (
+            ("public", build_public_app(gateway), public_sock),
+            ("operator", build_operator_app(gateway), operator_sock),
+        ):
+            # The keep-alive timer doubles as the deadline for a request's head: it
+            # closes a connection that sent nothing, or half a head, for that long.
+            runner = web.AppRunner(
+                app, shutdown_timeout=config.shutdown_timeout, access_log=None,
+                keepalive_timeout=config.request_timeout, **HEADER_LIMITS,
+            )  # fmt: skip
+            await runner.setup()
+            runners.append(runner)
+            await GuardedSite(runner, sock, name, gateway.limits, gateway.rejections).start()
+        log.info(
+            "serving", url=f"http://{config.host}:{config.port}",
+            operator_url=f"http://{config.operator_host}:{config.operator_port}",
+            database=describe_dsn(dsn),
+        )  # fmt: skip
         print(
-            json.dumps({"event": "serving", "host": config.host, "port": config.port}), flush=True
-        )
+            json.dumps({
+                "event": "serving", "host": config.host, "port": config.port,
+                "operator_host": config.operator_host, "operator_port": config.operator_port,
+            }),
+            flush=True,
+        )  # fmt: skip
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -342,13 +372,15 @@ async def serve(config: ServiceConfig) -> int:
         await stop.wait()
         log.info("shutting down: draining requests, then resigning")
         gateway.shutting_down = True
-        await runner.cleanup()  # stop accepting; in-flight requests get shutdown_timeout
-        runner = None
+        while runners:  # stop accepting; in-flight requests get shutdown_timeout
+            await runners.pop().cleanup()
         await gateway.stop()
         return 0
     finally:
-        if runner is not None:
+        for runner in runners:
             await runner.cleanup()
+        public_sock.close()
+        operator_sock.close()
         if not gateway.shutting_down:
             with contextlib.suppress(Exception):
                 await gateway.stop()

@@ -22,16 +22,21 @@ __all__ = [
 SIGNATURE_HEADER = "X-Signature"
 
 
+def _utf8(text: str) -> bytes:
+    # Header values carry undecodable bytes as surrogates, JSON may hold lone ones: never raise.
+    return text.encode("utf-8", "surrogatepass")
+
+
 def secret_ok(given: object, expected: str) -> bool:
-    return isinstance(given, str) and hmac.compare_digest(given.encode(), expected.encode())
+    return isinstance(given, str) and hmac.compare_digest(_utf8(given), _utf8(expected))
 
 
 def signature_ok(body: bytes, header: str, secret: str) -> bool:
     algo, _, digest = header.strip().partition("=")
     if algo.lower() != "sha256" or not digest:
         return False
-    expected = hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
-    return hmac.compare_digest(digest.strip().lower().encode(), expected.encode())
+    expected = hmac.new(_utf8(secret), body, hashlib.sha256).hexdigest()
+    return hmac.compare_digest(_utf8(digest.strip().lower()), expected.encode())
 
 
 def body_secret_ok(body: bytes, secret: str) -> bool:

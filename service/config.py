@@ -20,6 +20,11 @@ class ServiceConfig:
     dsn: str | None
     host: str = "127.0.0.1"
     port: int = 8080
+    operator_host: str = "127.0.0.1"
+    operator_port: int = 9080
+    operator_token: str | None = None
+    max_connections: int = 256
+    request_timeout: float = 5.0
     instance_id: str = field(default_factory=default_instance_id)
     webhook_secret: str = ""
     admin_token: str | None = None
@@ -32,6 +37,7 @@ class ServiceConfig:
     max_signal_age: timedelta = timedelta(seconds=120)
     max_future_skew: timedelta = timedelta(seconds=5)
     max_body_bytes: int = 16 * 1024
+    spool_max_bytes: int = 64 * 1024 * 1024
     instruments: frozenset[str] | None = None
     allowed_ips: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     shutdown_timeout: float = 30.0
@@ -49,8 +55,35 @@ class ServiceConfig:
 
 # flag, env suffix, type, default, help
 _OPTIONS: list[tuple[str, type, object, str]] = [
-    ("host", str, "127.0.0.1", "address to listen on"),
-    ("port", int, 8080, "HTTP port"),
+    ("host", str, "127.0.0.1", "address of the public listener (webhook, health, ready)"),
+    ("port", int, 8080, "port of the public listener"),
+    (
+        "operator-host",
+        str,
+        "127.0.0.1",
+        "address of the operator's listener (signals, metrics,"
+        " coordinator, admin): keep it off the internet",
+    ),
+    (
+        "operator-port",
+        int,
+        None,
+        "port of the operator's listener (default: the public port + 1000)",
+    ),
+    (
+        "operator-token",
+        str,
+        None,
+        "read token of the operator's listener: Bearer header or cookie"
+        " pgleader_operator_token (unset: no token)",
+    ),
+    ("max-connections", int, 256, "open connections per listener; more are answered 503"),
+    (
+        "request-timeout",
+        float,
+        5.0,
+        "seconds a client gets to send a whole request (head and body)",
+    ),
     ("instance-id", str, None, "this instance's id (default: hostname-pid)"),
     ("webhook-secret", str, None, "shared secret expected in the webhook body (required)"),
     ("admin-token", str, None, "bearer token for admin endpoints (unset: admin disabled)"),
@@ -62,6 +95,7 @@ _OPTIONS: list[tuple[str, type, object, str]] = [
     ("max-signal-age", float, 120.0, "signals older than this (s) expire instead of executing"),
     ("max-future-skew", float, 5.0, "tolerated clock skew of signal timestamps (s)"),
     ("max-body-bytes", int, 16 * 1024, "largest webhook body accepted"),
+    ("spool-max-bytes", int, 64 * 1024 * 1024, "cap of this instance's outage spool file"),
     ("instruments", str, None, "comma-separated instrument allow-list (default: any)"),
     ("allowed-ips", str, None, "comma-separated source addresses/networks (default: any)"),
     ("shutdown-timeout", float, 30.0, "seconds in-flight requests get on shutdown"),
@@ -118,6 +152,15 @@ def from_args(args: argparse.Namespace, dsn: str | None, timings: Timings) -> Se
     port = int(str(v["port"]))
     if not 1 <= port <= 65535:
         raise ConfigError(f"port must be 1..65535, got {port}")
+    operator_port = int(str(v["operator-port"] or port + 1000))
+    if not 1 <= operator_port <= 65535:
+        raise ConfigError(
+            f"operator port must be 1..65535, got {operator_port} (set --operator-port)"
+        )
+    if operator_port == port:
+        raise ConfigError(f"the operator port must differ from the public port ({port})")
+    if int(str(v["max-connections"])) < 1:
+        raise ConfigError("--max-connections must be at least 1")
     if v["broker"] != "paper":
         raise ConfigError(f"unknown broker {v['broker']!r}: available brokers are: paper")
     log_format = v["log-format"] or ("console" if os.isatty(2) else "json")
@@ -125,12 +168,14 @@ def from_args(args: argparse.Namespace, dsn: str | None, timings: Timings) -> Se
         raise ConfigError(f"log format must be json or console, got {log_format!r}")
     for name in (
         "max-signal-age", "max-future-skew", "shutdown-timeout", "sweep-interval", "broker-timeout",
-        "startup-timeout",
+        "startup-timeout", "request-timeout",
     ):  # fmt: skip
         if float(str(v[name])) <= 0:
             raise ConfigError(f"--{name} must be positive")
     if not 0 <= float(str(v["batch-interval"])) <= 1:
         raise ConfigError("--batch-interval must be between 0 and 1 s")
+    if int(str(v["spool-max-bytes"])) < 64 * 1024:
+        raise ConfigError("--spool-max-bytes must be at least 65536 (64 KiB)")
     instruments = None
     if v["instruments"]:
         instruments = frozenset(
@@ -148,6 +193,11 @@ def from_args(args: argparse.Namespace, dsn: str | None, timings: Timings) -> Se
         dsn=dsn,
         host=str(v["host"]),
         port=port,
+        operator_host=str(v["operator-host"]),
+        operator_port=operator_port,
+        operator_token=str(v["operator-token"]) if v["operator-token"] else None,
+        max_connections=int(str(v["max-connections"])),
+        request_timeout=float(str(v["request-timeout"])),
         instance_id=str(v["instance-id"] or default_instance_id()),
         webhook_secret=str(secret),
         admin_token=str(v["admin-token"]) if v["admin-token"] else None,
@@ -160,6 +210,7 @@ def from_args(args: argparse.Namespace, dsn: str | None, timings: Timings) -> Se
         max_signal_age=timedelta(seconds=float(str(v["max-signal-age"]))),
         max_future_skew=timedelta(seconds=float(str(v["max-future-skew"]))),
         max_body_bytes=int(str(v["max-body-bytes"])),
+        spool_max_bytes=int(str(v["spool-max-bytes"])),
         instruments=instruments,
         allowed_ips=allowed,
         shutdown_timeout=float(str(v["shutdown-timeout"])),

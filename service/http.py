@@ -1,11 +1,20 @@
-"""The HTTP surface: webhook, health, readiness, leader, signals, metrics, admin.
+"""The HTTP surface, on two listeners.
+
+The public one (`build_public_app`) serves what TradingView and a load balancer
+need: POST /webhook, /health, /ready; everything else answers 404 there, and the
+source allow-list applies to all of it. The operator's (`build_operator_app`,
+bound to 127.0.0.1 by default) serves the rest: /signals, /coordinator/*,
+/metrics, /openapi.yaml behind an optional read token (and /health, /ready
+without); every action also needs the admin token.
 
 Every answer is JSON with a `status`; errors add `error` (and `field` for a bad
-signal). Nothing is stored unless the body is valid and authenticated.
+signal). Nothing is stored unless the body is valid and authenticated. Refusals
+(4xx) are counted by listener, code and reason, and logged sampled.
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import json
 from datetime import UTC, datetime
@@ -14,8 +23,8 @@ from typing import Any
 
 import psycopg
 import structlog
-from aiohttp import web
-from aiohttp.typedefs import Handler
+from aiohttp import http_exceptions, web
+from aiohttp.typedefs import Handler, Middleware
 from psycopg_pool import PoolTimeout
 
 from service.app import Gateway
@@ -28,13 +37,24 @@ from service.auth import (
     signature_ok,
 )
 from service.inbox import get_signal
+from service.listener import protocol_error, read_body
 from service.signals import SignalError, fingerprint, parse_body
 
-__all__ = ["GATEWAY", "build_app"]
+__all__ = [
+    "GATEWAY",
+    "OPERATOR_COOKIE",
+    "PUBLIC_PATHS",
+    "build_operator_app",
+    "build_public_app",
+]
 
 log = structlog.get_logger("service.http")
 
 GATEWAY = web.AppKey("gateway", Gateway)
+LISTENER = web.AppKey("listener", str)
+PUBLIC_PATHS = frozenset({"/webhook", "/health", "/ready"})
+# A browser's EventSource cannot send headers: the read token may come as this cookie.
+OPERATOR_COOKIE = "pgleader_operator_token"
 OPENAPI_PATH = Path(__file__).with_name("openapi.yaml")
 
 
@@ -42,24 +62,94 @@ def answer(http_status: int, /, **body: Any) -> web.Response:
     return web.json_response(body, status=http_status, dumps=lambda o: json.dumps(o, default=str))
 
 
-def error(http_status: int, code: str, message: str, **extra: Any) -> web.Response:
-    return answer(http_status, status=code, error=message, **extra)
+def error(
+    http_status: int, code: str, message: str, *, reason: str | None = None, **extra: Any
+) -> web.Response:
+    """An error answer; `reason` (default: `code`) is what the refusal is counted as."""
+    response = answer(http_status, status=code, error=message, **extra)
+    response["reason"] = reason or code
+    return response
 
 
 @web.middleware
 async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """aiohttp's own errors (404, 405, 413, ...) and crashes as JSON; no traceback leaks."""
+    """aiohttp's own errors (404, 405, 413, ...) and crashes as JSON; no traceback leaks.
+    Every 4xx is counted (and logged, sampled) as a rejection."""
     try:
-        return await handler(request)
+        response = await handler(request)
     except web.HTTPRequestEntityTooLarge:
-        return error(413, "too_large", "body larger than the configured limit")
+        response = error(413, "too_large", "body larger than the configured limit")
+        response.force_close()  # never read the rest of a body we refuse
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        return error(exc.status, exc.reason.lower().replace(" ", "_"), exc.reason)
+        response = error(exc.status, exc.reason.lower().replace(" ", "_"), exc.reason)
+    except web.RequestPayloadError as exc:  # e.g. a body that is not in its Content-Encoding
+        reason, message = protocol_error(exc.__cause__)
+        response = error(400, reason, message)
+        response.force_close()
+    except http_exceptions.HttpProcessingError as exc:
+        reason, message = protocol_error(exc)
+        response = error(400, reason, message)
+        response.force_close()
+    except (ConnectionError, asyncio.IncompleteReadError):
+        # The client went away mid-request: nobody is left to answer; not our error.
+        response = error(400, "client_disconnected", "the client closed the connection")
     except Exception:
         log.exception("unhandled error", path=request.path)
-        return error(500, "internal_error", "internal error; see the instance's logs")
+        response = error(500, "internal_error", "internal error; see the instance's logs")
+    if 400 <= response.status < 500:
+        gw = request.app[GATEWAY]
+        reason = response.get("reason") or str(response.status)
+        gw.rejections.record(request.app[LISTENER], response.status, reason, request.remote)
+    return response
+
+
+@web.middleware
+async def whole_body(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Read the whole body within the deadline before any handler sees the request
+    (after the allow-list and token checks: a stranger's body is never read)."""
+    if request.body_exists:
+        body = await read_body(request, request.app[GATEWAY].limits)
+        if body is None:
+            response = error(408, "request_timeout", "the request body did not arrive in time")
+            response.force_close()
+            return response
+    return await handler(request)
+
+
+def _allow_list(gateway: Gateway) -> Middleware:
+    @web.middleware
+    async def allowed(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if not ip_allowed(request.remote, gateway.config.allowed_ips):
+            return error(403, "forbidden", "source address not allowed", reason="address")
+        return await handler(request)
+
+    return allowed
+
+
+def _read_token(gateway: Gateway) -> Middleware:
+    """The operator's optional read token: Bearer header or cookie; the admin token also
+    reads. /health and /ready stay open: probes carry no token, and they tell nothing."""
+
+    @web.middleware
+    async def token(request: web.Request, handler: Handler) -> web.StreamResponse:
+        config = gateway.config
+        if config.operator_token and request.path not in ("/health", "/ready"):
+            bearer = request.headers.get("Authorization")
+            cookie = request.cookies.get(OPERATOR_COOKIE)
+            if not (
+                admin_ok(bearer, config.operator_token)
+                or admin_ok(bearer, config.admin_token)
+                or secret_ok(cookie, config.operator_token)
+            ):
+                return error(
+                    401, "unauthorized", "operator token required (Authorization: Bearer"
+                    f" or cookie {OPERATOR_COOKIE})", reason="operator_token",
+                )  # fmt: skip
+        return await handler(request)
+
+    return token
 
 
 async def webhook(request: web.Request) -> web.Response:
@@ -67,14 +157,12 @@ async def webhook(request: web.Request) -> web.Response:
     config = gw.config
     if gw.shutting_down:
         return error(503, "shutting_down", "instance is shutting down; retry on another")
-    if not ip_allowed(request.remote, config.allowed_ips):
-        return error(403, "forbidden", "source address not allowed")
     # Any content type: TradingView sends JSON as application/json or text/plain.
-    body = await request.read()
+    body = await request.read()  # read already, within the deadline (json_errors)
     signature = request.headers.get(SIGNATURE_HEADER)
     signed = signature is not None and signature_ok(body, signature, config.webhook_secret)
     if signature is not None and not signed:
-        return error(401, "unauthorized", "bad signature")
+        return error(401, "unauthorized", "bad signature", reason="signature")
     try:
         parsed = parse_body(
             body,
@@ -84,11 +172,13 @@ async def webhook(request: web.Request) -> web.Response:
         )
     except SignalError as exc:
         if not signed and not body_secret_ok(body, config.webhook_secret):
-            return error(401, "unauthorized", "missing or wrong secret")
-        return answer(400, **exc.to_dict())
+            return error(401, "unauthorized", "missing or wrong secret", reason="secret")
+        response = answer(400, **exc.to_dict())
+        response["reason"] = f"invalid_{exc.field or 'body'}"
+        return response
     if not signed and not secret_ok(parsed.secret, config.webhook_secret):
-        return error(401, "unauthorized", "missing or wrong secret")
-    status, result = await gw.accept(parsed.signal, fingerprint(parsed.signal), body)
+        return error(401, "unauthorized", "missing or wrong secret", reason="secret")
+    status, result = await gw.accept(parsed.signal, fingerprint(parsed.signal))
     gw.responses[result["status"]] = gw.responses.get(result["status"], 0) + 1
     return answer(status, **result)
 
@@ -125,7 +215,7 @@ async def resign(request: web.Request) -> web.Response:
     if not gw.config.admin_token:
         return error(403, "forbidden", "admin endpoints are disabled (set PGLEADER_ADMIN_TOKEN)")
     if not admin_ok(request.headers.get("Authorization"), gw.config.admin_token):
-        return error(401, "unauthorized", "missing or wrong admin token")
+        return error(401, "unauthorized", "missing or wrong admin token", reason="admin_token")
     epoch = gw.elector.epoch
     if not await gw.elector.resign("admin request", timeout=gw.config.timings.lease):
         return error(409, "not_leader", "this instance does not lead")
@@ -137,6 +227,7 @@ async def metrics(request: web.Request) -> web.Response:
     view = await gw.leader_view()
     m = view["metrics"]
     hist = gw.inbox.write_seconds
+    spool = gw.spool.stats()
     lines = [
         "# TYPE pgleader_is_leader gauge",
         f"pgleader_is_leader {int(view['is_leader'])}",
@@ -147,8 +238,24 @@ async def metrics(request: web.Request) -> web.Response:
         f'pgleader_heartbeats_total{{result="failed"}} {m["heartbeats_failed"]}',
         "# TYPE pgleader_leadership_changes_total counter",
         f"pgleader_leadership_changes_total {m['leadership_changes']}",
+        # The outage spool: what waits for the database, and what it could not take.
         "# TYPE gateway_spooled_signals gauge",
-        f"gateway_spooled_signals {m['spooled']}",
+        f"gateway_spooled_signals {spool['records']}",
+        "# TYPE gateway_spool_bytes gauge",
+        f"gateway_spool_bytes {spool['bytes']}",
+        "# TYPE gateway_spool_max_bytes gauge",
+        f"gateway_spool_max_bytes {spool['max_bytes']}",
+        "# TYPE gateway_spool_refused_total counter",
+        f"gateway_spool_refused_total {spool['refused']}",
+        "# TYPE gateway_spool_quarantined_total counter",
+        f"gateway_spool_quarantined_total {spool['quarantined']}",
+        # Requests refused (4xx, 503 busy) by listener, code and reason: an attack shows here.
+        "# TYPE gateway_http_rejections_total counter",
+        *(
+            f'gateway_http_rejections_total{{listener="{listener}",code="{code}",'
+            f'reason="{reason}"}} {n}'
+            for (listener, code, reason), n in sorted(gw.rejections.counts.items())
+        ),
         "# TYPE gateway_webhook_answers_total counter",
         *(
             f'gateway_webhook_answers_total{{status="{k}"}} {v}'
@@ -194,12 +301,28 @@ async def openapi(request: web.Request) -> web.Response:
     return web.Response(body=_openapi_document(), content_type="application/yaml", charset="utf-8")
 
 
-def build_app(gateway: Gateway) -> web.Application:
-    app = web.Application(client_max_size=gateway.config.max_body_bytes, middlewares=[json_errors])
+def _app(gateway: Gateway, listener: str, *guards: Middleware) -> web.Application:
+    app = web.Application(
+        client_max_size=gateway.config.max_body_bytes,
+        middlewares=[json_errors, *guards, whole_body],
+    )
     app[GATEWAY] = gateway
-    app.router.add_post("/webhook", webhook)
+    app[LISTENER] = listener
     app.router.add_get("/health", health)
     app.router.add_get("/ready", ready)
+    return app
+
+
+def build_public_app(gateway: Gateway) -> web.Application:
+    """What the internet may reach: the webhook, and a load balancer's checks."""
+    app = _app(gateway, "public", _allow_list(gateway))
+    app.router.add_post("/webhook", webhook)
+    return app
+
+
+def build_operator_app(gateway: Gateway) -> web.Application:
+    """What the operator reads and does: never exposed beside the webhook."""
+    app = _app(gateway, "operator", _read_token(gateway))
     app.router.add_get("/coordinator/leader", leader)
     app.router.add_post("/coordinator/resign", resign)
     app.router.add_get("/signals/{signal_id}", signal_by_id)

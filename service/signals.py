@@ -21,7 +21,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, timezone
-from decimal import Decimal
+from decimal import Decimal, InvalidOperation
 from typing import Any, Final
 
 __all__ = [
@@ -62,6 +62,8 @@ class SignalType(enum.StrEnum):
 
 
 _FIELDS: Final = frozenset({"type", "instrument", "position", "lots", "price", "stop", "timestamp"})
+_PAYLOAD_KEYS: Final = _FIELDS | {"extra"}
+_END_OF_TIME: Final = datetime.max.replace(tzinfo=UTC)
 _TYPES: Final = {kind.value: kind for kind in SignalType}
 _TYPE_NAMES: Final = ", ".join(kind.name for kind in SignalType)
 
@@ -101,6 +103,28 @@ class Signal:
             "timestamp": self.timestamp.astimezone(UTC).isoformat().removesuffix("+00:00") + "Z",
             "extra": copy.deepcopy(self.extra),
         }
+
+    @classmethod
+    def from_payload(cls, data: Mapping[str, Any]) -> Signal:
+        """The inverse of `payload`: decimals from their text, exactly.
+
+        Checked as a body is (it may come from a damaged file): anything else
+        raises SignalError. The clock is not checked again: the signal was when
+        it arrived.
+        """
+        payload = _mapping(data)
+        unknown = set(payload) - _PAYLOAD_KEYS
+        if unknown:
+            raise SignalError(f"payload has unknown keys: {', '.join(sorted(map(str, unknown)))}")
+        extra = payload.get("extra", {})
+        if not isinstance(extra, Mapping) or not _FIELDS.isdisjoint(extra) or "secret" in extra:
+            raise SignalError("payload extra must be an object without signal fields", "extra")
+        body = dict(extra)
+        for name in ("type", "instrument", "position", "lots", "timestamp"):
+            body[name] = _required(payload, name)
+        for name in ("price", "stop"):
+            body[name] = _decimal_from_text(payload.get(name), name)
+        return parse_dict(body, now=_END_OF_TIME, max_future_skew=timedelta(0)).signal
 
 
 @dataclass(frozen=True, slots=True)
@@ -484,6 +508,17 @@ def _zone(offset: str) -> timezone:
 
 def _decimal_text(value: Decimal | None) -> str | None:
     return None if value is None else format(value, "f")
+
+
+def _decimal_from_text(text: object, field: str) -> Decimal | None:
+    if text is None:
+        return None
+    if not isinstance(text, str) or len(text) > _MAX_NUMBER_TEXT:
+        raise SignalError(f"{field} must be a number written as text", field)
+    try:
+        return Decimal(text)
+    except InvalidOperation:
+        raise SignalError(f"{field} must be a number written as text", field) from None
 
 
 def _quote(value: object) -> str:

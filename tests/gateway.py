@@ -25,6 +25,7 @@ SECRET = "test-secret-5d1f"
 ADMIN_TOKEN = "admin-token-9c2e"
 FAST = ["--heartbeat", "0.2", "--lease", "0.6", "--evict-after", "1.2", "--sweep-interval", "0.2"]
 _numbers = itertools.count(1)
+PUBLIC_PATHS = frozenset({"/webhook", "/health", "/ready"})
 
 
 def signal_body(
@@ -60,25 +61,36 @@ def sign(raw: bytes, secret: str = SECRET) -> str:
 class GatewayProcess:
     """One `pgleader serve` child; logs to a file the test may read."""
 
-    def __init__(self, dsn: str, instance_id: str, data_dir: Path, *args: str) -> None:
+    def __init__(
+        self, dsn: str, instance_id: str, data_dir: Path, *args: str, log_dir: Path | None = None
+    ) -> None:
         self.dsn = dsn
         self.instance_id = instance_id
         self.data_dir = data_dir
         self.port = free_port()
+        self.operator_port = free_port()
         self.args = list(args)
-        self.log_path = data_dir / f"{instance_id}.log"
+        # A test may put data_dir on a small file system it fills: the log goes elsewhere.
+        self.log_path = (log_dir or data_dir) / f"{instance_id}.log"
         self.proc: asyncio.subprocess.Process | None = None
 
     @property
     def url(self) -> str:
+        """The public listener: the webhook, /health, /ready."""
         return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def operator_url(self) -> str:
+        """The operator's listener: signals, coordinator, admin, metrics."""
+        return f"http://127.0.0.1:{self.operator_port}"
 
     async def start(self, timeout: float = 30) -> None:
         env = {**os.environ, "PGLEADER_WEBHOOK_SECRET": SECRET, "PGLEADER_ADMIN_TOKEN": ADMIN_TOKEN}
         with self.log_path.open("ab") as log:
             self.proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "pgleader", "serve", "--dsn", self.dsn,
-                "--port", str(self.port), "--instance-id", self.instance_id,
+                "--port", str(self.port), "--operator-port", str(self.operator_port),
+                "--instance-id", self.instance_id,
                 "--data-dir", str(self.data_dir), "--log-format", "json", *FAST, *self.args,
                 stdout=asyncio.subprocess.PIPE, stderr=log, env=env,
             )  # fmt: skip
@@ -145,7 +157,9 @@ class Cluster:
             return resp.status, await resp.json(content_type=None)
 
     async def get(self, node: GatewayProcess, path: str) -> tuple[int, dict[str, Any]]:
-        async with self.http.get(f"{node.url}{path}") as resp:
+        """GET a path from the listener that serves it (public or operator)."""
+        base = node.url if path in PUBLIC_PATHS else node.operator_url
+        async with self.http.get(f"{base}{path}") as resp:
             return resp.status, await resp.json(content_type=None)
 
     async def leader(self, timeout: float = 15) -> GatewayProcess:

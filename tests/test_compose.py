@@ -270,7 +270,8 @@ def test_each_gateway_waits_for_a_healthy_postgres_and_reports_ready(services, g
     assert "pg_isready" in " ".join(services["postgres"]["healthcheck"]["test"])
     for name, gateway in gateways.items():
         assert gateway["depends_on"]["postgres"]["condition"] == "service_healthy", name
-        port = parse_cli(gateway["command"]).port
+        # On the operator's listener: the public one's allow-list may refuse 127.0.0.1.
+        port = parse_cli(gateway["command"]).operator_port
         check = " ".join(gateway["healthcheck"]["test"])
         assert f":{port}/ready" in check, f"{name}'s healthcheck must ask /ready on port {port}"
 
@@ -374,7 +375,17 @@ def test_image_exposes_the_port_the_gateways_listen_on(dockerfile, gateways):
         int(p.split("/")[0]) for args in instructions(dockerfile, "EXPOSE") for p in args.split()
     }
     for name, gateway in gateways.items():
-        assert parse_cli(gateway["command"]).port in exposed, name
+        args = parse_cli(gateway["command"])
+        assert {args.port, args.operator_port} <= exposed, name
+
+
+def test_no_gateway_publishes_a_port_only_the_load_balancer_does(services, gateways):
+    """The operator's listener (signals, metrics, coordinator) stays on the compose
+    network; the outside reaches the public listener through HAProxy only."""
+    for name, gateway in gateways.items():
+        assert not gateway.get("ports"), f"{name} publishes {gateway['ports']}"
+        args = parse_cli(gateway["command"])
+        assert args.operator_host == "0.0.0.0" and args.operator_port != args.port, name
 
 
 def test_secrets_and_local_state_stay_out_of_the_build_context():

@@ -77,7 +77,7 @@ def nothing_stored(fuzz_dsn: str) -> Iterator[None]:
 
 
 def _leader_view(gw: GatewayProcess) -> dict[str, Any]:
-    conn = http.client.HTTPConnection("127.0.0.1", gw.port, timeout=5)
+    conn = http.client.HTTPConnection("127.0.0.1", gw.operator_port, timeout=5)
     try:
         conn.request("GET", "/coordinator/leader")
         return dict(json.loads(conn.getresponse().read()))

@@ -79,7 +79,7 @@ async def test_only_the_leader_listens_and_its_own_signals_send_no_notify(gw):
     assert await gw.settled([other["signal_id"]]) == {other["signal_id"]: "executed"}
 
     # A handover moves the ear with the leadership: the old leader hangs up.
-    url = f"{leader.url}/coordinator/resign"
+    url = f"{leader.operator_url}/coordinator/resign"
     async with gw.http.post(url, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}) as resp:
         assert resp.status == 200
     await until(lambda: only_listener_is(follower))
@@ -248,7 +248,7 @@ async def test_graceful_shutdown_resigns_and_a_follower_takes_over(gw):
 async def test_admin_resign_needs_the_token_and_hands_over(gw):
     await gw.start(2)
     first = await gw.leader()
-    url = f"{first.url}/coordinator/resign"
+    url = f"{first.operator_url}/coordinator/resign"
     async with gw.http.post(url) as resp:
         assert resp.status == 401
     async with gw.http.post(url, headers={"Authorization": "Bearer wrong"}) as resp:
@@ -273,13 +273,13 @@ async def test_http_surface_answers_json(gw):
     assert (await gw.get(node, "/signals/abc"))[0] == 400
     assert (await gw.get(node, "/signals/999999"))[0] == 404
     assert (await gw.get(node, "/nope"))[1]["status"] == "not_found"
-    async with gw.http.get(f"{node.url}/metrics") as resp:
+    async with gw.http.get(f"{node.operator_url}/metrics") as resp:
         text = await resp.text()
     assert "pgleader_is_leader 1" in text
     assert "gateway_inbox_writes_total 0" in text
     status, answer = await gw.post(node, signal_body())
     assert (status, answer["status"]) == (200, "executed")
-    async with gw.http.get(f"{node.url}/metrics") as resp:
+    async with gw.http.get(f"{node.operator_url}/metrics") as resp:
         text = await resp.text()
     for line in (
         "gateway_inbox_writes_total 1",

@@ -24,13 +24,15 @@ from schemathesis import GenerationMode
 
 from service.app import Gateway
 from service.config import ServiceConfig
-from service.http import OPENAPI_PATH, build_app
+from service.http import OPENAPI_PATH, build_operator_app, build_public_app
 from tests.conftest import cloned_database
-from tests.gateway import GatewayProcess, signal_body, until
+from tests.gateway import PUBLIC_PATHS, GatewayProcess, signal_body, until
 
 SPEC: dict[str, Any] = yaml.safe_load(OPENAPI_PATH.read_text())
 METHODS = ("get", "put", "post", "delete", "options", "head", "patch", "trace")
-OPERATIONS = sorted((method, path) for path, item in SPEC["paths"].items() for method in item)
+OPERATIONS = sorted(
+    (method, path) for path, item in SPEC["paths"].items() for method in item if method in METHODS
+)
 CHECKS = [
     schemathesis.checks.not_a_server_error,
     schemathesis.checks.status_code_conformance,
@@ -92,10 +94,7 @@ def test_every_error_answer_has_the_documented_json_shape():
             assert ref.rsplit("/", 1)[-1] in expected, (method, path, code, ref)
 
 
-async def test_every_route_is_documented_and_nothing_else(tmp_path):
-    dsn = "host=127.0.0.1 dbname=unused"  # the app is only built, never started
-    gateway = Gateway(ServiceConfig(dsn=dsn, webhook_secret="x", data_dir=tmp_path), dsn)
-    app = build_app(gateway)
+def _routes(app: Any) -> set[tuple[str, str]]:
     routes = set()
     for resource in app.router.resources():
         info = resource.get_info()
@@ -105,7 +104,19 @@ async def test_every_route_is_documented_and_nothing_else(tmp_path):
         if "get" in methods:
             methods.discard("head")
         routes |= {(method, path) for method in methods}
-    assert routes == set(OPERATIONS)
+    return routes
+
+
+async def test_every_route_is_documented_on_its_listener_and_nothing_else(tmp_path):
+    dsn = "host=127.0.0.1 dbname=unused"  # the apps are only built, never started
+    gateway = Gateway(ServiceConfig(dsn=dsn, webhook_secret="x", data_dir=tmp_path), dsn)
+    public, operator = _routes(build_public_app(gateway)), _routes(build_operator_app(gateway))
+    assert public | operator == set(OPERATIONS)
+    for method, path in OPERATIONS:
+        on_operator = "servers" in SPEC["paths"][path]  # the operator's listener says so
+        assert (method, path) in (operator if on_operator else public), (method, path)
+        if not on_operator:
+            assert path in PUBLIC_PATHS
 
 
 # --- a live instance ----------------------------------------------------------------
@@ -118,10 +129,17 @@ def openapi_dsn(pg_template: Any) -> Iterator[str]:
         yield dsn
 
 
+def base_url(node: GatewayProcess, path: str) -> str:
+    """The listener that serves `path` (a template like /signals/{signal_id} included)."""
+    public = path in PUBLIC_PATHS or path in ("/nope",)
+    return node.url if public else node.operator_url
+
+
 def request(
     node: GatewayProcess, method: str, path: str, body: bytes | None = None
 ) -> tuple[int, str, bytes]:
-    conn = http.client.HTTPConnection("127.0.0.1", node.port, timeout=10)
+    port = node.port if base_url(node, path) == node.url else node.operator_port
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
     try:
         conn.request(method, path, body=body, headers={"Content-Type": "application/json"})
         resp = conn.getresponse()
@@ -157,7 +175,7 @@ def test_the_document_is_served_at_openapi_yaml(node):
 @pytest.fixture(scope="module")
 def api_schema(node: GatewayProcess) -> Any:
     """The document as the live instance serves it (requests go to node.url, not `servers`)."""
-    return schemathesis.openapi.from_url(f"{node.url}/openapi.yaml")
+    return schemathesis.openapi.from_url(f"{node.operator_url}/openapi.yaml")
 
 
 # Examples per operation and mode: enough for every documented answer of this surface
@@ -181,7 +199,7 @@ def test_live_answers_conform_to_the_document(api_schema, node, method, path):
         @FUZZ
         @given(case=operation.as_strategy(generation_mode=mode))
         def conforms(case: Any) -> None:
-            case.call_and_validate(base_url=node.url, checks=CHECKS, timeout=10)
+            case.call_and_validate(base_url=base_url(node, path), checks=CHECKS, timeout=10)
 
         conforms()
 
@@ -204,7 +222,7 @@ def test_signal_lookups_answer_as_documented(api_schema, node, path, status):
     case = operation.Case(path_parameters={"signal_id": raw_id})
     got, _, body = request(node, "GET", path)
     assert got == status, body
-    response = case.call(base_url=node.url, timeout=10)
+    response = case.call(base_url=node.operator_url, timeout=10)
     case.validate_response(response, checks=CHECKS)
 
 

@@ -26,7 +26,7 @@ from psycopg.conninfo import make_conninfo
 
 import service.auth
 from pgleader.embedded import find_bindir
-from tests.gateway import Cluster, GatewayProcess, cluster, signal_body, until
+from tests.gateway import PUBLIC_PATHS, Cluster, GatewayProcess, cluster, signal_body, until
 
 ROOT = Path(__file__).resolve().parent.parent
 WEBHOOK_SECRET = "wh-secret-Q7v9ZpL2"
@@ -82,10 +82,10 @@ async def test_secrets_never_appear_in_logs_or_answers(gw, dsn):
         gw, "sec1", with_password, "--webhook-secret", WEBHOOK_SECRET, "--admin-token", ADMIN_TOKEN
     )
     await gw.leader()
-    url = node.url
     answers: list[tuple[str, int, dict[str, str], bytes]] = []
 
     async def drive(label: str, method: str, path: str, **kwargs: Any) -> int:
+        url = node.url if path in PUBLIC_PATHS | {"/nope"} else node.operator_url
         status, headers, body = await call(gw, method, url + path, **kwargs)
         answers.append((label, status, headers, body))
         return status
@@ -197,11 +197,11 @@ async def test_admin_endpoints_are_off_without_a_token_and_need_the_right_one(gw
     off = await start(gw, "off1", dsn, "--admin-token", "")  # overrides PGLEADER_ADMIN_TOKEN
     on = await start(gw, "on1", dsn, "--admin-token", ADMIN_TOKEN)
     await gw.leader()
-    url = f"{off.url}/coordinator/resign"
+    url = f"{off.operator_url}/coordinator/resign"
     for headers in ({}, {"Authorization": "Bearer "}, {"Authorization": f"Bearer {ADMIN_TOKEN}"}):
         status, _, raw = await call(gw, "POST", url, headers=headers)
         assert (status, json.loads(raw)["status"]) == (403, "forbidden"), raw
-    url = f"{on.url}/coordinator/resign"
+    url = f"{on.operator_url}/coordinator/resign"
     for authorization in (
         None,
         "",

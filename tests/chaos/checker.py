@@ -3,23 +3,29 @@
 Invariants:
   once        no signal reached the broker more than once
   no-loss     every signal answered 2xx is executed, or in an explicit terminal
-              state (rejected, expired, in_doubt) with an alert recorded
+              state (rejected, expired, in_doubt) with an alert recorded; a
+              `202 spooled` answer counts like any other (a 503 promises nothing),
+              so a signal spooled on a full disk and then lost is named here
   fenced      no order was claimed under an epoch older than the newest epoch
               at the moment its claim committed (commit timestamps)
   epochs      epochs strictly increase and leadership intervals never overlap
               by the database clock
-  spool       every instance's spool is empty at the end
+  spool       every instance's spool is empty at the end (the small disk's too)
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import time
 from collections import Counter
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import psycopg
+
+from tests.chaos.harness import DISK_FULL_NODE, answer_of
 
 if TYPE_CHECKING:
     from tests.chaos.harness import Campaign
@@ -37,13 +43,71 @@ async def _rows(conn: psycopg.AsyncConnection[Any], sql: str) -> list[tuple[Any,
     return await cur.fetchall()
 
 
-def _spooled(c: Campaign) -> int:
+def _spool_dirs(c: Campaign) -> set[Path]:
+    return {node.data_dir / "spool" for node in c.nodes.values()}
+
+
+def _spooled(c: Campaign, under: str = "") -> int:
+    """Lines in the spool files (`under="quarantine"`: the quarantined ones)."""
     return sum(
         1
-        for f in (c.workdir / "spool").glob("*.jsonl")
-        for line in f.read_text().splitlines()
-        if line
+        for d in _spool_dirs(c)
+        for f in (d / under).glob("*.jsonl")
+        for line in _read(f).splitlines()
+        if line.strip()
     )
+
+
+def _read(path: Path) -> bytes:
+    """A spool file's bytes; none once a replay removed it between listing and reading."""
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        return b""
+
+
+def _traces(c: Campaign, fingerprint: str, instance: str) -> str:
+    """For a lost signal: the spool files (or quarantine) that still hold its fingerprint,
+    and the answering instance's log lines that name it."""
+    found = [
+        str(f)
+        for d in _spool_dirs(c)
+        if d.is_dir()
+        for f in sorted(d.rglob("*"))
+        if f.is_file() and fingerprint.encode() in _read(f)
+    ]
+    where = f"; its fingerprint is in {', '.join(found)}" if found else "; on no spool file"
+    node = c.nodes.get(instance)
+    lines = []
+    with contextlib.suppress(OSError):
+        if node is not None:
+            lines = [line for line in node.log_path.read_text().splitlines() if fingerprint in line]
+    return where + "".join(f"\n      {instance} log: {line}" for line in lines[:5])
+
+
+def _disk_full(c: Campaign, lost: set[str]) -> dict[str, Any]:
+    """What the small-disk instance answered during disk_full faults: while its disk
+    was full, and once freed (both inside the database outage). By the time of the
+    answer, which is when the instance tried its spool."""
+    phases: dict[str, Counter[str]] = {"full": Counter(), "freed": Counter()}
+    for r in c.history.requests:
+        if r.instance != DISK_FULL_NODE:
+            continue
+        for _, filled, freed, back in c.history.disk_full:
+            if filled <= r.answered_at < freed:
+                phase = phases["full"]
+            elif freed <= r.answered_at < back:
+                phase = phases["freed"]
+            else:
+                continue
+            phase[answer_of(r)] += 1
+            if r.fingerprint in lost:
+                phase["lost"] += 1
+    return {
+        "faults": len(c.history.disk_full),
+        "mode": c.disk.mode if c.disk else None,
+        **{k: dict(v) for k, v in phases.items()},
+    }
 
 
 WARM_UP_S = 5.0  # a process still importing its modules is not a baseline
@@ -116,11 +180,15 @@ async def check(c: Campaign, quiet: float) -> dict[str, Any]:
         # no-loss
         accepted = [r for r in c.history.requests if r.status is not None and 200 <= r.status < 300]
         executed = terminal = 0
+        lost: set[str] = set()
         for r in accepted:
             found = signals.get(r.fingerprint)
             if found is None:
+                lost.add(r.fingerprint)
                 violations.append(
-                    f"no-loss: {r.fingerprint[:12]} answered {r.status} {r.body} by {r.instance} is not in the inbox"
+                    f"no-loss: {r.fingerprint} answered {r.status} {r.body} by {r.instance}"
+                    f" (sent at +{r.sent_at - c.history.started:.2f} s) is not in the inbox"
+                    + _traces(c, r.fingerprint, r.instance)
                 )
                 continue
             sid, status = found
@@ -185,11 +253,11 @@ async def check(c: Campaign, quiet: float) -> dict[str, Any]:
         "requests": len(c.history.requests),
         "accepted": len(accepted),
         "unanswered": sum(r.status is None for r in c.history.requests),
-        "answers": dict(
-            Counter(
-                f"{r.status} {(r.body or {}).get('status')}" for r in c.history.requests if r.status
-            )
-        ),
+        "answers": dict(Counter(answer_of(r) for r in c.history.requests if r.status)),
+        "spooled_answers": sum(answer_of(r) == "202 spooled" for r in accepted),
+        # a line cut short by a kill mid-append (never answered): kept, not a loss
+        "quarantined": _spooled(c, "quarantine"),
+        "disk_full": _disk_full(c, lost),
         "executed": executed,
         "terminal": terminal,
         "epochs": len(history),

@@ -3,7 +3,7 @@
     PostgreSQL (owned by the campaign: restarted, stopped)
       ^ ^ ^   one blackholing proxy per instance (partitions)
     gw1 gw2 gw3   real `pgleader serve` processes (SIGKILL, SIGSTOP, SIGTERM)
-      ^ ^ ^
+      ^ ^ ^       gw3's data directory (its spool) on a small disk of its own (disk_full)
     load generator: distinct signals round-robin at a steady rate, every
     request and answer logged
 
@@ -35,13 +35,29 @@ from pgleader.embedded import EmbeddedPostgres
 from pgleader.migrations import migrate
 from service.signals import fingerprint_raw
 from tests.chaos.proxy import BlackholeProxy
+from tests.diskfull import SmallDisk
 from tests.gateway import GatewayProcess, signal_body
 
-FAULTS = ("kill", "pause", "partition", "restart_fast", "restart_immediate", "db_down", "sigterm")
+FAULTS = (
+    "kill",
+    "pause",
+    "partition",
+    "restart_fast",
+    "restart_immediate",
+    "db_down",
+    "sigterm",
+    "disk_full",
+)
 # Fast election timings so a campaign fits in minutes; the rules of Timings still hold.
 TIMINGS = ["--heartbeat", "0.2", "--lease", "0.6", "--evict-after", "1.2"]
 EXTRA = ["--sweep-interval", "0.2", "--broker-timeout", "1.0", "--startup-timeout", "120"]
 EVICT_AFTER = 1.2
+# The instance whose data directory is on a small disk; big enough for every outage's spool.
+DISK_FULL_NODE = "gw3"
+SMALL_DISK_BYTES = 4 << 20
+# Less room than one spooled record (~310 bytes here): an append that does not fit must be
+# refused whole (503), never half-written and answered 202.
+DISK_FULL_LEAVE = 200
 
 
 @dataclass
@@ -51,13 +67,24 @@ class Request:
     fingerprint: str
     status: int | None  # None: no answer (refused, timed out)
     body: dict[str, Any] | None
+    answered_at: float  # or given up on; the instance spooled or refused just before
+
+
+def answer_of(r: Request) -> str:
+    """An answer as the summary counts it: "202 spooled", "503 unavailable", "no answer"."""
+    if r.status is None:
+        return "no answer"
+    return f"{r.status} {(r.body or {}).get('status')}"
 
 
 @dataclass
 class History:
     seed: int
+    started: float = field(default_factory=time.monotonic)
     requests: list[Request] = field(default_factory=list)
     faults: list[tuple[float, str, str]] = field(default_factory=list)  # (time, fault, target)
+    # each disk_full fault's (database down, disk filled, disk freed, database back) times
+    disk_full: list[tuple[float, float, float, float]] = field(default_factory=list)
 
     # (time, instance, pid, rss_kb, connections): the soak's resource samples
     samples: list[tuple[float, str, int, int, int]] = field(default_factory=list)
@@ -66,7 +93,8 @@ class History:
 
     def fault(self, kind: str, target: str) -> None:
         self.faults.append((time.monotonic(), kind, target))
-        print(f"  fault {kind:18} {target}", flush=True)
+        at = time.monotonic() - self.started
+        print(f"  fault {kind:18} {target:8} +{at:.1f} s", flush=True)
 
 
 class Campaign:
@@ -80,6 +108,7 @@ class Campaign:
         self.server = EmbeddedPostgres(workdir / "pg")
         self.proxies: dict[str, BlackholeProxy] = {}
         self.nodes: dict[str, GatewayProcess] = {}
+        self.disk: SmallDisk | None = None
         self._load_stop = asyncio.Event()
 
     # -- set-up ---------------------------------------------------------------
@@ -87,20 +116,35 @@ class Campaign:
     async def start(self) -> None:
         await asyncio.to_thread(self.server.start)
         await migrate(self.server.dsn)
+        self.disk = SmallDisk(SMALL_DISK_BYTES)
         for name in ("gw1", "gw2", "gw3"):
             proxy = BlackholeProxy(self.server.port)
             await proxy.start()
             self.proxies[name] = proxy
             dsn = f"host=127.0.0.1 port={proxy.port} user=postgres dbname=postgres"
-            self.nodes[name] = GatewayProcess(dsn, name, self.workdir, *TIMINGS, *EXTRA)
-        await asyncio.gather(*(node.start() for node in self.nodes.values()))
+            data_dir = self.disk.path if name == DISK_FULL_NODE else self.workdir
+            self.nodes[name] = GatewayProcess(
+                dsn, name, data_dir, *TIMINGS, *EXTRA, log_dir=self.workdir
+            )
+        await asyncio.gather(*(self.start_node(node) for node in self.nodes.values()))
+
+    async def start_node(self, node: GatewayProcess) -> None:
+        """(Re)start an instance; the small disk's limit follows its new process."""
+        await node.start()
+        if node.instance_id == DISK_FULL_NODE and self.disk is not None:
+            assert node.proc is not None
+            self.disk.watch(node.proc.pid)
 
     async def stop(self) -> None:
-        for node in self.nodes.values():
-            await node.stop()
-        for proxy in self.proxies.values():
-            await proxy.stop()
-        await asyncio.to_thread(self.server.stop, "immediate")
+        try:
+            for node in self.nodes.values():
+                await node.stop()
+            for proxy in self.proxies.values():
+                await proxy.stop()
+            await asyncio.to_thread(self.server.stop, "immediate")
+        finally:
+            if self.disk is not None:  # whatever failed: a mount would outlive the campaign
+                self.disk.close()
 
     # -- load -----------------------------------------------------------------
 
@@ -136,7 +180,7 @@ class Campaign:
         except (aiohttp.ClientError, TimeoutError, json.JSONDecodeError):
             pass  # refused, reset or timed out: no answer, no promise made
         self.history.requests.append(
-            Request(sent, node.instance_id, fingerprint_raw(body), status, answer)
+            Request(sent, node.instance_id, fingerprint_raw(body), status, answer, time.monotonic())
         )
 
     # -- soak -----------------------------------------------------------------
@@ -227,6 +271,9 @@ class Campaign:
             await asyncio.sleep(rnd.uniform(2, 4))
             await asyncio.to_thread(self.server.start)
             return
+        if kind == "disk_full":
+            await self.disk_full()
+            return
         target = await self.leader()
         if target is None:
             return
@@ -236,12 +283,12 @@ class Campaign:
             target.signal(signal.SIGKILL)
             await target.wait()
             await asyncio.sleep(rnd.uniform(0.5, 2))
-            await target.start()
+            await self.start_node(target)
         elif kind == "sigterm":
             target.signal(signal.SIGTERM)
             with contextlib.suppress(TimeoutError):
                 await target.wait(40)
-            await target.start()
+            await self.start_node(target)
         elif kind == "pause":
             target.signal(signal.SIGSTOP)
             await asyncio.sleep(EVICT_AFTER + rnd.uniform(0.5, 2))
@@ -251,6 +298,54 @@ class Campaign:
             proxy.blackhole()
             await asyncio.sleep(EVICT_AFTER + rnd.uniform(0.5, 3))
             proxy.heal()
+
+    async def disk_full(self) -> None:
+        """PostgreSQL down while one instance's data directory fills up, then frees.
+
+        The database goes first and the disk fills once the instance has spooled a
+        signal, so its spool file ends part way through a block: the next appends
+        fit, or are cut short crossing into a block the full disk cannot give. Each
+        signal it cannot spool whole must be answered 503 (TradingView retries 5xx);
+        once the disk is freed, still in the outage, it spools (202) again. Each
+        phase lasts until the instance has given the answer it is there to provoke
+        (bounded): an answer in an outage waits for the pool's timeout first.
+        """
+        assert self.disk is not None
+        rnd = self.random
+        self.history.fault("disk_full", DISK_FULL_NODE)
+        down = time.monotonic()
+        await asyncio.to_thread(self.server.stop, "fast")
+        await self._answered(down, "202 spooled", 1, at_least=rnd.uniform(0.3, 0.8), at_most=4)
+        await asyncio.to_thread(self.disk.fill, DISK_FULL_LEAVE)
+        filled = time.monotonic()
+        await self._answered(filled, "503", 1, at_least=rnd.uniform(1.5, 2.5), at_most=6)
+        await asyncio.to_thread(self.disk.free)
+        freed = time.monotonic()
+        await self._answered(freed, "202 spooled", 2, at_least=rnd.uniform(1.0, 2.0), at_most=6)
+        await asyncio.to_thread(self.server.start)
+        self.history.disk_full.append((down, filled, freed, time.monotonic()))
+
+    async def _answered(
+        self, since: float, answer: str, n: int, *, at_least: float, at_most: float
+    ) -> None:
+        """Wait `at_least` seconds, then until the small-disk instance has given `n`
+        answers starting with `answer` (e.g. "503", "202 spooled") since `since`;
+        `at_most` seconds from `since` in all."""
+
+        def given() -> int:
+            total = 0
+            for r in reversed(self.history.requests):  # in the order answered
+                if r.answered_at < since:
+                    break
+                if r.instance == DISK_FULL_NODE and answer_of(r).startswith(answer):
+                    total += 1
+            return total
+
+        await asyncio.sleep(at_least)
+        while time.monotonic() < since + at_most:
+            if given() >= n:
+                return
+            await asyncio.sleep(0.1)
 
     async def faults(self, kinds: list[str]) -> None:
         for kind in kinds:
@@ -278,15 +373,19 @@ class Campaign:
             load = asyncio.create_task(self.load(http))
             sampler = asyncio.create_task(self.sample())
             started = time.monotonic()
-            await self.faults(kinds)
-            await asyncio.sleep(max(0.0, self.duration - (time.monotonic() - started)))
-            self._load_stop.set()
-            await load
-            await sampler
+            try:
+                await self.faults(kinds)
+                await asyncio.sleep(max(0.0, self.duration - (time.monotonic() - started)))
+            finally:  # a fault that raised still lets the load finish on an open session
+                self._load_stop.set()
+                await load
+                await sampler
         await self.heal_all()
         return await check(self, quiet)
 
     async def heal_all(self) -> None:
+        if self.disk is not None:
+            await asyncio.to_thread(self.disk.free)
         for proxy in self.proxies.values():
             proxy.heal()
         if not await asyncio.to_thread(self.server.is_running):
@@ -294,7 +393,7 @@ class Campaign:
         for node in self.nodes.values():
             node.signal(signal.SIGCONT)
             if node.proc is None or node.proc.returncode is not None:
-                await node.start()
+                await self.start_node(node)
 
 
 def _rss_kb(pid: int) -> int:
@@ -307,6 +406,16 @@ def _rss_kb(pid: int) -> int:
     return 0
 
 
+def _disk_full_row(d: dict[str, Any]) -> str:
+    def answers(phase: dict[str, int]) -> str:
+        return ", ".join(f"{k} x{v}" for k, v in sorted(phase.items())) or "nothing"
+
+    return (
+        f"disk_full x{d['faults']} on {DISK_FULL_NODE} ({d['mode']}): while full {answers(d['full'])};"
+        f" once freed {answers(d['freed'])}"
+    )
+
+
 def summary(result: dict[str, Any]) -> str:
     faults = Counter(kind for _, kind, _ in result["faults"])
     rows = [
@@ -317,6 +426,9 @@ def summary(result: dict[str, Any]) -> str:
         f" inbox {result['inbox']} (a signal stored before its instance died unanswered still runs)",
         f"  epochs {result['epochs']}, broker requests {result['broker_requests']}",
         "  faults: " + ", ".join(f"{k} x{v}" for k, v in sorted(faults.items())),
+        f"  202 spooled answers {result['spooled_answers']}, each checked in the inbox;"
+        f" spool lines quarantined {result['quarantined']}",
+        f"  {_disk_full_row(result['disk_full'])}",
         "  invariants: " + ", ".join(result["invariants"]),
         f"  soak: RSS per instance {result['soak']['rss_mb']} MB (first -> last -> max of the"
         f" longest-lived process), sessions per instance max {result['soak']['max_sessions']}",

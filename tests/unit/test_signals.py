@@ -577,6 +577,50 @@ def test_valid_body_round_trips_into_the_payload(body: dict[str, Any]) -> None:
 
 @PROPERTIES
 @given(valid_bodies())
+def test_from_payload_is_the_inverse_of_payload(body: dict[str, Any]) -> None:
+    signal = parse_dict(body, now=NOW).signal
+    stored = json.loads(json.dumps(signal.payload(), allow_nan=False))
+
+    assert Signal.from_payload(stored) == signal
+    assert Signal.from_payload(stored).payload() == stored
+
+
+def test_from_payload_reads_decimals_from_their_text_exactly() -> None:
+    raw = b'{"type": "exit", "instrument": "X", "position": "L", "price": 52000.123456789012345678901234,'
+    raw += b' "stop": 51499.99999999999999999999, "timestamp": "2026-11-23T09:15:00Z"}'
+    payload = json.loads(json.dumps(parse_body(raw, now=NOW).signal.payload()))
+
+    signal = Signal.from_payload(payload)
+
+    assert str(signal.price) == "52000.123456789012345678901234"
+    assert str(signal.stop) == "51499.99999999999999999999"
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"price": 24150.5}, "price must be a number written as text"),
+        ({"price": "NaN"}, "NaN or infinite"),
+        ({"stop": "abc"}, "stop must be a number written as text"),
+        ({"type": None}, "missing field: type"),
+        ({"lots": "2"}, "lots must be a positive integer"),
+        ({"timestamp": "yesterday"}, "timestamp must look like"),
+        ({"secret": "s3cret"}, "unknown keys: secret"),
+        ({"extra": {"price": "1"}}, "extra must be an object without signal fields"),
+        ({"extra": []}, "extra must be an object without signal fields"),
+    ],
+)
+def test_from_payload_refuses_a_damaged_payload(change: dict[str, Any], message: str) -> None:
+    payload = parse(entry()).signal.payload()
+    payload.update(change)
+    payload = {key: value for key, value in payload.items() if value is not None}
+
+    with pytest.raises(SignalError, match=message):
+        Signal.from_payload(payload)
+
+
+@PROPERTIES
+@given(valid_bodies())
 def test_fingerprint_of_the_parsed_signal_equals_the_raw_fingerprint(body: dict[str, Any]) -> None:
     assert fingerprint(parse_dict(body, now=NOW).signal) == fingerprint_raw(body)
 
