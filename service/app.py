@@ -43,6 +43,8 @@ log = structlog.get_logger("service")
 _PERMANENT = ("password authentication failed", "does not exist", "no pg_hba.conf entry",
               "invalid", "<unparsable DSN>", "role")  # fmt: skip
 _UNAVAILABLE = (psycopg.OperationalError, PoolTimeout)
+# How long a webhook waits for its inbox write before it spools the signal instead.
+_STORE_BUDGET = 1.5
 # Inline executions that ended here: answered 200 with the outcome (else 202 accepted).
 _ANSWERED = frozenset({"executed", "failed", "expired", "rejected"})
 
@@ -140,8 +142,12 @@ class Gateway:
         Returns the HTTP status and JSON answer."""
         leading = self.elector.is_leader
         try:
-            stored = await self.inbox.store(signal, fp, notify=not leading)
-        except _UNAVAILABLE as exc:
+            # A database that hangs instead of refusing must not hold the answer past
+            # TradingView's 3 s: spool instead. The write goes on and may still commit:
+            # replay then finds the fingerprint stored, nothing is executed twice.
+            async with asyncio.timeout(_STORE_BUDGET):
+                stored = await self.inbox.store(signal, fp, notify=not leading)
+        except (*_UNAVAILABLE, TimeoutError) as exc:
             try:
                 await self.spool.append(signal, fp, datetime.now(UTC))
             except SpoolError as spool_exc:  # the spool alerts; one line per refusal here
@@ -154,7 +160,8 @@ class Gateway:
                     "error": f"database unreachable and the spool refused the signal"
                     f" ({spool_exc.reason}); retry",
                 }
-            log.error("database unreachable: signal spooled", fingerprint=fp, error=_line(exc))
+            why = "no answer within the budget" if isinstance(exc, TimeoutError) else _line(exc)
+            log.error("database unreachable: signal spooled", fingerprint=fp, error=why)
             return 202, {"status": "spooled", "fingerprint": fp}
         if stored.duplicate:
             return 200, {"status": "duplicate", "signal_id": stored.signal_id}

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -49,6 +52,40 @@ async def test_database_down_spools_then_replays_once_even_across_an_instance_re
     assert not any(f.exists() and f.read_text().strip() for f in spooled)  # replayed: gone
     status, answer = await gw_own.post(again, body)
     assert (status, answer["status"]) == (200, "duplicate")
+
+
+async def test_a_hung_database_still_gets_every_signal_answered_within_three_seconds(
+    gw_own, own_server
+):
+    """A database that stops answering (not refusing) must not hold the webhook past
+    TradingView's 3 s: the signal is spooled, and executed once when it wakes up."""
+    (node,) = await gw_own.start(1)
+    await gw_own.leader()
+    postmaster = own_server.postmaster_pid()
+    assert postmaster is not None
+    children = Path(f"/proc/{postmaster}/task/{postmaster}/children").read_text()
+    paused = [postmaster, *map(int, children.split())]
+    for pid in paused:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        bodies = [signal_body(position=f"Long_hung_{n}") for n in range(3)]
+
+        async def timed(body: dict[str, Any]) -> tuple[float, int, dict[str, Any]]:
+            started = time.monotonic()
+            status, answer = await gw_own.post(node, body)
+            return time.monotonic() - started, status, answer
+
+        answers = await asyncio.gather(*(timed(body) for body in bodies))
+    finally:
+        for pid in paused:
+            os.kill(pid, signal.SIGCONT)
+    for elapsed, status, answer in answers:
+        assert (status, answer["status"]) == (202, "spooled"), answer
+        assert elapsed < 3.0, f"answered after {elapsed:.2f} s: TradingView gave up at 3 s"
+    await until(lambda: gw_own.scalar("select count(*) = 3 from gateway.signals"), timeout=30)
+    ids = [r[0] for r in await gw_own.query("select id from gateway.signals")]
+    assert set((await gw_own.settled(ids)).values()) == {"executed"}
+    assert await gw_own.broker_requests_per_signal() == {sid: 1 for sid in ids}
 
 
 async def test_ready_turns_503_while_the_database_is_down_and_back_after(gw_own, own_server):
