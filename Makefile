@@ -46,7 +46,7 @@ run: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy pgleader
+	$(BIN)/mypy pgleader service
 
 # pytest exits non-zero (5) when it collects no test, so an empty run fails too.
 test: lint debs

@@ -29,10 +29,10 @@ from typing import Any
 import psycopg
 
 from bench.harness import progress, run_main, statement_server, webhook_body
-from service.brokers import _PLACE
-from service.execution import _CLAIM, _COMPLETE
-from service.inbox import Incoming, parse_notification, store_signals
-from service.signals import fingerprint, parse_body
+from service.brokers.paper import _PLACE
+from service.execution.executor import _CLAIM, _COMPLETE
+from service.intake.inbox import Incoming, parse_notification, store_signals
+from service.intake.signals import fingerprint, parse_body
 
 __all__ = ["main"]
 

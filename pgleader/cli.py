@@ -22,7 +22,7 @@ import psycopg
 from pgleader import __version__
 from pgleader.config import Timings, resolve_dsn
 from pgleader.connect import connect
-from pgleader.errors import ConfigError, PgLeaderError
+from pgleader.errors import ConfigError, PgLeaderError, first_line
 
 T = TypeVar("T")
 
@@ -198,8 +198,5 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except psycopg.Error as exc:
-        lines = str(exc).strip().splitlines()
-        print(
-            f"pgleader {args.verb}: database error: {lines[0] if lines else exc}", file=sys.stderr
-        )
+        print(f"pgleader {args.verb}: database error: {first_line(exc)}", file=sys.stderr)
         return 1

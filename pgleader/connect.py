@@ -10,7 +10,7 @@ from psycopg import AsyncConnection
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from pgleader.config import Timings
-from pgleader.errors import DatabaseUnavailable
+from pgleader.errors import DatabaseUnavailable, first_line
 
 __all__ = ["connect", "describe_dsn", "lock_session_conninfo", "with_settings"]
 
@@ -65,9 +65,8 @@ async def connect(conninfo: str, *, timeout: float = 5.0, **kwargs: Any) -> Asyn
             conninfo, connect_timeout=max(2, math.ceil(timeout)), **kwargs
         )
     except psycopg.Error as exc:
-        lines = str(exc).strip().splitlines()
         # libpq says "connection failed: connection to server at ... failed: <why>"
-        reason = lines[0].rsplit("failed: ", 1)[-1].strip() if lines else type(exc).__name__
+        reason = first_line(exc).rsplit("failed: ", 1)[-1].strip()
         raise DatabaseUnavailable(
             f"cannot connect to PostgreSQL at {describe_dsn(conninfo)}: {reason}"
         ) from exc

@@ -19,7 +19,6 @@ import asyncio
 import contextlib
 import functools
 import os
-import random
 import socket
 import time
 from collections.abc import AsyncIterator, Callable
@@ -33,7 +32,7 @@ from psycopg import AsyncConnection
 from pgleader import __version__
 from pgleader.config import LogLevels, Timings, default_instance_id
 from pgleader.connect import connect, describe_dsn, lock_session_conninfo
-from pgleader.errors import DatabaseUnavailable, NotLeader
+from pgleader.errors import DatabaseUnavailable, NotLeader, backoff, first_line
 from pgleader.fencing import check_epoch
 
 __all__ = ["Elector", "Transition"]
@@ -232,13 +231,13 @@ class Elector:
                 pause = await self._lead(conn)
             except Exception as exc:  # whatever went wrong, step down and rejoin: never die
                 if self._epoch is not None:
-                    self._demote(_reason(exc))
+                    self._demote(first_line(exc))
                 failures += 1
-                pause = min(2.0, 0.05 * 2 ** min(failures, 6)) * random.uniform(0.5, 1.0)
+                pause = backoff(failures, base=0.05, cap=2.0)
                 self._log.log(
                     self.log_levels.heartbeat_failed,
                     "election connection lost, rejoining",
-                    error=_reason(exc),
+                    error=first_line(exc),
                     retry_in=round(pause, 3),
                 )
             finally:
@@ -367,7 +366,7 @@ class Elector:
                 conn.pgconn.consume_input()
                 conn.pgconn.is_busy()  # parses the input: an idle-time error goes to notices
             except psycopg.OperationalError as exc:
-                raise _Demoted(f"session lost: {_reason(exc)}") from exc
+                raise _Demoted(f"session lost: {first_line(exc)}") from exc
             finally:
                 conn.remove_notice_handler(handler)
             if fatal:
@@ -466,11 +465,6 @@ def _abandon(task: asyncio.Future[Any]) -> None:
 def _collect_fatal(diag: psycopg.errors.Diagnostic, *, into: list[str]) -> None:
     if diag.severity_nonlocalized in ("FATAL", "PANIC"):
         into.append(diag.message_primary or "FATAL")
-
-
-def _reason(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
 
 
 def _hostname() -> str:

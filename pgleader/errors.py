@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 __all__ = [
     "ConfigError",
     "DatabaseUnavailable",
@@ -9,6 +11,8 @@ __all__ = [
     "MigrationError",
     "NotLeader",
     "PgLeaderError",
+    "backoff",
+    "first_line",
 ]
 
 
@@ -43,3 +47,15 @@ class Fenced(NotLeader):
             f"election {election!r}: epoch {epoch} is fenced (current epoch is {current}); "
             "a newer leader exists, do not act"
         )
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception's message in one line (psycopg's span several), or its type's name."""
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
+def backoff(attempt: int, *, base: float, cap: float, jitter: float = 0.5) -> float:
+    """Seconds to wait before retry number `attempt` (1, 2, ...): base x 2^attempt up
+    to `cap`, shortened at random by up to `jitter` of itself so retries spread out."""
+    return min(cap, base * 2.0 ** min(attempt, 30)) * random.uniform(1.0 - jitter, 1.0)

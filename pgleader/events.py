@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import random
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,7 +17,7 @@ import psycopg
 from psycopg import sql
 
 from pgleader.connect import connect
-from pgleader.errors import DatabaseUnavailable
+from pgleader.errors import DatabaseUnavailable, backoff
 
 __all__ = ["EVENTS_CHANNEL", "Notification", "Reconnected", "listen", "parse_event"]
 
@@ -52,7 +51,7 @@ async def listen(
     ping_every: float = 5.0,
     max_backoff: float = 5.0,
     application_name: str = "pgleader:listen",
-) -> AsyncIterator[Notification | Reconnected]:
+) -> AsyncGenerator[Notification | Reconnected, None]:
     """Yield notifications on `channels` forever, reconnecting with backoff.
 
     A cheap query every `ping_every` seconds of silence proves the connection
@@ -65,7 +64,7 @@ async def listen(
             conn = await connect(dsn, autocommit=True, application_name=application_name[:63])
         except DatabaseUnavailable:
             attempt += 1
-            await asyncio.sleep(min(max_backoff, 0.1 * 2**attempt) * random.uniform(0.5, 1))
+            await asyncio.sleep(backoff(attempt, base=0.1, cap=max_backoff))
             continue
         try:
             for channel in channels:
@@ -81,6 +80,6 @@ async def listen(
                     await conn.execute("select 1")
         except (psycopg.OperationalError, TimeoutError):
             attempt += 1
-            await asyncio.sleep(min(max_backoff, 0.1 * 2**attempt) * random.uniform(0.5, 1))
+            await asyncio.sleep(backoff(attempt, base=0.1, cap=max_backoff))
         finally:
             await conn.close()

@@ -22,7 +22,7 @@ def register(verbs: Any) -> None:
 
 
 async def _serve(args: argparse.Namespace) -> int:
-    from service.app import serve
+    from service.process import serve
 
     config = from_args(args, resolve_dsn(args.dsn), timings_from(args))
     return await serve(config)

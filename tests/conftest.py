@@ -11,7 +11,6 @@ Tests that stop or kill a server start their own (fixture `own_server`).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import shutil
 import tempfile
@@ -25,13 +24,12 @@ import pytest
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg_pool import AsyncConnectionPool
 from pytest_postgresql import factories
-from pytest_postgresql.janitor import DatabaseJanitor
 
 from pgleader import Elector, Timings
 from pgleader.embedded import EmbeddedPostgres
 from pgleader.migrations import migrate
-from service.brokers import PaperBroker
-from service.execution import Executor
+from service.brokers.paper import PaperBroker
+from service.execution.executor import Executor
 
 _SERVER: EmbeddedPostgres | None = None
 _TMP: str | None = None
@@ -69,22 +67,6 @@ def load_migrations(**kwargs: Any) -> None:
 
 pg_template = factories.postgresql_noproc(load=[load_migrations])
 postgresql = factories.postgresql("pg_template")
-
-
-@contextlib.contextmanager
-def cloned_database(template: Any, name: str) -> Iterator[str]:
-    """A database of its own, cloned from the migrated template; for module-scoped
-    fixtures (the `dsn` fixture gives each test a fresh one)."""
-    janitor = DatabaseJanitor(
-        user=template.user, host=template.host, port=template.port,
-        password=template.password, dbname=name, template_dbname=template.template_dbname,
-    )  # fmt: skip
-    janitor.drop()
-    with janitor:
-        yield make_conninfo(
-            host=template.host, port=template.port, user=template.user, dbname=name,
-            password=template.password or None,
-        )  # fmt: skip
 
 
 @pytest.fixture

@@ -33,10 +33,10 @@ import aiohttp
 
 from pgleader.embedded import EmbeddedPostgres
 from pgleader.migrations import migrate
-from service.signals import fingerprint_raw
+from service.intake.signals import fingerprint_raw
 from tests.chaos.proxy import BlackholeProxy
-from tests.diskfull import SmallDisk
-from tests.gateway import GatewayProcess, signal_body
+from tests.support.diskfull import SmallDisk
+from tests.support.gateway import GatewayProcess, signal_body
 
 FAULTS = (
     "kill",

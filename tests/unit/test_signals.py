@@ -1,4 +1,4 @@
-"""service.signals: what a webhook body must look like, and what the fingerprint ignores.
+"""service.intake.signals: what a webhook body must look like, and what the fingerprint ignores.
 
 Pure parsing: no database, no network.
 """
@@ -16,7 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from service.signals import (
+from service.intake.signals import (
     Parsed,
     Signal,
     SignalError,

@@ -20,13 +20,14 @@ import psycopg
 import pytest
 import structlog
 
-import service.spool as spool_module
+import service.intake.spool as spool_module
 from pgleader.embedded import EmbeddedPostgres
 from pgleader.errors import ConfigError
-from service.signals import Signal, fingerprint, fingerprint_raw, parse_body, parse_dict
-from service.spool import Spool, Spooled, SpoolError
-from tests.diskfull import SmallDisk
-from tests.gateway import SECRET, GatewayProcess, cluster, until
+from service.errors import SpoolError
+from service.intake.signals import Signal, fingerprint, fingerprint_raw, parse_body, parse_dict
+from service.intake.spool import Spool, Spooled
+from tests.support.diskfull import SmallDisk
+from tests.support.gateway import SECRET, GatewayProcess, cluster, until
 
 T0 = datetime(2026, 1, 5, 9, 15, 1, tzinfo=UTC)
 PRICE = "52000.123456789012345678901234"

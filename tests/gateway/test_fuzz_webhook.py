@@ -24,8 +24,8 @@ import pytest_asyncio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import cloned_database
-from tests.gateway import SECRET, GatewayProcess, sign, until
+from tests.support.database import cloned_database
+from tests.support.gateway import SECRET, GatewayProcess, sign, until
 
 FUZZ = settings(
     max_examples=150,

@@ -9,8 +9,8 @@ from datetime import UTC, datetime, timedelta
 import psycopg
 from psycopg_pool import AsyncConnectionPool
 
-from service.inbox import Inbox, Incoming, parse_notification, store_signals
-from service.signals import fingerprint, parse_body, parse_dict
+from service.intake.inbox import Inbox, Incoming, parse_notification, store_signals
+from service.intake.signals import fingerprint, parse_body, parse_dict
 
 
 def incoming(position: str, *, notify: bool = True) -> Incoming:

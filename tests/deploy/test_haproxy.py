@@ -19,9 +19,9 @@ from typing import Any
 import aiohttp
 
 from pgleader.embedded import free_port
-from tests.gateway import GatewayProcess, signal_body, until
+from tests.support.gateway import GatewayProcess, signal_body, until
 
-CONFIG = Path(__file__).resolve().parent.parent / "deploy" / "haproxy.cfg"
+CONFIG = Path(__file__).resolve().parents[2] / "deploy" / "haproxy.cfg"
 
 
 @contextlib.asynccontextmanager

@@ -31,7 +31,7 @@ from psycopg import AsyncConnection
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
-from service.signals import Signal
+from service.intake.signals import Signal
 
 __all__ = [
     "NOTIFY_CHANNEL",

@@ -1,62 +1,21 @@
-"""The broker protocol, and the paper broker that stands in for the outside world.
+"""The paper broker: stands in for the outside world, in the database itself.
 
-A broker has no idempotency key we can rely on (OpenAlgo has none), so the
-gateway never re-sends after an unknown outcome: it asks `lookup` instead.
-Orders go out in batches (`place_many`): a broker with a basket call sends the
-batch as one request; one without sends the orders side by side.
+Every order request it receives is a row of gateway.paper_broker_requests (a
+duplicate would show there), and it fills every order it accepts.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
-from datetime import datetime
-from decimal import Decimal
-from typing import Any, Literal, Protocol
+from typing import Any
 
 import psycopg
 from psycopg_pool import AsyncConnectionPool
 
-__all__ = ["Broker", "BrokerUnavailable", "OrderRequest", "OrderResult", "PaperBroker"]
+from service.brokers.base import OrderRequest, OrderResult
+from service.errors import BrokerUnavailable
 
-
-@dataclass(frozen=True, slots=True)
-class OrderRequest:
-    client_order_id: str
-    instrument: str
-    action: Literal["BUY", "SELL"]
-    quantity: int
-    price: Decimal | None
-    epoch: int
-    instance_id: str
-    valid_until: datetime  # a request reaching the broker later is refused (order validity)
-
-
-@dataclass(frozen=True, slots=True)
-class OrderResult:
-    broker_order_id: str | None
-    status: Literal["filled", "rejected"]
-    detail: str | None = None
-
-
-class BrokerUnavailable(Exception):
-    """The broker could not be asked or did not answer: the outcome is unknown."""
-
-
-class Broker(Protocol):
-    name: str
-
-    async def place_many(
-        self, orders: Sequence[OrderRequest]
-    ) -> list[OrderResult | BrokerUnavailable]:
-        """Send each order once (one basket where the broker has one). One answer per
-        order, in order: a result, or BrokerUnavailable when its outcome is unknown."""
-        ...
-
-    async def lookup(self, client_order_id: str) -> OrderResult | None:
-        """What became of an order: a result, None when the broker never received it.
-        Raises BrokerUnavailable when the broker cannot tell."""
-        ...
+__all__ = ["PaperBroker"]
 
 
 _PLACE = """

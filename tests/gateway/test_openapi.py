@@ -22,11 +22,12 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from schemathesis import GenerationMode
 
-from service.app import Gateway
 from service.config import ServiceConfig
-from service.http import OPENAPI_PATH, build_operator_app, build_public_app
-from tests.conftest import cloned_database
-from tests.gateway import PUBLIC_PATHS, GatewayProcess, signal_body, until
+from service.gateway import Gateway
+from service.web.listener import Limits, Rejections
+from service.web.routes import OPENAPI_PATH, build_operator_app, build_public_app
+from tests.support.database import cloned_database
+from tests.support.gateway import PUBLIC_PATHS, GatewayProcess, signal_body, until
 
 SPEC: dict[str, Any] = yaml.safe_load(OPENAPI_PATH.read_text())
 METHODS = ("get", "put", "post", "delete", "options", "head", "patch", "trace")
@@ -110,7 +111,9 @@ def _routes(app: Any) -> set[tuple[str, str]]:
 async def test_every_route_is_documented_on_its_listener_and_nothing_else(tmp_path):
     dsn = "host=127.0.0.1 dbname=unused"  # the apps are only built, never started
     gateway = Gateway(ServiceConfig(dsn=dsn, webhook_secret="x", data_dir=tmp_path), dsn)
-    public, operator = _routes(build_public_app(gateway)), _routes(build_operator_app(gateway))
+    limits, rejections = Limits(8, 1.0, 16384), Rejections()
+    public = _routes(build_public_app(gateway, limits, rejections))
+    operator = _routes(build_operator_app(gateway, limits, rejections))
     assert public | operator == set(OPERATIONS)
     for method, path in OPERATIONS:
         on_operator = "servers" in SPEC["paths"][path]  # the operator's listener says so

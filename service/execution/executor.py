@@ -41,11 +41,12 @@ import structlog
 from psycopg_pool import AsyncConnectionPool
 
 from pgleader import Elector, NotLeader, Transition, fenced_statement
-from service.brokers import Broker, BrokerUnavailable, OrderRequest, OrderResult
+from service.brokers.base import Broker, OrderRequest, OrderResult
+from service.errors import BrokerUnavailable
 
 __all__ = ["Executor"]
 
-log = structlog.get_logger("service.execution")
+log = structlog.get_logger("service.execution.executor")
 
 _CLAIM = (
     "select signal_id, acted, status, client_order_id, instrument, action, quantity, price"

@@ -40,11 +40,12 @@ from typing import Any, Final
 import structlog
 
 from pgleader.errors import ConfigError
-from service.signals import Signal, parse_dict
+from service.errors import SpoolError
+from service.intake.signals import Signal, parse_dict
 
-__all__ = ["DEFAULT_MAX_BYTES", "Spool", "SpoolError", "Spooled"]
+__all__ = ["DEFAULT_MAX_BYTES", "Spool", "Spooled"]
 
-log = structlog.get_logger("service.spool")
+log = structlog.get_logger("service.intake.spool")
 
 DEFAULT_MAX_BYTES: Final = 64 * 1024 * 1024
 _RECORD_ROOM: Final = 64 * 1024  # more than a record takes (a body: --max-body-bytes, 16 KiB)
@@ -57,22 +58,6 @@ _FULL_ALERT_EVERY: Final = 60.0
 _FULL_ERRNOS: Final = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 _OLD_FORMAT_SKEW: Final = timedelta(days=1)  # its clock was checked on arrival
 _REPLAYING: Final = re.compile(r"(?P<name>.+)\.\d+\.replaying\.jsonl")
-
-
-class SpoolError(Exception):
-    """The spool did not take the signal: it is NOT safe (answer 503).
-
-    `reason`: spool_full (the byte cap), disk_full (no space, or a file-size
-    limit), spool_busy (another process held the file too long), spool_error.
-    """
-
-    def __init__(self, message: str, reason: str) -> None:
-        super().__init__(message)
-        self.reason = reason
-
-    @property
-    def full(self) -> bool:
-        return self.reason in ("spool_full", "disk_full")
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,7 +10,7 @@ a full disk is emulated with a file-size limit (RLIMIT_FSIZE) on the processes
 `watch`ed (pid 0: this one): `fill(leave)` lets no file of theirs grow more than
 `leave` bytes past the largest file in the directory, so a write there stops
 short and then fails with EFBIG; `free()` restores their limits. A process
-writing under the limit must ignore SIGXFSZ (service.spool does), or the kernel
+writing under the limit must ignore SIGXFSZ (service.intake.spool does), or the kernel
 kills it instead. Either way `close()` undoes everything, unmount included.
 """
 

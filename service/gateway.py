@@ -9,40 +9,44 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
-import random
-import signal
 import time
 from datetime import UTC, datetime
 from typing import Any
 
-import psycopg
 import structlog
-from aiohttp import web
-from psycopg_pool import AsyncConnectionPool, PoolTimeout
+from psycopg_pool import AsyncConnectionPool
 
 from pgleader import DatabaseUnavailable, Elector, Transition, migrate
-from pgleader.connect import connect, describe_dsn, with_settings
-from pgleader.embedded import EmbeddedPostgres
+from pgleader.connect import connect, with_settings
+from pgleader.errors import backoff, first_line
 from pgleader.events import Reconnected, listen
-from pgleader.logs import configure_logging
 from pgleader.migrations import pending
-from service.brokers import PaperBroker
+from service.brokers.paper import PaperBroker
 from service.config import ServiceConfig
-from service.execution import Executor
-from service.inbox import NOTIFY_CHANNEL, Inbox, notify_signal, parse_notification
-from service.listener import HEADER_LIMITS, GuardedSite, Limits, Rejections, bind
-from service.signals import Signal
-from service.spool import Spool, Spooled, SpoolError
+from service.errors import DATABASE_UNAVAILABLE, SpoolError
+from service.execution.executor import Executor
+from service.intake.inbox import (
+    NOTIFY_CHANNEL,
+    Inbox,
+    get_signal,
+    notify_signal,
+    parse_notification,
+)
+from service.intake.signals import Signal
+from service.intake.spool import Spool, Spooled
 
-__all__ = ["Gateway", "serve"]
+__all__ = ["Gateway"]
 
 log = structlog.get_logger("service")
 
 # Failures no retry can fix: say so at once instead of backing off for a minute.
 _PERMANENT = ("password authentication failed", "does not exist", "no pg_hba.conf entry",
               "invalid", "<unparsable DSN>", "role")  # fmt: skip
-_UNAVAILABLE = (psycopg.OperationalError, PoolTimeout)
+# What GET /coordinator/leader shows of stats() (its OpenAPI schema lists exactly these).
+_LEADER_VIEW_METRICS = (
+    "heartbeats_ok", "heartbeats_failed", "heartbeat_latency_ms", "leadership_changes",
+    "times_elected", "spooled", "executions", "execution_batches", "inbox_writes",
+)  # fmt: skip
 # How long a webhook waits for its inbox write before it spools the signal instead.
 _STORE_BUDGET = 1.5
 # Inline executions that ended here: answered 200 with the outcome (else 202 accepted).
@@ -83,12 +87,6 @@ class Gateway:
         self.shutting_down = False
         self.started_at = time.time()
         self.responses: dict[str, int] = {}
-        self.rejections = Rejections()
-        self.limits = Limits(
-            max_connections=config.max_connections,
-            request_timeout=config.request_timeout,
-            max_body_bytes=config.max_body_bytes,
-        )
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._listener: asyncio.Task[None] | None = None
@@ -147,7 +145,7 @@ class Gateway:
             # replay then finds the fingerprint stored, nothing is executed twice.
             async with asyncio.timeout(_STORE_BUDGET):
                 stored = await self.inbox.store(signal, fp, notify=not leading)
-        except (*_UNAVAILABLE, TimeoutError) as exc:
+        except (*DATABASE_UNAVAILABLE, TimeoutError) as exc:
             try:
                 await self.spool.append(signal, fp, datetime.now(UTC))
             except SpoolError as spool_exc:  # the spool alerts; one line per refusal here
@@ -160,7 +158,9 @@ class Gateway:
                     "error": f"database unreachable and the spool refused the signal"
                     f" ({spool_exc.reason}); retry",
                 }
-            why = "no answer within the budget" if isinstance(exc, TimeoutError) else _line(exc)
+            why = (
+                "no answer within the budget" if isinstance(exc, TimeoutError) else first_line(exc)
+            )
             log.error("database unreachable: signal spooled", fingerprint=fp, error=why)
             return 202, {"status": "spooled", "fingerprint": fp}
         if stored.duplicate:
@@ -183,7 +183,7 @@ class Gateway:
             status = "pending"
         if status in ("not_leader", "pending"):
             # Nobody else knows of it yet: the NOTIFY skipped at store time goes out now.
-            with contextlib.suppress(*_UNAVAILABLE):
+            with contextlib.suppress(*DATABASE_UNAVAILABLE):
                 async with self.pool.connection() as conn:
                     await notify_signal(conn, signal_id)
         if status not in _ANSWERED:
@@ -236,8 +236,8 @@ class Gateway:
                 await self.spool.flush_alerts(self._raise_spool_alert)
                 await self.executor.sweep()
                 await self.executor.reconcile()
-            except (*_UNAVAILABLE, OSError) as exc:
-                log.warning("sweep failed; will retry", error=_line(exc))
+            except (*DATABASE_UNAVAILABLE, OSError) as exc:
+                log.warning("sweep failed; will retry", error=first_line(exc))
             except Exception:
                 log.exception("sweep crashed; will retry")
 
@@ -251,15 +251,17 @@ class Gateway:
         try:
             async with self.pool.connection(timeout=1.0) as conn:
                 missing = await asyncio.wait_for(pending(conn), 1.0)
-        except (*_UNAVAILABLE, TimeoutError):
+        except (*DATABASE_UNAVAILABLE, TimeoutError):
             return False, "database_unreachable"
         if missing:
             return False, "migrations_missing"
         return True, "ready"
 
     async def leader_view(self) -> dict[str, Any]:
+        """The leader by the database (None when it cannot be asked) and this instance."""
+        stats = self.stats()
         row: dict[str, Any] | None = None
-        with contextlib.suppress(*_UNAVAILABLE, TimeoutError):
+        with contextlib.suppress(*DATABASE_UNAVAILABLE, TimeoutError):
             async with self.pool.connection(timeout=1.0) as conn:
                 cur = await conn.execute(
                     "select epoch, leader, host, lock_held,"
@@ -270,26 +272,51 @@ class Gateway:
                 if found is not None:
                     keys = ("epoch", "leader", "host", "lock_held", "heartbeat_age_s")
                     row = dict(zip(keys, found, strict=True))
-        stats = self.elector.stats
-        latency = self.elector.last_heartbeat_latency
         return {
             "election": self.config.election,
             "leader": row,
             "instance_id": self.config.instance_id,
             "is_leader": self.elector.is_leader,
             "epoch": self.elector.epoch,
-            "metrics": {
-                "heartbeats_ok": stats["heartbeats_ok"],
-                "heartbeats_failed": stats["heartbeats_failed"],
-                "heartbeat_latency_ms": None if latency is None else round(latency * 1000, 3),
-                "leadership_changes": stats["elected"] + stats["demoted"],
-                "times_elected": stats["elected"],
-                "spooled": self.spool.stats()["records"],
-                "executions": dict(self.executor.counts),
-                "execution_batches": dict(self.executor.batch_stats),
-                "inbox_writes": dict(self.inbox.stats),
-            },
+            "metrics": {key: stats[key] for key in _LEADER_VIEW_METRICS},
         }
+
+    def stats(self) -> dict[str, Any]:
+        """Every figure of this instance, from memory only: no query, so /metrics
+        answers at once while the database is down."""
+        election = self.elector.stats
+        latency = self.elector.last_heartbeat_latency
+        spool = self.spool.stats()
+        return {
+            "is_leader": self.elector.is_leader,
+            "epoch": self.elector.epoch,
+            "heartbeats_ok": election["heartbeats_ok"],
+            "heartbeats_failed": election["heartbeats_failed"],
+            "heartbeat_latency_ms": None if latency is None else round(latency * 1000, 3),
+            "leadership_changes": election["elected"] + election["demoted"],
+            "times_elected": election["elected"],
+            "spooled": spool["records"],
+            "spool": spool,
+            "answers": dict(self.responses),
+            "executions": dict(self.executor.counts),
+            "execution_batches": dict(self.executor.batch_stats),
+            "inbox_writes": dict(self.inbox.stats),
+            "inbox_write_seconds": self.inbox.write_seconds,
+        }
+
+    async def find_signal(self, signal_id: int) -> dict[str, Any] | None:
+        """A signal with its orders; None when there is no such signal. Raises one of
+        DATABASE_UNAVAILABLE when the database cannot be asked."""
+        async with self.pool.connection(timeout=1.0) as conn:
+            return await get_signal(conn, signal_id)
+
+    async def resign(self, reason: str) -> int | None:
+        """Give up leadership at once (a follower takes over); the epoch given up,
+        or None when this instance does not lead."""
+        epoch = self.elector.epoch
+        if not await self.elector.resign(reason, timeout=self.config.timings.lease):
+            return None
+        return epoch
 
 
 async def _wait_for_database(dsn: str, limit: float) -> None:
@@ -304,92 +331,10 @@ async def _wait_for_database(dsn: str, limit: float) -> None:
             if any(marker in str(exc) for marker in _PERMANENT):
                 raise
             attempt += 1
-            pause = min(5.0, 0.2 * 2**attempt) * random.uniform(0.8, 1.0)
+            pause = backoff(attempt, base=0.2, cap=5.0, jitter=0.2)
             if time.monotonic() + pause > deadline:
                 raise DatabaseUnavailable(f"{exc} (gave up after {limit:.0f} s)") from None
             log.warning(
                 "database not reachable yet; retrying", error=str(exc), retry_in=round(pause, 2)
             )
             await asyncio.sleep(pause)
-
-
-def _line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__
-
-
-async def serve(config: ServiceConfig) -> int:
-    """Run one instance until SIGTERM/SIGINT; then drain, resign, close, exit 0."""
-    from service.http import build_operator_app, build_public_app
-
-    configure_logging("console" if config.log_format == "console" else "json")
-    structlog.contextvars.bind_contextvars(instance=config.instance_id)
-    # Bind first: a port in use fails here, in one line, before the election is joined.
-    public_sock = bind(config.host, config.port, "public listener")
-    try:
-        operator_sock = bind(config.operator_host, config.operator_port, "operator listener")
-    except BaseException:
-        public_sock.close()
-        raise
-    embedded: EmbeddedPostgres | None = None
-    dsn = config.dsn
-    if dsn is None:
-        embedded = EmbeddedPostgres(config.data_dir / "pg", port=config.embedded_port)
-        if embedded.is_running():
-            embedded = None  # another instance of ours started it: share, do not stop it
-            dsn = f"host=127.0.0.1 port={config.embedded_port} user=postgres dbname=postgres"
-        else:
-            dsn = embedded.start()
-            log.info(
-                "embedded PostgreSQL started", data_dir=str(embedded.data_dir), port=embedded.port
-            )
-    gateway = Gateway(config, dsn)
-    runners: list[web.AppRunner] = []
-    try:
-        await gateway.start()
-        for name, app, sock in (
-            ("public", build_public_app(gateway), public_sock),
-            ("operator", build_operator_app(gateway), operator_sock),
-        ):
-            # The keep-alive timer doubles as the deadline for a request's head: it
-            # closes a connection that sent nothing, or half a head, for that long.
-            runner = web.AppRunner(
-                app, shutdown_timeout=config.shutdown_timeout, access_log=None,
-                keepalive_timeout=config.request_timeout, **HEADER_LIMITS,
-            )  # fmt: skip
-            await runner.setup()
-            runners.append(runner)
-            await GuardedSite(runner, sock, name, gateway.limits, gateway.rejections).start()
-        log.info(
-            "serving", url=f"http://{config.host}:{config.port}",
-            operator_url=f"http://{config.operator_host}:{config.operator_port}",
-            database=describe_dsn(dsn),
-        )  # fmt: skip
-        print(
-            json.dumps({
-                "event": "serving", "host": config.host, "port": config.port,
-                "operator_host": config.operator_host, "operator_port": config.operator_port,
-            }),
-            flush=True,
-        )  # fmt: skip
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
-        log.info("shutting down: draining requests, then resigning")
-        gateway.shutting_down = True
-        while runners:  # stop accepting; in-flight requests get shutdown_timeout
-            await runners.pop().cleanup()
-        await gateway.stop()
-        return 0
-    finally:
-        for runner in runners:
-            await runner.cleanup()
-        public_sock.close()
-        operator_sock.close()
-        if not gateway.shutting_down:
-            with contextlib.suppress(Exception):
-                await gateway.stop()
-        if embedded is not None:
-            embedded.stop("fast")

@@ -12,7 +12,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from tests.gateway import (
+from tests.support.gateway import (
     ADMIN_TOKEN,
     SECRET,
     Cluster,

@@ -13,9 +13,11 @@ from typing import Any
 import pytest
 
 from pgleader.embedded import EmbeddedPostgres
-from service.brokers import BrokerUnavailable, OrderResult, PaperBroker
-from service.execution import Executor
-from tests.gateway import Cluster, GatewayProcess, cluster, signal_body, until
+from service.brokers.base import OrderResult
+from service.brokers.paper import PaperBroker
+from service.errors import BrokerUnavailable
+from service.execution.executor import Executor
+from tests.support.gateway import Cluster, GatewayProcess, cluster, signal_body, until
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ from psycopg.conninfo import conninfo_to_dict
 
 from pgleader.cli import build_parser
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 LB_CONFIG = ROOT / "deploy" / "haproxy.cfg"
 LB_CONFIG_IN_CONTAINER = "/usr/local/etc/haproxy/haproxy.cfg"
 TRADINGVIEW_BUDGET_S = 3.0

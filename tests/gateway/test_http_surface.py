@@ -22,8 +22,8 @@ import pytest
 import pytest_asyncio
 
 from pgleader.embedded import free_port
-from tests.conftest import cloned_database
-from tests.gateway import ADMIN_TOKEN, SECRET, GatewayProcess, signal_body
+from tests.support.database import cloned_database
+from tests.support.gateway import ADMIN_TOKEN, SECRET, GatewayProcess, signal_body
 
 OPERATOR_TOKEN = "operator-token-77ab"
 MAX_CONNECTIONS = 6

@@ -19,16 +19,16 @@ import functools
 import json
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-import psycopg
 import structlog
 from aiohttp import http_exceptions, web
 from aiohttp.typedefs import Handler, Middleware
-from psycopg_pool import PoolTimeout
 
-from service.app import Gateway
-from service.auth import (
+from service.config import ServiceConfig
+from service.errors import DATABASE_UNAVAILABLE, SignalError
+from service.intake.signals import Signal, fingerprint, parse_body
+from service.web.auth import (
     SIGNATURE_HEADER,
     admin_ok,
     body_secret_ok,
@@ -36,9 +36,8 @@ from service.auth import (
     secret_ok,
     signature_ok,
 )
-from service.inbox import get_signal
-from service.listener import protocol_error, read_body
-from service.signals import SignalError, fingerprint, parse_body
+from service.web.listener import Limits, Rejections, protocol_error, read_body
+from service.web.metrics import render
 
 __all__ = [
     "GATEWAY",
@@ -48,10 +47,28 @@ __all__ = [
     "build_public_app",
 ]
 
-log = structlog.get_logger("service.http")
+log = structlog.get_logger("service.web.routes")
 
-GATEWAY = web.AppKey("gateway", Gateway)
+
+class Surface(Protocol):
+    """What the HTTP layer needs of a gateway instance (service.gateway.Gateway)."""
+
+    config: ServiceConfig
+    shutting_down: bool
+    responses: dict[str, int]
+
+    async def accept(self, signal: Signal, fp: str) -> tuple[int, dict[str, Any]]: ...
+    async def readiness(self) -> tuple[bool, str]: ...
+    async def leader_view(self) -> dict[str, Any]: ...
+    def stats(self) -> dict[str, Any]: ...
+    async def find_signal(self, signal_id: int) -> dict[str, Any] | None: ...
+    async def resign(self, reason: str) -> int | None: ...
+
+
+GATEWAY = web.AppKey("gateway", Surface)
 LISTENER = web.AppKey("listener", str)
+LIMITS = web.AppKey("limits", Limits)
+REJECTIONS = web.AppKey("rejections", Rejections)
 PUBLIC_PATHS = frozenset({"/webhook", "/health", "/ready"})
 # A browser's EventSource cannot send headers: the read token may come as this cookie.
 OPERATOR_COOKIE = "pgleader_operator_token"
@@ -99,9 +116,10 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
         log.exception("unhandled error", path=request.path)
         response = error(500, "internal_error", "internal error; see the instance's logs")
     if 400 <= response.status < 500:
-        gw = request.app[GATEWAY]
         reason = response.get("reason") or str(response.status)
-        gw.rejections.record(request.app[LISTENER], response.status, reason, request.remote)
+        request.app[REJECTIONS].record(
+            request.app[LISTENER], response.status, reason, request.remote
+        )
     return response
 
 
@@ -110,7 +128,7 @@ async def whole_body(request: web.Request, handler: Handler) -> web.StreamRespon
     """Read the whole body within the deadline before any handler sees the request
     (after the allow-list and token checks: a stranger's body is never read)."""
     if request.body_exists:
-        body = await read_body(request, request.app[GATEWAY].limits)
+        body = await read_body(request, request.app[LIMITS])
         if body is None:
             response = error(408, "request_timeout", "the request body did not arrive in time")
             response.force_close()
@@ -118,7 +136,7 @@ async def whole_body(request: web.Request, handler: Handler) -> web.StreamRespon
     return await handler(request)
 
 
-def _allow_list(gateway: Gateway) -> Middleware:
+def _allow_list(gateway: Surface) -> Middleware:
     @web.middleware
     async def allowed(request: web.Request, handler: Handler) -> web.StreamResponse:
         if not ip_allowed(request.remote, gateway.config.allowed_ips):
@@ -128,7 +146,7 @@ def _allow_list(gateway: Gateway) -> Middleware:
     return allowed
 
 
-def _read_token(gateway: Gateway) -> Middleware:
+def _read_token(gateway: Surface) -> Middleware:
     """The operator's optional read token: Bearer header or cookie; the admin token also
     reads. /health and /ready stay open: probes carry no token, and they tell nothing."""
 
@@ -201,9 +219,8 @@ async def signal_by_id(request: web.Request) -> web.Response:
     if not (raw.isascii() and raw.isdigit()) or len(raw) > 18:
         return error(400, "invalid", "signal id must be a positive integer", field="signal_id")
     try:
-        async with request.app[GATEWAY].pool.connection(timeout=1.0) as conn:
-            found = await get_signal(conn, int(raw))
-    except (psycopg.OperationalError, PoolTimeout):
+        found = await request.app[GATEWAY].find_signal(int(raw))
+    except DATABASE_UNAVAILABLE:
         return error(503, "database_unreachable", "database unreachable; retry")
     if found is None:
         return error(404, "not_found", f"no signal {raw}")
@@ -216,79 +233,15 @@ async def resign(request: web.Request) -> web.Response:
         return error(403, "forbidden", "admin endpoints are disabled (set PGLEADER_ADMIN_TOKEN)")
     if not admin_ok(request.headers.get("Authorization"), gw.config.admin_token):
         return error(401, "unauthorized", "missing or wrong admin token", reason="admin_token")
-    epoch = gw.elector.epoch
-    if not await gw.elector.resign("admin request", timeout=gw.config.timings.lease):
+    epoch = await gw.resign("admin request")
+    if epoch is None:
         return error(409, "not_leader", "this instance does not lead")
     return answer(200, status="resigned", epoch=epoch)
 
 
 async def metrics(request: web.Request) -> web.Response:
-    gw = request.app[GATEWAY]
-    view = await gw.leader_view()
-    m = view["metrics"]
-    hist = gw.inbox.write_seconds
-    spool = gw.spool.stats()
-    lines = [
-        "# TYPE pgleader_is_leader gauge",
-        f"pgleader_is_leader {int(view['is_leader'])}",
-        "# TYPE pgleader_epoch gauge",
-        f"pgleader_epoch {view['epoch'] or 0}",
-        "# TYPE pgleader_heartbeats_total counter",
-        f'pgleader_heartbeats_total{{result="ok"}} {m["heartbeats_ok"]}',
-        f'pgleader_heartbeats_total{{result="failed"}} {m["heartbeats_failed"]}',
-        "# TYPE pgleader_leadership_changes_total counter",
-        f"pgleader_leadership_changes_total {m['leadership_changes']}",
-        # The outage spool: what waits for the database, and what it could not take.
-        "# TYPE gateway_spooled_signals gauge",
-        f"gateway_spooled_signals {spool['records']}",
-        "# TYPE gateway_spool_bytes gauge",
-        f"gateway_spool_bytes {spool['bytes']}",
-        "# TYPE gateway_spool_max_bytes gauge",
-        f"gateway_spool_max_bytes {spool['max_bytes']}",
-        "# TYPE gateway_spool_refused_total counter",
-        f"gateway_spool_refused_total {spool['refused']}",
-        "# TYPE gateway_spool_quarantined_total counter",
-        f"gateway_spool_quarantined_total {spool['quarantined']}",
-        # Requests refused (4xx, 503 busy) by listener, code and reason: an attack shows here.
-        "# TYPE gateway_http_rejections_total counter",
-        *(
-            f'gateway_http_rejections_total{{listener="{listener}",code="{code}",'
-            f'reason="{reason}"}} {n}'
-            for (listener, code, reason), n in sorted(gw.rejections.counts.items())
-        ),
-        "# TYPE gateway_webhook_answers_total counter",
-        *(
-            f'gateway_webhook_answers_total{{status="{k}"}} {v}'
-            for k, v in sorted(gw.responses.items())
-        ),
-        "# TYPE gateway_executions_total counter",
-        *(
-            f'gateway_executions_total{{result="{k}"}} {v}'
-            for k, v in sorted(m["executions"].items())
-        ),
-        # Batches and writes with the signals in them: their ratio is the mean size.
-        "# TYPE gateway_execution_batches_total counter",
-        f"gateway_execution_batches_total {m['execution_batches']['batches']}",
-        "# TYPE gateway_execution_batch_signals_total counter",
-        f"gateway_execution_batch_signals_total {m['execution_batches']['signals']}",
-        "# TYPE gateway_inbox_writes_total counter",
-        f"gateway_inbox_writes_total {m['inbox_writes']['writes']}",
-        "# TYPE gateway_inbox_write_signals_total counter",
-        f"gateway_inbox_write_signals_total {m['inbox_writes']['signals']}",
-        # Time to commit a write: mostly the disk's WAL flush, which every answer waits for.
-        "# TYPE gateway_inbox_write_seconds histogram",
-        *(
-            f'gateway_inbox_write_seconds_bucket{{le="{_le(bound)}"}} {n}'
-            for bound, n in hist.cumulative()
-        ),
-        f"gateway_inbox_write_seconds_sum {hist.sum:.6f}",
-        f"gateway_inbox_write_seconds_count {hist.count}",
-    ]
-    return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
-
-
-def _le(bound: float) -> str:
-    return "+Inf" if bound == float("inf") else f"{bound:g}"
+    text = render(request.app[GATEWAY].stats(), request.app[REJECTIONS].counts)
+    return web.Response(text=text, content_type="text/plain")
 
 
 @functools.cache
@@ -301,28 +254,31 @@ async def openapi(request: web.Request) -> web.Response:
     return web.Response(body=_openapi_document(), content_type="application/yaml", charset="utf-8")
 
 
-def _app(gateway: Gateway, listener: str, *guards: Middleware) -> web.Application:
+def _app(
+    gateway: Surface, listener: str, limits: Limits, rejections: Rejections, *guards: Middleware
+) -> web.Application:
     app = web.Application(
-        client_max_size=gateway.config.max_body_bytes,
-        middlewares=[json_errors, *guards, whole_body],
+        client_max_size=limits.max_body_bytes, middlewares=[json_errors, *guards, whole_body]
     )
     app[GATEWAY] = gateway
     app[LISTENER] = listener
+    app[LIMITS] = limits
+    app[REJECTIONS] = rejections
     app.router.add_get("/health", health)
     app.router.add_get("/ready", ready)
     return app
 
 
-def build_public_app(gateway: Gateway) -> web.Application:
+def build_public_app(gateway: Surface, limits: Limits, rejections: Rejections) -> web.Application:
     """What the internet may reach: the webhook, and a load balancer's checks."""
-    app = _app(gateway, "public", _allow_list(gateway))
+    app = _app(gateway, "public", limits, rejections, _allow_list(gateway))
     app.router.add_post("/webhook", webhook)
     return app
 
 
-def build_operator_app(gateway: Gateway) -> web.Application:
+def build_operator_app(gateway: Surface, limits: Limits, rejections: Rejections) -> web.Application:
     """What the operator reads and does: never exposed beside the webhook."""
-    app = _app(gateway, "operator", _read_token(gateway))
+    app = _app(gateway, "operator", limits, rejections, _read_token(gateway))
     app.router.add_get("/coordinator/leader", leader)
     app.router.add_post("/coordinator/resign", resign)
     app.router.add_get("/signals/{signal_id}", signal_by_id)

@@ -24,10 +24,11 @@ from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal, InvalidOperation
 from typing import Any, Final
 
+from service.errors import SignalError
+
 __all__ = [
     "Parsed",
     "Signal",
-    "SignalError",
     "SignalType",
     "fingerprint",
     "fingerprint_raw",
@@ -66,18 +67,6 @@ _PAYLOAD_KEYS: Final = _FIELDS | {"extra"}
 _END_OF_TIME: Final = datetime.max.replace(tzinfo=UTC)
 _TYPES: Final = {kind.value: kind for kind in SignalType}
 _TYPE_NAMES: Final = ", ".join(kind.name for kind in SignalType)
-
-
-class SignalError(ValueError):
-    """A body that cannot become a signal; `field` is None for body-level problems."""
-
-    def __init__(self, message: str, field: str | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        self.field = field
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"status": "invalid", "error": self.message, "field": self.field}
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,7 +28,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from http import HTTPStatus
-from typing import Any, cast
+from typing import Any, Final, cast
 
 import structlog
 from aiohttp import http_exceptions, web
@@ -39,6 +39,7 @@ from pgleader.errors import ConfigError
 
 __all__ = [
     "HEADER_LIMITS",
+    "LINGERING_TIME",
     "GuardedSite",
     "Limits",
     "Rejections",
@@ -47,17 +48,13 @@ __all__ = [
     "read_body",
 ]
 
-log = structlog.get_logger("service.http")
+log = structlog.get_logger("service.web.routes")
 
 # A webhook needs a handful of short headers; a browser on the operator's page a few more.
 # The rest of a body nobody will read (a refused one) is drained for at most 2 s
 # before the connection closes: closing with unread input would lose the answer.
-HEADER_LIMITS = {
-    "max_line_size": 4096,
-    "max_field_size": 4096,
-    "max_headers": 32,
-    "lingering_time": 2.0,
-}
+HEADER_LIMITS: Final = {"max_line_size": 4096, "max_field_size": 4096, "max_headers": 32}
+LINGERING_TIME: Final = 2.0
 
 # aiohttp's parser errors, by what the client did wrong. Fixed messages: never echo input.
 _PROTOCOL_ERRORS: list[tuple[type[Exception], str, str]] = [

@@ -24,11 +24,13 @@ import pytest
 from psycopg import errors
 from psycopg.conninfo import make_conninfo
 
-import service.auth
+import service.web.auth
+import service.web.listener
+import service.web.routes
 from pgleader.embedded import find_bindir
-from tests.gateway import PUBLIC_PATHS, Cluster, GatewayProcess, cluster, signal_body, until
+from tests.support.gateway import PUBLIC_PATHS, Cluster, GatewayProcess, cluster, signal_body, until
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 WEBHOOK_SECRET = "wh-secret-Q7v9ZpL2"
 ADMIN_TOKEN = "adm-token-K3m8RtX5"
 DSN_PASSWORD = "dsn-pass-XYZ-4c1e"
@@ -223,14 +225,16 @@ async def test_admin_endpoints_are_off_without_a_token_and_need_the_right_one(gw
 def test_secret_checks_are_constant_time():
     """The comparisons go through hmac.compare_digest (on bytes, so non-ASCII input
     cannot raise), and no secret-like value is compared with == / != / in."""
-    for check in (service.auth.secret_ok, service.auth.signature_ok):
+    for check in (service.web.auth.secret_ok, service.web.auth.signature_ok):
         assert "compare_digest" in check.__code__.co_names, check.__name__
-    for check in (service.auth.admin_ok, service.auth.body_secret_ok):
+    for check in (service.web.auth.admin_ok, service.web.auth.body_secret_ok):
         assert "secret_ok" in check.__code__.co_names, check.__name__
-    assert service.auth.secret_ok("é-secret", "é-secret") and not service.auth.secret_ok("é", "e")
-    assert not service.auth.signature_ok(b"{}", "sha256=é", "secret")
+    assert service.web.auth.secret_ok("é-secret", "é-secret") and not service.web.auth.secret_ok(
+        "é", "e"
+    )
+    assert not service.web.auth.signature_ok(b"{}", "sha256=é", "secret")
     secretish = ("secret", "token", "signature", "digest", "password", "expected", "given")
-    for module in (service.auth, __import__("service.http").http):
+    for module in (service.web.auth, service.web.routes, service.web.listener):
         tree = ast.parse(inspect.getsource(module))
         for node in ast.walk(tree):
             if not isinstance(node, ast.Compare):
@@ -337,7 +341,7 @@ def test_the_sql_scanner_recognises_string_building():
 
 
 def test_every_sql_statement_is_parameterised():
-    files = sorted([*(ROOT / "pgleader").glob("*.py"), *(ROOT / "service").glob("*.py")])
+    files = sorted([*(ROOT / "pgleader").rglob("*.py"), *(ROOT / "service").rglob("*.py")])
     assert len(files) > 10
     found = [
         problem

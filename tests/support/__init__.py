@@ -1,0 +1,1 @@
+"""Helpers the tests share: real gateway processes, small file systems. Not tests."""
