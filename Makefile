@@ -37,7 +37,9 @@ debs:
 	fi
 
 # A local gateway on http://127.0.0.1:8080 with an embedded PostgreSQL in ./var
-# (unless PGLEADER_DSN is set). Set PGLEADER_WEBHOOK_SECRET for anything real.
+# (unless PGLEADER_DSN is set; as root, when the postgres user cannot reach ./var,
+# in /var/lib/pgleader/embedded/<hash>: the log says where). Set
+# PGLEADER_WEBHOOK_SECRET for anything real.
 run: $(STAMP)
 	PGLEADER_WEBHOOK_SECRET="$${PGLEADER_WEBHOOK_SECRET:-local-dev-secret}" \
 	PGLEADER_LOG_FORMAT="$${PGLEADER_LOG_FORMAT:-console}" \

@@ -29,14 +29,17 @@ from typing import Any
 import psycopg
 
 from bench.harness import progress, run_main, statement_server, webhook_body
-from service.brokers.paper import _PLACE
-from service.execution.executor import _CLAIM, _COMPLETE
 from service.intake.inbox import Incoming, parse_notification, store_signals
 from service.intake.signals import fingerprint, parse_body
+from service.queries import QUERIES
 
 __all__ = ["main"]
 
 _TICK = os.sysconf("SC_CLK_TCK")
+# The gateway's own statements, by name: what the executor and the paper broker run.
+_CLAIM = QUERIES["claim_signals"]
+_PLACE = QUERIES["paper_place_orders"]
+_COMPLETE = QUERIES["complete_orders"]
 
 
 def _cpu(pid: int) -> float:

@@ -22,14 +22,17 @@ import psycopg
 
 from bench.harness import progress, run_main, statement_server, webhook_body
 from bench.stats import summary
-from service.brokers.paper import _PLACE
-from service.execution.executor import _CLAIM, _COMPLETE
 from service.intake.inbox import Incoming, store_signals
 from service.intake.signals import fingerprint, parse_body
+from service.queries import QUERIES
 
 __all__ = ["main"]
 
 _STEPS = ("store", "claim", "send", "record", "total")
+# The gateway's own statements, by name: what the executor and the paper broker run.
+_CLAIM = QUERIES["claim_signals"]
+_PLACE = QUERIES["paper_place_orders"]
+_COMPLETE = QUERIES["complete_orders"]
 
 
 async def _trace(dsn: str, n: int, skip: int) -> dict[str, list[float]]:

@@ -17,6 +17,7 @@ from pgleader.errors import (
     MigrationError,
     NotLeader,
     PgLeaderError,
+    SchemaMissing,
 )
 from pgleader.fencing import check_epoch, fenced_statement
 from pgleader.migrations import migrate
@@ -30,6 +31,7 @@ __all__ = [
     "MigrationError",
     "NotLeader",
     "PgLeaderError",
+    "SchemaMissing",
     "Timings",
     "Transition",
     "__version__",

@@ -10,17 +10,26 @@ import argparse
 import asyncio
 import contextlib
 import json
-import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Coroutine
 from importlib.metadata import entry_points
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import psycopg
 
 from pgleader import __version__
-from pgleader.config import Timings, resolve_dsn
+from pgleader.config import (
+    EVICT_AFTER_RANGE,
+    HEARTBEAT_RANGE,
+    LEASE_RANGE,
+    Dsn,
+    Number,
+    Text,
+    Timings,
+    env_setting,
+    resolve_dsn,
+)
 from pgleader.connect import connect
 from pgleader.errors import ConfigError, PgLeaderError, first_line
 
@@ -31,30 +40,54 @@ __all__ = ["add_common", "add_timings", "main", "require_dsn", "run", "timings_f
 Command = Callable[[argparse.Namespace], Awaitable[int]]
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a refused argument is one line naming it, like every pgleader error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--dsn", help="PostgreSQL connection string (default: $PGLEADER_DSN or $DATABASE_URL)"
+        "--dsn",
+        type=Dsn(),
+        help="PostgreSQL connection string (default: $PGLEADER_DSN, else $DATABASE_URL)",
     )
 
 
+_TIMINGS = (
+    ("heartbeat", Number(float, *HEARTBEAT_RANGE, "s"), "leader heartbeat interval, s"),
+    ("lease", Number(float, *LEASE_RANGE, "s"), "leader steps down after this long without a good beat, s"),
+    ("evict_after", Number(float, *EVICT_AFTER_RANGE, "s"), "followers evict a leader silent this long, s"),
+)  # fmt: skip
+
+
 def add_timings(parser: argparse.ArgumentParser, prefix: str = "PGLEADER_") -> None:
+    """--heartbeat, --lease, --evict-after; each read from `prefix`NAME when not given
+    (by timings_from, so a bad variable is refused only by the verbs that use it)."""
     defaults = Timings()
-    for name, default, text in (
-        ("heartbeat", defaults.heartbeat, "leader heartbeat interval, s"),
-        ("lease", defaults.lease, "leader steps down after this long without a good beat, s"),
-        ("evict_after", defaults.evict_after, "followers evict a leader silent this long, s"),
-    ):
+    for name, kind, text in _TIMINGS:
         env = f"{prefix}{name.upper()}"
         parser.add_argument(
             f"--{name.replace('_', '-')}",
-            type=float,
-            default=float(os.environ.get(env, default)),
-            help=f"{text} (env {env}, default {default})",
+            type=kind,
+            default=None,
+            help=f"{text} (env {env}, default {getattr(defaults, name):g})",
         )
+    parser.set_defaults(timings_prefix=prefix)
 
 
 def timings_from(args: argparse.Namespace) -> Timings:
-    return Timings(args.heartbeat, args.lease, args.evict_after).validate()
+    """The timings of the flags, else of the environment, else the defaults; validated."""
+    prefix = getattr(args, "timings_prefix", "PGLEADER_")
+    defaults = Timings()
+    values = {
+        name: env_setting(f"{prefix}{name.upper()}", kind, getattr(defaults, name))
+        if getattr(args, name, None) is None
+        else getattr(args, name)
+        for name, kind, _ in _TIMINGS
+    }
+    return Timings(**values).validate()
 
 
 def require_dsn(args: argparse.Namespace) -> str:
@@ -67,20 +100,18 @@ def require_dsn(args: argparse.Namespace) -> str:
 async def _migrate(args: argparse.Namespace) -> int:
     from pgleader.migrations import migrate
 
-    applied = await migrate(require_dsn(args))
+    applied = await migrate(require_dsn(args), only=args.only)
     print(json.dumps({"applied": applied}))
     return 0
 
 
 async def _status(args: argparse.Namespace) -> int:
+    from pgleader.queries import QUERIES
+
     conn = await connect(require_dsn(args), autocommit=True)
     async with conn:
         try:
-            cur = await conn.execute(
-                "select election, epoch, leader, host, backend_pid, lock_held, acquired_at,"
-                " extract(epoch from heartbeat_age)::float8 as heartbeat_age_s"
-                " from pgleader.leader order by election"
-            )
+            cur = await conn.execute(QUERIES["leaders"])
         except psycopg.errors.UndefinedTable:
             raise ConfigError("pgleader schema missing: run `pgleader migrate` first") from None
         names = [c.name for c in cur.description or []]
@@ -145,9 +176,7 @@ async def _demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="pgleader", description="Leader election and fencing on PostgreSQL."
-    )
+    parser = _Parser(prog="pgleader", description="Leader election and fencing on PostgreSQL.")
     parser.add_argument("--version", action="version", version=f"pgleader {__version__}")
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
 
@@ -157,16 +186,30 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         return p
 
-    verb("migrate", _migrate, "apply the sql/ migrations that are missing")
+    p = verb(
+        "migrate",
+        _migrate,
+        "apply what is missing of every installed schema stream (pgleader's, then"
+        " those plugged in, such as the gateway's)",
+    )
+    p.add_argument(
+        "--only",
+        action="append",
+        type=Text(63),
+        metavar="STREAM",
+        help="apply this stream alone, e.g. pgleader (repeatable)",
+    )
     verb("status", _status, "print the pgleader.leader view as JSON lines")
     p = verb("watch", _watch, "print every pgleader_events notification as a JSON line")
-    p.add_argument("--channel", action="append", default=[], help="channel (repeatable)")
+    p.add_argument(
+        "--channel", action="append", default=[], type=Text(63), help="channel (repeatable)"
+    )
     p = verb("elect", _elect, "run one elector and print its transitions as JSON lines")
-    p.add_argument("--election", default="default")
-    p.add_argument("--instance-id", default=None)
+    p.add_argument("--election", default="default", type=Text(200))
+    p.add_argument("--instance-id", default=None, type=Text(200))
     add_timings(p)
     p = verb("demo", _demo, "three electors, kill the leader, print the measured takeover")
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=Number(int, 1, 1000), default=3)
     for ep in entry_points(group="pgleader.commands"):
         try:
             register: Callable[[Any], None] = ep.load()

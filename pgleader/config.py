@@ -1,15 +1,51 @@
-"""Election settings and their validation, done once at start-up."""
+"""Settings and their validation, done once at start-up: the election's timings, and
+the kinds of setting (number, text, choice, switch) every flag and PGLEADER_*
+variable is parsed as, so that a bad value is one line naming it, never a traceback
+and never silently accepted."""
 
 from __future__ import annotations
 
+import argparse
+import ipaddress
 import logging
+import math
 import os
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import psycopg
+from psycopg.conninfo import conninfo_to_dict
 
 from pgleader.errors import ConfigError
 
-__all__ = ["LogLevels", "Timings", "default_instance_id", "resolve_dsn"]
+__all__ = [
+    "EVICT_AFTER_RANGE",
+    "HEARTBEAT_RANGE",
+    "LEASE_RANGE",
+    "Choice",
+    "Dsn",
+    "LogLevels",
+    "Names",
+    "Networks",
+    "Number",
+    "Setting",
+    "Switch",
+    "Text",
+    "Timings",
+    "default_instance_id",
+    "env_setting",
+    "resolve_dsn",
+]
+
+T = TypeVar("T")
+
+# Seconds. Beyond these the election would either burn the database or take
+# minutes to notice a dead leader: both mistakes, not choices.
+HEARTBEAT_RANGE = (0.05, 60.0)
+LEASE_RANGE = (0.1, 600.0)
+EVICT_AFTER_RANGE = (0.2, 3600.0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,8 +65,16 @@ class Timings:
     evict_after: float = 6.0
 
     def validate(self) -> Timings:
-        if not 0.05 <= self.heartbeat <= 60:
-            raise ConfigError(f"heartbeat must be between 0.05 and 60 s, got {self.heartbeat}")
+        for name, (low, high) in (
+            ("heartbeat", HEARTBEAT_RANGE),
+            ("lease", LEASE_RANGE),
+            ("evict_after", EVICT_AFTER_RANGE),
+        ):
+            value = getattr(self, name)
+            if not low <= value <= high:  # NaN fails this too
+                raise ConfigError(
+                    f"{name} must be between {_num(low)} and {_num(high)} s, got {value}"
+                )
         # One slow or lost beat must not cost a healthy leader its lease (river #216).
         if self.lease < 2 * self.heartbeat:
             raise ConfigError(
@@ -59,8 +103,15 @@ class LogLevels:
 
 
 def resolve_dsn(dsn: str | None = None) -> str | None:
-    """The explicit DSN, else PGLEADER_DSN, else DATABASE_URL, else None."""
-    return dsn or os.environ.get("PGLEADER_DSN") or os.environ.get("DATABASE_URL") or None
+    """The explicit DSN, else PGLEADER_DSN, else DATABASE_URL, else None (an empty
+    one counts as unset). ConfigError, naming the variable, when it cannot be parsed."""
+    if dsn:
+        return dsn
+    for name in ("PGLEADER_DSN", "DATABASE_URL"):
+        value: str | None = env_setting(name, Dsn(), None)
+        if value:
+            return value
+    return None
 
 
 def default_instance_id() -> str:
@@ -70,3 +121,173 @@ def default_instance_id() -> str:
     except OSError:
         host = "instance"
     return f"{host}-{os.getpid()}"
+
+
+# -- kinds of setting --------------------------------------------------------------
+#
+# Each is an argparse `type` (a bad flag: "argument --port: must be ...") and parses
+# the PGLEADER_* twin through env_setting (a bad variable: "PGLEADER_PORT: must be ...").
+
+
+class Setting:
+    """How one setting's text becomes its value; raises argparse.ArgumentTypeError
+    with a message that completes "<flag or variable>: ..."."""
+
+    #: an empty value means "unset" (e.g. a token: none) instead of being refused
+    empty_means_unset = False
+
+    def __call__(self, text: str) -> Any:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:  # argparse names the type in a few messages
+        return type(self).__name__.lower()
+
+
+class Number(Setting):
+    """An int or a float, finite and within [low, high] (or (low, high] when `above`)."""
+
+    def __init__(
+        self,
+        kind: type[int] | type[float],
+        low: float,
+        high: float,
+        unit: str = "",
+        *,
+        above: bool = False,
+    ) -> None:
+        self.kind, self.low, self.high, self.unit, self.above = kind, low, high, unit, above
+
+    def describe(self) -> str:
+        what = "a whole number" if self.kind is int else "a number"
+        unit = f" {self.unit}" if self.unit else ""
+        if self.above:
+            return f"{what} above {_num(self.low)} and at most {_num(self.high)}{unit}"
+        return f"{what} from {_num(self.low)} to {_num(self.high)}{unit}"
+
+    def __call__(self, text: str) -> int | float:
+        value: int | float
+        try:
+            value = self.kind(text.strip())
+        except ValueError:
+            value = math.nan
+        if (
+            not math.isfinite(value)
+            or not self.low <= value <= self.high
+            or (self.above and value == self.low)
+        ):
+            raise argparse.ArgumentTypeError(f"must be {self.describe()}, got {text!r}")
+        return value
+
+
+class Text(Setting):
+    """A non-empty line of at most `max_length` characters; `secret` ones are never
+    echoed in a message. With `empty_means_unset`, an empty value is accepted as ""
+    (so an empty flag still overrides its variable) and means "none"."""
+
+    def __init__(
+        self, max_length: int = 1000, *, secret: bool = False, empty_means_unset: bool = False
+    ) -> None:
+        self.max_length, self.secret = max_length, secret
+        self.empty_means_unset = empty_means_unset
+
+    def __call__(self, text: str) -> str:
+        if not text:
+            if self.empty_means_unset:
+                return ""
+            raise argparse.ArgumentTypeError("must not be empty")
+        if len(text) > self.max_length or any(c in text for c in "\0\n\r"):
+            shown = "" if self.secret else f", got {text[:40]!r}"
+            raise argparse.ArgumentTypeError(
+                f"must be one line of at most {self.max_length} characters{shown}"
+            )
+        return text
+
+
+class Choice(Setting):
+    """One of a fixed set of words."""
+
+    def __init__(self, *choices: str) -> None:
+        self.choices = choices
+
+    def __call__(self, text: str) -> str:
+        if text not in self.choices:
+            raise argparse.ArgumentTypeError(
+                f"must be one of {', '.join(self.choices)}, got {text[:40]!r}"
+            )
+        return text
+
+
+_SWITCH_WORDS = {"true": True, "1": True, "yes": True, "on": True,
+                 "false": False, "0": False, "no": False, "off": False}  # fmt: skip
+
+
+class Switch(Setting):
+    """true/false (also 1/0, yes/no, on/off): the PGLEADER_* twin of a --no-... flag."""
+
+    def __call__(self, text: str) -> bool:
+        try:
+            return _SWITCH_WORDS[text.strip().lower()]
+        except KeyError:
+            raise argparse.ArgumentTypeError(f"must be true or false, got {text[:40]!r}") from None
+
+
+class Names(Setting):
+    """A comma-separated list naming at least one thing; upper-cased."""
+
+    def __call__(self, text: str) -> frozenset[str]:
+        names = frozenset(s.strip().upper() for s in text.split(",") if s.strip())
+        if not names:
+            raise argparse.ArgumentTypeError(f"must name at least one, got {text[:40]!r}")
+        return names
+
+
+class Networks(Setting):
+    """A comma-separated list of addresses or networks (10.0.0.0/8), at least one."""
+
+    def __call__(self, text: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+        try:
+            networks = tuple(
+                ipaddress.ip_network(s.strip(), strict=False) for s in text.split(",") if s.strip()
+            )
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+        if not networks:
+            raise argparse.ArgumentTypeError(f"must name at least one network, got {text[:40]!r}")
+        return networks
+
+
+class Dsn(Setting):
+    """A libpq connection string or URL; never echoed (it may carry a password).
+    Empty means unset (then the next source, or the embedded server)."""
+
+    empty_means_unset = True
+
+    def __call__(self, text: str) -> str | None:
+        if not text:
+            return None
+        try:
+            conninfo_to_dict(text)
+        except psycopg.ProgrammingError:
+            raise argparse.ArgumentTypeError(
+                "not a PostgreSQL connection string (key=value ... or postgresql://...)"
+            ) from None
+        return text
+
+
+def env_setting(name: str, parse: Callable[[str], T | None], default: T) -> T:
+    """The environment variable `name` parsed by `parse`; `default` when it is unset
+    (or empty, for a setting where empty means unset). ConfigError naming the
+    variable when its value is refused."""
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    try:
+        value = parse(raw)
+    except argparse.ArgumentTypeError as exc:
+        raise ConfigError(f"{name}: {exc}") from None
+    return default if value is None else value
+
+
+def _num(value: float) -> str:
+    """1.0 -> '1', 0.05 -> '0.05', 65536 -> '65536'."""
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"

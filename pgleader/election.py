@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import inspect
 import os
 import socket
 import time
@@ -32,19 +33,32 @@ from psycopg import AsyncConnection
 from pgleader import __version__
 from pgleader.config import LogLevels, Timings, default_instance_id
 from pgleader.connect import connect, describe_dsn, lock_session_conninfo
-from pgleader.errors import DatabaseUnavailable, NotLeader, backoff, first_line
+from pgleader.errors import (
+    DatabaseUnavailable,
+    NotLeader,
+    PgLeaderError,
+    SchemaMissing,
+    backoff,
+    first_line,
+)
 from pgleader.fencing import check_epoch
+from pgleader.queries import QUERIES
 
 __all__ = ["Elector", "Transition"]
 
 log = structlog.get_logger("pgleader.election")
 
-_JOIN = "select pgleader.join_election(%s, %s, %s, %s, %s)"
-_LOCK = "select pg_advisory_lock(pgleader.lock_namespace(), %s)"
-_FOLLOWER_BEAT = "select pgleader.follower_beat(%s, %s, make_interval(secs => %s))"
-_TAKE = "select epoch, previous from pgleader.take_leadership(%s, %s, %s)"
-_HEARTBEAT = "select pgleader.heartbeat(%s, %s, %s)"
-_RESIGN = "select pgleader.resign(%s, %s, %s, %s)"
+_JOIN = QUERIES["join_election"]
+_SET_LOCK_TIMEOUT = QUERIES["set_lock_timeout"]
+_CLEAR_LOCK_TIMEOUT = QUERIES["clear_lock_timeout"]
+_LOCK = QUERIES["acquire_lock"]
+_FOLLOWER_BEAT = QUERIES["follower_beat"]
+_TAKE = QUERIES["take_leadership"]
+_TERMINATE_BLOCKERS = QUERIES["terminate_blockers"]
+_HEARTBEAT = QUERIES["heartbeat"]
+_RESIGN = QUERIES["resign"]
+# How often an elector whose database lost pgleader's schema looks again.
+_SCHEMA_RETRY = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +122,7 @@ class Elector:
         self._subscribers: list[asyncio.Queue[Transition]] = []
         self._callbacks: list[Callable[[Transition], Any]] = []
         self._callback_tasks: set[asyncio.Future[Any]] = set()
+        self._failure: PgLeaderError | None = None
         self._leader_changed = asyncio.Condition()
         self.stats = {"heartbeats_ok": 0, "heartbeats_failed": 0, "elected": 0, "demoted": 0}
         self.last_heartbeat_latency: float | None = None
@@ -148,18 +163,29 @@ class Elector:
         return epoch
 
     async def wait_for_leadership(self, timeout: float | None = None) -> int:
-        """Wait until this instance leads; returns the epoch."""
+        """Wait until this instance leads; returns the epoch. Raises SchemaMissing
+        when the campaign ended because the database lacks pgleader's schema."""
 
         async def _wait() -> int:
             async with self._leader_changed:
-                await self._leader_changed.wait_for(lambda: self.is_leader)
+                await self._leader_changed.wait_for(
+                    lambda: self.is_leader or self._failure is not None
+                )
+                if self._failure is not None:
+                    raise self._failure
                 assert self._epoch is not None
                 return self._epoch
 
         return await asyncio.wait_for(_wait(), timeout)
 
     def on_transition(self, callback: Callable[[Transition], Any]) -> None:
-        """Call `callback(transition)` on every change of role (it may be a coroutine function)."""
+        """Call `callback(transition)` on every change of role.
+
+        A coroutine function's coroutine runs as a task of its own; stop() gives the
+        ones still running a heartbeat, then cancels them. A callback that raises is
+        logged ("transition callback failed") and the election goes on. A plain
+        function runs on the event loop: keep it quick.
+        """
         self._callbacks.append(callback)
 
     async def transitions(self) -> AsyncIterator[Transition]:
@@ -182,11 +208,20 @@ class Elector:
         await self.stop()
 
     async def start(self) -> None:
-        """Check the database once (raising DatabaseUnavailable with a clear reason), then campaign."""
+        """Check the database once, then campaign. Raises DatabaseUnavailable with a clear
+        reason, or SchemaMissing when the database was never migrated."""
         if self._task is not None:
             raise RuntimeError("elector already started")
         conn = await connect(self._conninfo, timeout=self.connect_timeout, autocommit=True)
-        await conn.close()
+        try:
+            await self._join(conn)  # proves the schema is there; the campaign joins again
+        except psycopg.Error as exc:
+            if _schema_missing(exc):
+                raise self._missing(exc) from None
+            # anything else may pass: the campaign retries it
+        finally:
+            await conn.close()
+        self._failure = None
         self._stopping = False
         self._task = asyncio.create_task(self._run(), name=f"pgleader-elector-{self.election}")
 
@@ -204,6 +239,7 @@ class Elector:
         self._task = None
         if self._epoch is not None:
             self._demote("stopped")
+        await self._end_callbacks(self.timings.heartbeat)
 
     async def resign(self, reason: str = "resigned", *, timeout: float | None = None) -> bool:
         """Hand leadership over: close the history row with `reason`, release the lock,
@@ -227,19 +263,27 @@ class Elector:
                 conn = await connect(self._conninfo, timeout=self.connect_timeout, autocommit=True)
                 failures = 0
                 await self._join(conn)
+                self._failure = None  # the schema is (back) in place
                 await self._follow(conn)
                 pause = await self._lead(conn)
             except Exception as exc:  # whatever went wrong, step down and rejoin: never die
                 if self._epoch is not None:
                     self._demote(first_line(exc))
-                failures += 1
-                pause = backoff(failures, base=0.05, cap=2.0)
-                self._log.log(
-                    self.log_levels.heartbeat_failed,
-                    "election connection lost, rejoining",
-                    error=first_line(exc),
-                    retry_in=round(pause, 3),
-                )
+                if _schema_missing(exc):
+                    # Only a migration brings it back: say so once, end the waits, and
+                    # look again now and then (a restored database, a migrate run later).
+                    if self._failure is None:
+                        await self._fail(self._missing(exc))
+                    pause = _SCHEMA_RETRY
+                else:
+                    failures += 1
+                    pause = backoff(failures, base=0.05, cap=2.0)
+                    self._log.log(
+                        self.log_levels.heartbeat_failed,
+                        "election connection lost, rejoining",
+                        error=first_line(exc),
+                        retry_in=round(pause, 3),
+                    )
             finally:
                 if conn is not None:
                     await _drop(conn)
@@ -254,10 +298,7 @@ class Elector:
         assert row is not None
         self._lock_id = int(row[0])
         # Wait on the lock in slices of one heartbeat, so a follower also polls for a hung leader.
-        await conn.execute(
-            "select set_config('lock_timeout', %s, false)",
-            [f"{int(self.timings.heartbeat * 1000)}ms"],
-        )
+        await conn.execute(_SET_LOCK_TIMEOUT, [f"{int(self.timings.heartbeat * 1000)}ms"])
 
     async def _follow(self, conn: AsyncConnection[Any]) -> None:
         while True:
@@ -274,7 +315,7 @@ class Elector:
 
     async def _lead(self, conn: AsyncConnection[Any]) -> float:
         """Lead until demoted (raises _Demoted) or resigned; returns the pause before rejoining."""
-        await conn.execute("select set_config('lock_timeout', '0', false)")
+        await conn.execute(_CLEAR_LOCK_TIMEOUT)
         sent = time.monotonic()
         cur = await self._take(conn)
         row = await cur.fetchone()
@@ -325,10 +366,7 @@ class Elector:
             async with await connect(
                 self._conninfo, timeout=self.connect_timeout, autocommit=True
             ) as side:
-                cur = await side.execute(
-                    "select pid, pg_terminate_backend(pid) from unnest(pg_blocking_pids(%s)) pid",
-                    [backend_pid],
-                )
+                cur = await side.execute(_TERMINATE_BLOCKERS, [backend_pid])
                 pids = [r[0] for r in await cur.fetchall()]
                 if pids:
                     self._log.warning("terminated sessions blocking the epoch bump", pids=pids)
@@ -415,6 +453,22 @@ class Elector:
         await self._announce(Transition("resigned", epoch, reason))
         return self.resign_cooldown
 
+    def _missing(self, exc: BaseException) -> SchemaMissing:
+        return SchemaMissing(
+            f"database {describe_dsn(self.dsn)} lacks pgleader's schema ({first_line(exc)}):"
+            " run `pgleader migrate` first"
+        )
+
+    async def _fail(self, failure: PgLeaderError) -> None:
+        """Tell once that no campaign is possible; wait_for_leadership() raises `failure`
+        until the campaign can go on again."""
+        self._log.error(
+            "election paused: schema missing", error=str(failure), retry_every=_SCHEMA_RETRY
+        )
+        self._failure = failure
+        async with self._leader_changed:
+            self._leader_changed.notify_all()
+
     def _demote(self, reason: str) -> None:
         epoch, self._epoch = self._epoch, None  # stop acting before anything else
         if epoch is None:
@@ -433,11 +487,50 @@ class Elector:
         for queue in self._subscribers:
             queue.put_nowait(transition)
         for callback in self._callbacks:
+            self._call(callback, transition)
+
+    def _call(self, callback: Callable[[Transition], Any], transition: Transition) -> None:
+        """Call a user's callback, never trusting it: an exception is logged and the
+        election goes on; a coroutine runs as a task of its own, never awaited here,
+        so a slow one cannot hold up a heartbeat."""
+        try:
             result = callback(transition)
-            if asyncio.iscoroutine(result):
+            if inspect.isawaitable(result):
                 task = asyncio.ensure_future(result)
                 self._callback_tasks.add(task)
-                task.add_done_callback(self._callback_tasks.discard)
+                task.add_done_callback(functools.partial(self._called, callback, transition))
+        except Exception as exc:
+            self._callback_failed(callback, transition, exc)
+
+    def _called(
+        self, callback: Callable[[Transition], Any], t: Transition, task: asyncio.Future[Any]
+    ) -> None:
+        self._callback_tasks.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:  # retrieved
+            self._callback_failed(callback, t, exc)
+
+    def _callback_failed(
+        self, callback: Callable[[Transition], Any], transition: Transition, exc: BaseException
+    ) -> None:
+        self._log.error(
+            "transition callback failed", callback=_name(callback), transition=transition.kind,
+            epoch=transition.epoch, error=first_line(exc), exc_info=exc,
+        )  # fmt: skip
+
+    async def _end_callbacks(self, grace: float) -> None:
+        """Give callbacks still running `grace` seconds, then cancel them: nothing the
+        elector started outlives its stop()."""
+        running = self._callback_tasks - {asyncio.current_task()}  # stop() from a callback
+        if not running:
+            return
+        _, late = await asyncio.wait(running, timeout=grace)
+        if late:
+            self._log.warning(
+                "transition callbacks cancelled at stop", grace_s=grace, count=len(late)
+            )
+            for task in late:
+                task.cancel()
+            await asyncio.wait(late, timeout=grace)
 
     def __repr__(self) -> str:
         return (
@@ -465,6 +558,25 @@ def _abandon(task: asyncio.Future[Any]) -> None:
 def _collect_fatal(diag: psycopg.errors.Diagnostic, *, into: list[str]) -> None:
     if diag.severity_nonlocalized in ("FATAL", "PANIC"):
         into.append(diag.message_primary or "FATAL")
+
+
+def _schema_missing(exc: BaseException) -> bool:
+    """The server says a pgleader schema object is not there: a migration is missing."""
+    return isinstance(
+        exc,
+        psycopg.errors.InvalidSchemaName
+        | psycopg.errors.UndefinedFunction
+        | psycopg.errors.UndefinedTable,
+    )
+
+
+def _name(callback: Callable[..., Any]) -> str:
+    """module.qualname of a callback, for a log line; its repr when it has none."""
+    qualname = getattr(callback, "__qualname__", None)
+    if qualname is None:
+        return repr(callback)
+    module = getattr(callback, "__module__", None)
+    return f"{module}.{qualname}" if module else str(qualname)
 
 
 def _hostname() -> str:

@@ -5,11 +5,18 @@ which must own a server it may restart or kill. PostgreSQL refuses to run as
 root; when we are root the server runs as the `postgres` system user (through
 runuser) in a data directory owned by that user. Trust authentication, bound
 to 127.0.0.1 only.
+
+`serve` keeps its cluster in DATA_DIR/pg, except as root when the postgres user
+cannot reach that (a checkout in /root, mode 700): then in
+/var/lib/pgleader/embedded/<hash of DATA_DIR> (see `cluster_dir`).
 """
 
 from __future__ import annotations
 
+import grp
+import hashlib
 import os
+import pwd
 import shutil
 import socket
 import subprocess
@@ -18,7 +25,10 @@ from pathlib import Path
 
 from pgleader.errors import ConfigError
 
-__all__ = ["EmbeddedPostgres", "find_bindir", "free_port"]
+__all__ = ["RELOCATED_CLUSTERS", "EmbeddedPostgres", "cluster_dir", "find_bindir", "free_port"]
+
+# As root, where a data directory's cluster goes when the postgres user cannot reach it.
+RELOCATED_CLUSTERS = Path("/var/lib/pgleader/embedded")
 
 
 def find_bindir() -> Path:
@@ -41,6 +51,47 @@ def find_bindir() -> Path:
         "no PostgreSQL server binaries found (looked in /usr/lib/postgresql/*/bin and PATH); "
         "install postgresql or set PGLEADER_DSN to an existing server"
     )
+
+
+def cluster_dir(data_dir: Path, user: str = "postgres") -> Path:
+    """Where the embedded cluster of `data_dir` lives: `data_dir`/pg, unless we are root
+    and `user` (who runs the server) cannot traverse the directories down to it; then
+    RELOCATED_CLUSTERS/<hash of data_dir>, which root creates for it. A cluster already
+    in either place is used, so a data directory keeps its cluster between runs."""
+    data_dir = Path(data_dir).resolve()
+    home = data_dir / "pg"
+    if os.geteuid() != 0:
+        return home
+    elsewhere = RELOCATED_CLUSTERS / hashlib.sha256(str(data_dir).encode()).hexdigest()[:16]
+    for candidate in (home, elsewhere):
+        if (candidate / "PG_VERSION").exists():
+            return candidate
+    return home if traversable_by(user, home) else elsewhere
+
+
+def traversable_by(user: str, path: Path) -> bool:
+    """Whether `user` may pass through every existing directory above `path`, by the
+    owner, group and other bits (root's view of another user's rights). An unknown
+    user: True, and the server's start will say what is wrong."""
+    try:
+        account = pwd.getpwnam(user)
+    except KeyError:
+        return True
+    groups = {account.pw_gid} | {g.gr_gid for g in grp.getgrall() if user in g.gr_mem}
+    for parent in Path(path).parents:
+        try:
+            st = parent.stat()
+        except FileNotFoundError:
+            continue
+        if st.st_uid == account.pw_uid:
+            allowed = st.st_mode & 0o100
+        elif st.st_gid in groups:
+            allowed = st.st_mode & 0o010
+        else:
+            allowed = st.st_mode & 0o001
+        if not allowed:
+            return False
+    return True
 
 
 def free_port() -> int:
@@ -75,19 +126,21 @@ class EmbeddedPostgres:
     def init(self) -> None:
         if (self.data_dir / "PG_VERSION").exists():
             return
+        if self._as_postgres and self.data_dir.is_relative_to(RELOCATED_CLUSTERS):
+            for directory in (RELOCATED_CLUSTERS.parent, RELOCATED_CLUSTERS):
+                if not directory.exists():  # root's, open to pass through (not to list)
+                    directory.mkdir(parents=True, exist_ok=True)
+                    directory.chmod(0o711)
         self.data_dir.mkdir(parents=True, exist_ok=True)
         if self._as_postgres:
             shutil.chown(self.data_dir, "postgres", "postgres")
+            self.data_dir.chmod(0o700)
             # the server user must be able to reach its data directory
-            for parent in self.data_dir.parents:
-                if parent == Path("/"):
-                    break
-                mode = parent.stat().st_mode
-                if not mode & 0o001:
-                    raise ConfigError(
-                        f"{parent} is not traversable by the postgres user; "
-                        "choose a data directory under /tmp or /var/lib, or set PGLEADER_DSN"
-                    )
+            if not traversable_by("postgres", self.data_dir):
+                raise ConfigError(
+                    f"{self.data_dir} is not traversable by the postgres user; "
+                    "choose a data directory under /tmp or /var/lib, or set PGLEADER_DSN"
+                )
         result = self._run(
             "initdb", "-D", str(self.data_dir), "-U", self.user, "-A", "trust",
             "-E", "UTF8", "--no-sync", check=False,

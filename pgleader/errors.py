@@ -11,6 +11,8 @@ __all__ = [
     "MigrationError",
     "NotLeader",
     "PgLeaderError",
+    "QueryError",
+    "SchemaMissing",
     "backoff",
     "first_line",
 ]
@@ -30,6 +32,14 @@ class DatabaseUnavailable(PgLeaderError):
 
 class MigrationError(PgLeaderError):
     """A migration failed or an applied one was changed on disk."""
+
+
+class SchemaMissing(MigrationError):
+    """The database lacks pgleader's schema, or part of it: run `pgleader migrate`."""
+
+
+class QueryError(PgLeaderError):
+    """A queries file is malformed, or code asked it for a name it does not define."""
 
 
 class NotLeader(PgLeaderError):

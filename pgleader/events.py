@@ -18,10 +18,12 @@ from psycopg import sql
 
 from pgleader.connect import connect
 from pgleader.errors import DatabaseUnavailable, backoff
+from pgleader.queries import QUERIES
 
 __all__ = ["EVENTS_CHANNEL", "Notification", "Reconnected", "listen", "parse_event"]
 
 EVENTS_CHANNEL = "pgleader_events"
+_PING = QUERIES["ping"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,7 +79,7 @@ async def listen(
                 # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a
                 # cancellation that lands as the ping returns, and the loop lives on.
                 async with asyncio.timeout(ping_every):
-                    await conn.execute("select 1")
+                    await conn.execute(_PING)
         except (psycopg.OperationalError, TimeoutError):
             attempt += 1
             await asyncio.sleep(backoff(attempt, base=0.1, cap=max_backoff))

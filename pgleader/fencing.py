@@ -9,7 +9,7 @@ epoch. Whatever the caller writes in the same transaction is therefore either
 committed under a current epoch or not at all.
 
 `fenced_statement` is for one statement that calls the SQL function
-`pgleader.check_epoch(election, epoch)` itself (sql/003_fence_function.sql): no
+`pgleader.check_epoch(election, epoch)` itself (sql/pgleader/functions.sql): no
 BEGIN/COMMIT round trips, and a stale epoch raises SQLSTATE PGL01 before the
 statement writes anything. The context manager turns that error into `Fenced`.
 """
@@ -24,12 +24,13 @@ from psycopg import AsyncConnection
 from psycopg.pq import TransactionStatus
 
 from pgleader.errors import Fenced
+from pgleader.queries import QUERIES
 
 __all__ = ["FENCED_SQLSTATE", "check_epoch", "fenced_statement"]
 
 FENCED_SQLSTATE = "PGL01"
 
-_FENCE = "select epoch from pgleader.election where name = %s for share"
+_FENCE = QUERIES["read_epoch_for_share"]
 
 
 async def check_epoch(conn: AsyncConnection[object], election: str, epoch: int) -> None:

@@ -9,7 +9,18 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
-from pgleader.config import Timings, default_instance_id
+from pgleader.config import (
+    Choice,
+    Names,
+    Networks,
+    Number,
+    Setting,
+    Switch,
+    Text,
+    Timings,
+    default_instance_id,
+    env_setting,
+)
 from pgleader.errors import ConfigError
 
 __all__ = ["ServiceConfig", "add_arguments", "from_args"]
@@ -53,63 +64,69 @@ class ServiceConfig:
         return self.data_dir / "spool" / f"{self.instance_id}.jsonl"
 
 
-# flag, env suffix, type, default, help
-_OPTIONS: list[tuple[str, type, object, str]] = [
-    ("host", str, "127.0.0.1", "address of the public listener (webhook, health, ready)"),
-    ("port", int, 8080, "port of the public listener"),
+KiB, MiB = 1024, 1024 * 1024
+_PORT = Number(int, 1, 65535)
+_TOKEN = Text(secret=True, empty_means_unset=True)  # empty: none (compose passes "")
+
+# flag (its variable is PGLEADER_<FLAG>), kind (range included), default, help
+# fmt: off
+_OPTIONS: list[tuple[str, Setting, object, str]] = [
+    ("host", Text(), "127.0.0.1", "address of the public listener (webhook, health, ready)"),
+    ("port", _PORT, 8080, "port of the public listener"),
     (
         "operator-host",
-        str,
+        Text(),
         "127.0.0.1",
         "address of the operator's listener (signals, metrics,"
         " coordinator, admin): keep it off the internet",
     ),
     (
         "operator-port",
-        int,
+        _PORT,
         None,
         "port of the operator's listener (default: the public port + 1000)",
     ),
     (
         "operator-token",
-        str,
+        _TOKEN,
         None,
         "read token of the operator's listener: Bearer header or cookie"
         " pgleader_operator_token (unset: no token)",
     ),
-    ("max-connections", int, 256, "open connections per listener; more are answered 503"),
+    ("max-connections", Number(int, 1, 100_000), 256, "open connections per listener; more are answered 503"),
     (
         "request-timeout",
-        float,
+        Number(float, 0.1, 600, "s"),
         5.0,
         "seconds a client gets to send a whole request (head and body)",
     ),
-    ("instance-id", str, None, "this instance's id (default: hostname-pid)"),
-    ("webhook-secret", str, None, "shared secret expected in the webhook body (required)"),
-    ("admin-token", str, None, "bearer token for admin endpoints (unset: admin disabled)"),
-    ("broker", str, "paper", "broker to execute on (paper)"),
-    ("election", str, "gateway", "election name"),
-    ("log-format", str, None, "json or console (default: console on a terminal, else json)"),
-    ("data-dir", str, "var", "embedded PostgreSQL data and the outage spool live here"),
-    ("embedded-port", int, 54329, "port of the embedded PostgreSQL (no DSN given)"),
-    ("max-signal-age", float, 120.0, "signals older than this (s) expire instead of executing"),
-    ("max-future-skew", float, 5.0, "tolerated clock skew of signal timestamps (s)"),
-    ("max-body-bytes", int, 16 * 1024, "largest webhook body accepted"),
-    ("spool-max-bytes", int, 64 * 1024 * 1024, "cap of this instance's outage spool file"),
-    ("instruments", str, None, "comma-separated instrument allow-list (default: any)"),
-    ("allowed-ips", str, None, "comma-separated source addresses/networks (default: any)"),
-    ("shutdown-timeout", float, 30.0, "seconds in-flight requests get on shutdown"),
-    ("sweep-interval", float, 1.0, "seconds between sweeps for pending signals"),
-    ("broker-timeout", float, 5.0, "seconds a broker call may take before its outcome is unknown"),
-    ("startup-timeout", float, 60.0, "seconds to keep retrying an unreachable database at start"),
+    ("instance-id", Text(200), None, "this instance's id (default: hostname-pid)"),
+    ("webhook-secret", Text(secret=True), None, "shared secret expected in the webhook body (required)"),
+    ("admin-token", _TOKEN, None, "bearer token for admin endpoints (unset: admin disabled)"),
+    ("broker", Choice("paper"), "paper", "broker to execute on (paper)"),
+    ("election", Text(200), "gateway", "election name"),
+    ("log-format", Choice("json", "console"), None, "json or console (default: console on a terminal, else json)"),
+    ("data-dir", Text(), "var", "the outage spool, and the embedded PostgreSQL (no DSN given) in DATA_DIR/pg; as root, when the postgres user cannot reach that, in /var/lib/pgleader/embedded/<hash of DATA_DIR>"),
+    ("embedded-port", Number(int, 1024, 65535), 54329, "port of the embedded PostgreSQL (no DSN given)"),
+    ("max-signal-age", Number(float, 1, 7 * 86400, "s"), 120.0, "signals older than this (s) expire instead of executing"),
+    ("max-future-skew", Number(float, 0, 3600, "s", above=True), 5.0, "tolerated clock skew of signal timestamps (s)"),
+    ("max-body-bytes", Number(int, 1 * KiB, 1 * MiB, "bytes"), 16 * KiB, "largest webhook body accepted"),
+    ("spool-max-bytes", Number(int, 64 * KiB, 1024**4, "bytes"), 64 * MiB, "cap of this instance's outage spool file"),
+    ("instruments", Names(), None, "comma-separated instrument allow-list (default: any)"),
+    ("allowed-ips", Networks(), None, "comma-separated source addresses/networks (default: any)"),
+    ("shutdown-timeout", Number(float, 0, 3600, "s", above=True), 30.0, "seconds in-flight requests get on shutdown"),
+    ("sweep-interval", Number(float, 0.01, 60, "s"), 1.0, "seconds between sweeps for pending signals"),
+    ("broker-timeout", Number(float, 0, 600, "s", above=True), 5.0, "seconds a broker call may take before its outcome is unknown"),
+    ("startup-timeout", Number(float, 0, 86400, "s", above=True), 60.0, "seconds to keep retrying an unreachable database at start"),
     (
         "batch-interval",
-        float,
+        Number(float, 0, 1, "s"),
         0.005,
         "under load, seconds between the starts of the leader's execution batches (0: no wait;"
         " more: bigger batches, less CPU per signal, that much more latency)",
     ),
 ]
+# fmt: on
 
 
 def _env(flag: str) -> str:
@@ -119,28 +136,26 @@ def _env(flag: str) -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the serve flags; each defaults to its PGLEADER_* environment variable."""
     for flag, kind, default, text in _OPTIONS:
+        extra = f"; {kind.describe()}" if isinstance(kind, Number) else ""
         parser.add_argument(
             f"--{flag}",
             type=kind,
             default=None,
-            help=f"{text} [env {_env(flag)}" + (f", default {default}]" if default else "]"),
+            help=f"{text} [env {_env(flag)}"
+            + (f", default {default}" if default is not None else "")
+            + f"{extra}]",
         )
     parser.add_argument(
-        "--no-migrate", action="store_true", help="do not apply missing migrations at start"
+        "--no-migrate",
+        action="store_true",
+        help="do not apply missing migrations at start [env PGLEADER_MIGRATE=false]",
     )
 
 
-def _pick(args: argparse.Namespace, flag: str, kind: type, default: object) -> object:
+def _pick(args: argparse.Namespace, flag: str, kind: Setting, default: object) -> object:
+    """The flag's value (argparse parsed it), else its variable's, else the default."""
     value = getattr(args, flag.replace("-", "_"), None)
-    if value is not None:
-        return value
-    raw = os.environ.get(_env(flag))
-    if raw is None or raw == "":
-        return default
-    try:
-        return kind(raw)
-    except ValueError:
-        raise ConfigError(f"{_env(flag)}={raw!r} is not a valid {kind.__name__}") from None
+    return env_setting(_env(flag), kind, default) if value is None else value
 
 
 def from_args(args: argparse.Namespace, dsn: str | None, timings: Timings) -> ServiceConfig:
@@ -149,46 +164,20 @@ def from_args(args: argparse.Namespace, dsn: str | None, timings: Timings) -> Se
     secret = v["webhook-secret"]
     if not secret:
         raise ConfigError("no webhook secret: set PGLEADER_WEBHOOK_SECRET or --webhook-secret")
+    # Each value is parsed and in its range (see _OPTIONS); what is left is how they combine.
     port = int(str(v["port"]))
-    if not 1 <= port <= 65535:
-        raise ConfigError(f"port must be 1..65535, got {port}")
     operator_port = int(str(v["operator-port"] or port + 1000))
-    if not 1 <= operator_port <= 65535:
+    if operator_port > 65535:
         raise ConfigError(
-            f"operator port must be 1..65535, got {operator_port} (set --operator-port)"
+            f"the operator port defaults to the public port + 1000 ({operator_port}),"
+            " beyond 65535: set --operator-port / PGLEADER_OPERATOR_PORT"
         )
     if operator_port == port:
         raise ConfigError(f"the operator port must differ from the public port ({port})")
-    if int(str(v["max-connections"])) < 1:
-        raise ConfigError("--max-connections must be at least 1")
-    if v["broker"] != "paper":
-        raise ConfigError(f"unknown broker {v['broker']!r}: available brokers are: paper")
     log_format = v["log-format"] or ("console" if os.isatty(2) else "json")
-    if log_format not in ("json", "console"):
-        raise ConfigError(f"log format must be json or console, got {log_format!r}")
-    for name in (
-        "max-signal-age", "max-future-skew", "shutdown-timeout", "sweep-interval", "broker-timeout",
-        "startup-timeout", "request-timeout",
-    ):  # fmt: skip
-        if float(str(v[name])) <= 0:
-            raise ConfigError(f"--{name} must be positive")
-    if not 0 <= float(str(v["batch-interval"])) <= 1:
-        raise ConfigError("--batch-interval must be between 0 and 1 s")
-    if int(str(v["spool-max-bytes"])) < 64 * 1024:
-        raise ConfigError("--spool-max-bytes must be at least 65536 (64 KiB)")
-    instruments = None
-    if v["instruments"]:
-        instruments = frozenset(
-            s.strip().upper() for s in str(v["instruments"]).split(",") if s.strip()
-        )
-    try:
-        allowed = tuple(
-            ipaddress.ip_network(s.strip(), strict=False)
-            for s in str(v["allowed-ips"] or "").split(",")
-            if s.strip()
-        )
-    except ValueError as exc:
-        raise ConfigError(f"allowed IPs: {exc}") from None
+    migrate = False if args.no_migrate else env_setting("PGLEADER_MIGRATE", Switch(), True)
+    instruments: frozenset[str] | None = v["instruments"]  # type: ignore[assignment]
+    allowed: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = v["allowed-ips"] or ()  # type: ignore[assignment]
     return ServiceConfig(
         dsn=dsn,
         host=str(v["host"]),
@@ -204,7 +193,7 @@ def from_args(args: argparse.Namespace, dsn: str | None, timings: Timings) -> Se
         broker=str(v["broker"]),
         election=str(v["election"]),
         timings=timings,
-        log_format=log_format,
+        log_format=str(log_format),
         data_dir=Path(str(v["data-dir"])),
         embedded_port=int(str(v["embedded-port"])),
         max_signal_age=timedelta(seconds=float(str(v["max-signal-age"]))),
@@ -218,5 +207,5 @@ def from_args(args: argparse.Namespace, dsn: str | None, timings: Timings) -> Se
         broker_timeout=float(str(v["broker-timeout"])),
         startup_timeout=float(str(v["startup-timeout"])),
         batch_interval=float(str(v["batch-interval"])),
-        migrate=not args.no_migrate,
+        migrate=migrate,
     )

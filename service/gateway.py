@@ -16,7 +16,7 @@ from typing import Any
 import structlog
 from psycopg_pool import AsyncConnectionPool
 
-from pgleader import DatabaseUnavailable, Elector, Transition, migrate
+from pgleader import DatabaseUnavailable, Elector, SchemaMissing, Transition, migrate
 from pgleader.connect import connect, with_settings
 from pgleader.errors import backoff, first_line
 from pgleader.events import Reconnected, listen
@@ -34,6 +34,7 @@ from service.intake.inbox import (
 )
 from service.intake.signals import Signal
 from service.intake.spool import Spool, Spooled
+from service.queries import QUERIES
 
 __all__ = ["Gateway"]
 
@@ -51,6 +52,8 @@ _LEADER_VIEW_METRICS = (
 _STORE_BUDGET = 1.5
 # Inline executions that ended here: answered 200 with the outcome (else 202 accepted).
 _ANSWERED = frozenset({"executed", "failed", "expired", "rejected"})
+_RAISE_ALERT = QUERIES["raise_alert"]
+_ELECTION_LEADER = QUERIES["election_leader"]
 
 
 class Gateway:
@@ -101,6 +104,8 @@ class Gateway:
             applied = await migrate(self.dsn)
             if applied:
                 log.info("migrations applied", files=applied)
+        else:
+            await _require_migrated(self.dsn)
         await self.pool.open(wait=True, timeout=10)
         await self.elector.start()
         self._tasks = [asyncio.create_task(self._sweep_loop(), name="gateway-sweep")]
@@ -197,10 +202,7 @@ class Gateway:
 
     async def _raise_spool_alert(self, kind: str, detail: str) -> None:
         async with self.pool.connection(timeout=1.0) as conn:
-            await conn.execute(
-                "select gateway.raise_alert(%s, null, %s, %s)",
-                [kind, self.config.instance_id, detail],
-            )
+            await conn.execute(_RAISE_ALERT, [kind, self.config.instance_id, detail])
 
     # -- background jobs ------------------------------------------------------
 
@@ -263,11 +265,7 @@ class Gateway:
         row: dict[str, Any] | None = None
         with contextlib.suppress(*DATABASE_UNAVAILABLE, TimeoutError):
             async with self.pool.connection(timeout=1.0) as conn:
-                cur = await conn.execute(
-                    "select epoch, leader, host, lock_held,"
-                    " extract(epoch from heartbeat_age)::float8 from pgleader.leader where election = %s",
-                    [self.config.election],
-                )
+                cur = await conn.execute(_ELECTION_LEADER, [self.config.election])
                 found = await cur.fetchone()
                 if found is not None:
                     keys = ("epoch", "leader", "host", "lock_held", "heartbeat_age_s")
@@ -317,6 +315,19 @@ class Gateway:
         if not await self.elector.resign(reason, timeout=self.config.timings.lease):
             return None
         return epoch
+
+
+async def _require_migrated(dsn: str) -> None:
+    """Under --no-migrate, a database that lacks migrations is one clear error at start,
+    not a sweep failing every second (run `pgleader migrate` as the schema's owner)."""
+    async with await connect(dsn, autocommit=True) as conn:
+        missing = await pending(conn)
+    if missing:
+        names = ", ".join(m.label for m in missing[:3]) + (", ..." if len(missing) > 3 else "")
+        raise SchemaMissing(
+            f"the database lacks {len(missing)} migration(s) ({names}) and --no-migrate"
+            " forbids applying them: run `pgleader migrate` first"
+        )
 
 
 async def _wait_for_database(dsn: str, limit: float) -> None:

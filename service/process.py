@@ -17,7 +17,7 @@ import structlog
 from aiohttp import web
 
 from pgleader.connect import describe_dsn
-from pgleader.embedded import EmbeddedPostgres
+from pgleader.embedded import EmbeddedPostgres, cluster_dir
 from pgleader.logs import configure_logging
 from service.config import ServiceConfig
 from service.gateway import Gateway
@@ -50,15 +50,19 @@ async def serve(config: ServiceConfig) -> int:
     embedded: EmbeddedPostgres | None = None
     dsn = config.dsn
     if dsn is None:
-        embedded = EmbeddedPostgres(config.data_dir / "pg", port=config.embedded_port)
+        embedded = EmbeddedPostgres(cluster_dir(config.data_dir), port=config.embedded_port)
+        where = {"cluster": str(embedded.data_dir), "port": embedded.port}
+        if embedded.data_dir.parent != config.data_dir.resolve():
+            # As root, with a data directory the postgres user cannot reach (a checkout in
+            # /root): the cluster lives where it can, and stays there between runs.
+            where["why"] = "the postgres user cannot reach the data directory"
         if embedded.is_running():
             embedded = None  # another instance of ours started it: share, do not stop it
             dsn = f"host=127.0.0.1 port={config.embedded_port} user=postgres dbname=postgres"
+            log.info("embedded PostgreSQL already running: shared", **where)
         else:
             dsn = embedded.start()
-            log.info(
-                "embedded PostgreSQL started", data_dir=str(embedded.data_dir), port=embedded.port
-            )
+            log.info("embedded PostgreSQL started", **where)
     gateway = Gateway(config, dsn)
     limits = Limits(
         max_connections=config.max_connections,
@@ -85,6 +89,11 @@ async def serve(config: ServiceConfig) -> int:
             await runner.setup()
             runners.append(runner)
             await GuardedSite(runner, sock, name, limits, rejections).start()
+        # Before "serving" is announced: a SIGTERM sent on reading it must drain, not kill.
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
         log.info(
             "serving", url=f"http://{config.host}:{config.port}",
             operator_url=f"http://{config.operator_host}:{config.operator_port}",
@@ -97,10 +106,6 @@ async def serve(config: ServiceConfig) -> int:
             }),
             flush=True,
         )  # fmt: skip
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
         await stop.wait()
         log.info("shutting down: draining requests, then resigning")
         gateway.shutting_down = True

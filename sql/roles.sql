@@ -21,15 +21,20 @@
 -- there pass a SCRAM verifier instead of the plain password (PostgreSQL stores a
 -- 'SCRAM-SHA-256$...' value as given), or set it with psql's \password.
 --
--- What the role may do: read and write the rows of the election, the instance
--- registry, the history, and the gateway's inbox, orders, positions, alerts and
--- paper broker book; execute the pgleader and gateway functions; LISTEN and NOTIFY
+-- What the role may do: read every table and view of both schemas; insert new
+-- signals into the inbox (the webhook) and order requests into the paper broker's
+-- book (which stands for the outside world); change everything else only through
+-- the functions: those that write are SECURITY DEFINER (sql/pgleader/functions.sql,
+-- sql/gateway/functions.sql), run with the owner's rights and check for themselves
+-- that the caller holds the lock or the current epoch; LISTEN and NOTIFY
 -- (PostgreSQL needs no privilege for either); take advisory locks (public); and
 -- terminate a hung leader's session: pg_terminate_backend is allowed on backends
 -- of one's own role, so all instances must log in as this same role, and
 -- pg_signal_backend (which could signal every non-superuser session) is not granted.
--- What it may not: drop, truncate, alter or own any table, delete any row, create
--- objects, or touch pgleader.migrations beyond reading it.
+-- What it may not: update any row directly (not the election's epoch, not a
+-- signal's status, not an order or a position), delete any row, drop, truncate,
+-- alter or own any table, create objects, or touch pgleader.schema_migrations
+-- beyond reading it.
 
 \set ON_ERROR_STOP on
 \if :{?gateway_role}
@@ -75,26 +80,22 @@ alter role :"gateway_role" password :'gateway_password';
 -- Start from nothing, so that privileges granted by an older version of this file go.
 revoke all on all tables in schema pgleader, gateway from :"gateway_role";
 revoke all on all sequences in schema pgleader, gateway from :"gateway_role";
+revoke all on all functions in schema pgleader, gateway from :"gateway_role";
 revoke all on schema pgleader, gateway from :"gateway_role";
 
 grant connect on database :"DBNAME" to :"gateway_role";
 grant usage on schema pgleader, gateway to :"gateway_role";
 
--- The election. UPDATE on pgleader.election is also what the fence's
--- `select ... for share` needs. Identity columns need no sequence privilege.
-grant select, insert, update on pgleader.election, pgleader.instances,
-    pgleader.leadership_history to :"gateway_role";
-grant select on pgleader.leader to :"gateway_role";
-grant select on pgleader.migrations to :"gateway_role";  -- /ready: any missing?
+-- Reading: the election, the history, the inbox, the views;
+-- pgleader.schema_migrations for /ready (is anything missing?).
+grant select on all tables in schema pgleader, gateway to :"gateway_role";
 
--- The gateway: signals and orders move through their states, never deleted.
-grant select, insert, update on gateway.signals, gateway.orders, gateway.positions
-    to :"gateway_role";
-grant select, insert on gateway.alerts, gateway.paper_broker_requests to :"gateway_role";
-grant select on gateway.signal_summary, gateway.executing to :"gateway_role";
+-- Writing directly: only what comes from outside. Identity columns need no
+-- sequence privilege.
+grant insert on gateway.signals, gateway.paper_broker_requests to :"gateway_role";
 
--- The functions run with the caller's privileges (security invoker), so the grants
--- above are what they may touch.
+-- Every other change: the functions. Those marked SECURITY DEFINER write with the
+-- owner's rights; the others run with the role's, which lets them write nothing.
 grant execute on all functions in schema pgleader, gateway to :"gateway_role";
 
 commit;

@@ -14,20 +14,13 @@ from psycopg_pool import AsyncConnectionPool
 
 from service.brokers.base import OrderRequest, OrderResult
 from service.errors import BrokerUnavailable
+from service.queries import QUERIES
 
 __all__ = ["PaperBroker"]
 
 
-_PLACE = """
-insert into gateway.paper_broker_requests
-    (client_order_id, instrument, action, quantity, price, epoch, instance_id)
-select o.client_order_id, o.instrument, o.action, o.quantity, o.price, o.epoch, o.instance_id
-  from unnest(%s::text[], %s::text[], %s::text[], %s::bigint[], %s::numeric[], %s::bigint[],
-              %s::text[], %s::timestamptz[])
-       as o (client_order_id, instrument, action, quantity, price, epoch, instance_id, valid_until)
- where clock_timestamp() < o.valid_until
-returning client_order_id, id
-"""
+_PLACE = QUERIES["paper_place_orders"]
+_LOOKUP = QUERIES["paper_lookup_order"]
 
 
 class PaperBroker:
@@ -64,10 +57,7 @@ class PaperBroker:
     async def lookup(self, client_order_id: str) -> OrderResult | None:
         try:
             async with self.pool.connection(timeout=self.timeout) as conn:
-                cur = await conn.execute(
-                    "select min(id) from gateway.paper_broker_requests where client_order_id = %s",
-                    [client_order_id],
-                )
+                cur = await conn.execute(_LOOKUP, [client_order_id])
                 row = await cur.fetchone()
         except (psycopg.Error, TimeoutError) as exc:
             raise BrokerUnavailable(f"paper broker: {type(exc).__name__}: {exc}") from exc

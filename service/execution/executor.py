@@ -43,23 +43,18 @@ from psycopg_pool import AsyncConnectionPool
 from pgleader import Elector, NotLeader, Transition, fenced_statement
 from service.brokers.base import Broker, OrderRequest, OrderResult
 from service.errors import BrokerUnavailable
+from service.queries import QUERIES
 
 __all__ = ["Executor"]
 
 log = structlog.get_logger("service.execution.executor")
 
-_CLAIM = (
-    "select signal_id, acted, status, client_order_id, instrument, action, quantity, price"
-    " from gateway.claim_signals(%s, %s, %s, %s, %s, %s)"
-)
-_COMPLETE = "select client_order_id, status from gateway.complete_orders(%s, %s, %s, %s)"
-_PENDING = "select id from gateway.signals where status = 'pending' order by received_at limit %s"
-# Our own epoch's claims only once any send of ours must have ended.
-_EXECUTING = (
-    "select signal_id, claimed_epoch, client_order_id from gateway.executing"
-    " where claimed_epoch <> %(epoch)s or claimed_at < now() - %(grace)s"
-    " order by claimed_at limit %(limit)s"
-)
+_CLAIM = QUERIES["claim_signals"]
+_COMPLETE = QUERIES["complete_orders"]
+_PENDING = QUERIES["pending_signals"]
+_EXECUTING = QUERIES["executing_signals"]  # ours only once any send of ours must have ended
+_MARK_IN_DOUBT = QUERIES["mark_in_doubt"]
+_REQUEUE = QUERIES["requeue_signal"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -354,7 +349,7 @@ class Executor:
                 return 0
             async with self.pool.connection() as conn:
                 await conn.execute(
-                    "select gateway.mark_in_doubt(%s, %s)",
+                    _MARK_IN_DOUBT,
                     [client_order_id, f"broker cannot tell whether it got the order: {exc}"],
                 )
             self._lookup_failures.pop(client_order_id, None)
@@ -371,7 +366,7 @@ class Executor:
         try:
             async with self.pool.connection() as conn, conn.transaction():
                 await self.elector.fence(conn)
-                await conn.execute("select gateway.requeue_signal(%s)", [client_order_id])
+                await conn.execute(_REQUEUE, [client_order_id])
         except NotLeader:
             return 0
         log.warning("reconciled: the broker never got the order; requeued", signal_id=signal_id)

@@ -32,6 +32,7 @@ from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
 from service.intake.signals import Signal
+from service.queries import QUERIES
 
 __all__ = [
     "NOTIFY_CHANNEL",
@@ -46,35 +47,11 @@ __all__ = [
 
 NOTIFY_CHANNEL = "gateway_signals"
 
-# One row per input, in input order, with the id if this statement inserted it (else
-# null: a duplicate, read back by fingerprint; not joined here, as a generic plan
-# would scan the whole table for it). The NOTIFY lists the new ids asked for.
-_INSERT = """
-with input as (
-    select * from jsonb_to_recordset(%(rows)s::jsonb) as t (
-        n int, fp text, type text, instrument text, position text, lots int, price numeric,
-        stop numeric, signal_at timestamptz, payload jsonb, received_at timestamptz,
-        notify bool)
-), new as (
-    insert into gateway.signals
-        (fingerprint, type, instrument, position, lots, price, stop, signal_at, payload,
-         received_by, received_at)
-    select fp, type, instrument, position, lots, price, stop, signal_at, payload,
-           %(received_by)s, coalesce(received_at, now())
-      from input order by n
-    on conflict (fingerprint) do nothing
-    returning id, fingerprint
-), woken as (
-    select pg_notify('gateway_signals', string_agg(new.id::text, ',' order by new.id))
-      from new
-     where exists (select from input where input.fp = new.fingerprint and input.notify)
-    having count(*) > 0
-)
-select input.fp, new.id, (select count(*) from woken)
-  from input left join new on new.fingerprint = input.fp
- order by input.n
-"""
-_EXISTING = "select fingerprint, id from gateway.signals where fingerprint = any(%s)"
+# What each statement does: sql/gateway/queries.sql.
+_INSERT = QUERIES["store_signals"]
+_EXISTING = QUERIES["signal_ids_by_fingerprint"]
+_NOTIFY = QUERIES["notify_signal"]
+_GET = QUERIES["get_signal"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -264,18 +241,10 @@ def _retrieve(future: asyncio.Future[Stored]) -> None:
 
 
 async def notify_signal(conn: AsyncConnection[Any], signal_id: int) -> None:
-    await conn.execute("select pg_notify(%s, %s)", [NOTIFY_CHANNEL, str(signal_id)])
+    await conn.execute(_NOTIFY, [NOTIFY_CHANNEL, str(signal_id)])
 
 
 async def get_signal(conn: AsyncConnection[Any], signal_id: int) -> dict[str, Any] | None:
     async with conn.cursor(row_factory=dict_row) as cur:
-        await cur.execute(
-            "select id as signal_id, status, type, instrument, position, lots, price, stop,"
-            " signal_at, received_by, received_at, claimed_epoch, claimed_by, finished_at, detail,"
-            " (select json_agg(json_build_object('client_order_id', o.client_order_id,"
-            "   'epoch', o.epoch, 'broker_order_id', o.broker_order_id, 'outcome', o.outcome)"
-            "   order by o.id) from gateway.orders o where o.signal_id = s.id) as orders"
-            " from gateway.signals s where id = %s",
-            [signal_id],
-        )
+        await cur.execute(_GET, [signal_id])
         return await cur.fetchone()

@@ -164,7 +164,8 @@ class Spool:
         probe = where / f".probe-{os.getpid()}"
         try:
             if not where.exists():
-                where.mkdir(parents=True)
+                # exist_ok: instances sharing a data dir start side by side
+                where.mkdir(parents=True, exist_ok=True)
                 _fsync_dir(where.parent)
             try:
                 fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)

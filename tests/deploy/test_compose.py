@@ -129,12 +129,11 @@ def parse_cli(command: list[str]) -> argparse.Namespace:
 
 
 def variables_the_cli_reads() -> set[str]:
-    """PGLEADER_<FLAG> for every --flag of `serve` that takes a value.
-
-    Switches such as --no-migrate take no value and have no variable.
-    """
+    """PGLEADER_<FLAG> for every --flag of `serve` that takes a value, and the variable
+    each flag's help names (--no-migrate's twin is PGLEADER_MIGRATE)."""
     known = {"PGLEADER_DSN"}
     for action in serve_parser()._actions:
+        known.update(re.findall(r"\bPGLEADER_[A-Z_]+", action.help or ""))
         if action.nargs == 0:
             continue
         for option in action.option_strings:

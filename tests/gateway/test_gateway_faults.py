@@ -79,7 +79,10 @@ async def test_a_hung_database_still_gets_every_signal_answered_within_three_sec
 
         answers = await asyncio.gather(*(timed(body) for body in bodies))
     finally:
-        for pid in paused:
+        # Children first: a backend that had just exited is a zombie until the
+        # postmaster, resumed last, reaps it (resumed first, it could reap one before
+        # its SIGCONT: ESRCH).
+        for pid in reversed(paused):
             os.kill(pid, signal.SIGCONT)
     for elapsed, status, answer in answers:
         assert (status, answer["status"]) == (202, "spooled"), answer

@@ -1,5 +1,6 @@
 """Secrets stay secret, admin is off unless configured, SQL is parameterised, and the
-gateway runs under a least-privilege role (sql/roles.sql) that cannot drop its tables.
+gateway runs under a least-privilege role (sql/roles.sql) that cannot drop its tables
+nor change a row but through the schema's functions.
 
 Everything runs against real `pgleader serve` processes and the suite's PostgreSQL.
 """
@@ -7,15 +8,19 @@ Everything runs against real `pgleader serve` processes and the suite's PostgreS
 from __future__ import annotations
 
 import ast
+import asyncio
 import hashlib
 import hmac
 import inspect
 import json
+import re
 import signal
 import subprocess
 import sys
 import textwrap
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +28,20 @@ import psycopg
 import pytest
 from psycopg import errors
 from psycopg.conninfo import make_conninfo
+from psycopg_pool import AsyncConnectionPool
 
+import pgleader.queries
+import service.queries
 import service.web.auth
 import service.web.listener
 import service.web.routes
+from pgleader import Elector, Fenced, Timings, check_epoch
 from pgleader.embedded import find_bindir
+from pgleader.fencing import FENCED_SQLSTATE
+from service.brokers.base import OrderResult
+from service.brokers.paper import PaperBroker
+from service.errors import BrokerUnavailable
+from service.execution.executor import Executor
 from tests.support.gateway import PUBLIC_PATHS, Cluster, GatewayProcess, cluster, signal_body, until
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -341,7 +355,8 @@ def test_the_sql_scanner_recognises_string_building():
 
 
 def test_every_sql_statement_is_parameterised():
-    files = sorted([*(ROOT / "pgleader").rglob("*.py"), *(ROOT / "service").rglob("*.py")])
+    files = sorted([*(ROOT / "pgleader").rglob("*.py"), *(ROOT / "service").rglob("*.py"),
+                    *(ROOT / "bench").rglob("*.py")])  # fmt: skip
     assert len(files) > 10
     found = [
         problem
@@ -349,6 +364,220 @@ def test_every_sql_statement_is_parameterised():
         for problem in unparameterised_sql(path.read_text(), str(path.relative_to(ROOT)))
     ]
     assert not found, "\n".join(found)
+
+
+# --- every named query is run as a statement, with parameters -------------------------
+
+# Where code gets named queries from: module -> the queries file it loads.
+QUERY_SOURCES = {"pgleader.queries": "pgleader", "service.queries": "gateway"}
+QUERY_FILES = {"pgleader": pgleader.queries.QUERIES, "gateway": service.queries.QUERIES}
+QUERY_LOADERS = {"pgleader/queries.py", "service/queries.py"}
+_PLACEHOLDER = re.compile(r"%(\([A-Za-z_][A-Za-z0-9_]*\))?s")
+
+
+@dataclass(frozen=True)
+class QueryUse:
+    """`stream`'s query `name` run at `where`, with parameters or without."""
+
+    stream: str
+    name: str
+    where: str
+    with_params: bool
+
+
+def _dotted(node: ast.expr) -> str | None:
+    if isinstance(node, ast.Name):
+        return node.id
+    if isinstance(node, ast.Attribute):
+        base = _dotted(node.value)
+        return base and f"{base}.{node.attr}"
+    return None
+
+
+def _statement_of(call: ast.AST | None, node: ast.AST) -> bool | None:
+    """Whether `call` runs `node` as its statement: None if it does not, else whether
+    it passes parameters."""
+    if not (
+        isinstance(call, ast.Call)
+        and isinstance(call.func, ast.Attribute)
+        and call.func.attr in ("execute", "executemany")
+        and call.args
+        and call.args[0] is node
+    ):
+        return None
+    return len(call.args) > 1 or any(k.arg == "params" for k in call.keywords)
+
+
+def named_query_uses(source: str, filename: str) -> tuple[list[QueryUse], list[str]]:
+    """Every use of a named query in a module, and every way it is misused.
+
+    A query is looked up with a literal name (``QUERIES["claim_signals"]``), and its
+    text goes, untouched, to ``execute()`` as the statement: directly, or through a
+    name bound to it and used for nothing else. So no Python string operation (%,
+    +, .format, f-string, sql.SQL) ever touches a query's text: its values can
+    only be parameters."""
+    tree = ast.parse(source, filename)
+    parents = {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
+    streams: dict[str, str] = {}  # local name -> the queries file it stands for
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module in QUERY_SOURCES:
+            for alias in node.names:
+                if alias.name == "QUERIES":
+                    streams[alias.asname or alias.name] = QUERY_SOURCES[node.module]
+    for module, stream in QUERY_SOURCES.items():
+        streams[f"{module}.QUERIES"] = stream
+    uses: list[QueryUse] = []
+    problems: list[str] = []
+    bound: dict[str, tuple[str, str, int]] = {}  # name -> (stream, query, line bound)
+    for node in ast.walk(tree):
+        if (
+            isinstance(node, ast.Call)
+            and filename not in QUERY_LOADERS
+            and (_dotted(node.func) or "").rsplit(".", 1)[-1] in ("load_queries", "parse_queries")
+        ):
+            problems.append(f"{filename}:{node.lineno}: queries loaded outside the loaders")
+        if not isinstance(node, ast.Name | ast.Attribute) or not isinstance(node.ctx, ast.Load):
+            continue
+        stream = streams.get(_dotted(node) or "")
+        if stream is None or isinstance(parents.get(node), ast.Attribute):
+            continue
+        where = f"{filename}:{node.lineno}"
+        lookup = parents.get(node)
+        if not (
+            isinstance(lookup, ast.Subscript)
+            and lookup.value is node
+            and isinstance(lookup.slice, ast.Constant)
+            and isinstance(lookup.slice.value, str)
+        ):
+            problems.append(f"{where}: queries must be looked up by a literal name")
+            continue
+        name = lookup.slice.value
+        user = parents.get(lookup)
+        with_params = _statement_of(user, lookup)
+        if with_params is not None:
+            uses.append(QueryUse(stream, name, where, with_params))
+        elif (
+            isinstance(user, ast.Assign)
+            and len(user.targets) == 1
+            and isinstance(user.targets[0], ast.Name)
+        ):
+            bound[user.targets[0].id] = (stream, name, user.lineno)
+        else:
+            problems.append(f"{where}: query {name!r} is not a statement of execute()")
+    for node in ast.walk(tree):
+        if not (isinstance(node, ast.Name) and node.id in bound and isinstance(node.ctx, ast.Load)):
+            continue
+        stream, name, line = bound[node.id]
+        where = f"{filename}:{node.lineno}"
+        with_params = _statement_of(parents.get(node), node)
+        if with_params is None:
+            problems.append(
+                f"{where}: {node.id} (query {name!r}, line {line}) used other than as the"
+                " statement of execute()"
+            )
+        else:
+            uses.append(QueryUse(stream, name, where, with_params))
+    for name, (_, query, line) in bound.items():
+        if not any(u.name == query and u.where.startswith(f"{filename}:") for u in uses):
+            problems.append(f"{filename}:{line}: {name} (query {query!r}) is never executed")
+    return uses, problems
+
+
+def test_the_query_scanner_recognises_misuse():
+    bad = textwrap.dedent(
+        """
+        from pgleader.queries import QUERIES
+        from service.queries import QUERIES as GATEWAY
+        _Q = QUERIES["heartbeat"]
+        async def f(conn, name, sql):
+            await conn.execute(QUERIES["heartbeat"] % name)
+            await conn.execute(f"{QUERIES['heartbeat']} where {name}")
+            await conn.execute(GATEWAY["get_signal"].format(name))
+            await conn.execute(sql.SQL(_Q))
+            await conn.execute(QUERIES[name], [name])
+            text = QUERIES["resign"] + name
+            await conn.execute(text)
+            queries = load_queries(name)
+        """
+    )
+    good = textwrap.dedent(
+        """
+        import service.queries
+        from pgleader.queries import QUERIES
+        from service.queries import QUERIES as GATEWAY
+        _Q = QUERIES["heartbeat"]
+        async def f(conn, name):
+            await conn.execute(_Q, [name])
+            await conn.execute(GATEWAY["get_signal"], params=[name])
+            await cur.executemany(service.queries.QUERIES["notify_signal"], [[name]])
+            await conn.execute(QUERIES["ping"])
+        """
+    )
+    uses, problems = named_query_uses(bad, "bad.py")
+    lines = {int(problem.split(":")[1]) for problem in problems}
+    assert lines == {4, 6, 7, 8, 9, 10, 11, 13}, problems
+    uses, problems = named_query_uses(good, "good.py")
+    assert problems == []
+    assert sorted((u.stream, u.name, u.with_params) for u in uses) == [
+        ("gateway", "get_signal", True),
+        ("gateway", "notify_signal", True),
+        ("pgleader", "heartbeat", True),
+        ("pgleader", "ping", False),
+    ]
+
+
+def test_every_named_query_exists_is_used_and_gets_its_parameters():
+    """Every name the code asks for is in its file, every query of a file is run by the
+    library or the gateway (an unused one is dead code), and each run passes
+    parameters exactly when the statement has placeholders."""
+    uses: list[QueryUse] = []
+    problems: list[str] = []
+    for path in sorted([*(ROOT / "pgleader").rglob("*.py"), *(ROOT / "service").rglob("*.py"),
+                        *(ROOT / "bench").rglob("*.py")]):  # fmt: skip
+        found, wrong = named_query_uses(path.read_text(), str(path.relative_to(ROOT)))
+        uses += found
+        problems += wrong
+    assert not problems, "\n".join(problems)
+    for stream in QUERY_SOURCES.values():
+        queries = QUERY_FILES[stream]
+        asked = {u.name for u in uses if u.stream == stream}
+        run = {u.name for u in uses if u.stream == stream and not u.where.startswith("bench/")}
+        assert asked <= set(queries), f"not in {queries.source}: {sorted(asked - set(queries))}"
+        assert set(queries) <= run, f"never run, dead: {sorted(set(queries) - run)}"
+    for use in uses:
+        text = QUERY_FILES[use.stream][use.name]
+        placeholders = _PLACEHOLDER.findall(text.replace("%%", ""))
+        assert use.with_params == bool(placeholders), (
+            f"{use.where}: {use.name!r} has {len(placeholders)} placeholders, run "
+            + ("with" if use.with_params else "without")
+            + " parameters"
+        )
+
+
+def test_no_module_borrows_another_ones_statement():
+    """A statement is shared by its name in the queries file, not by importing the
+    private constant another module bound it to (as the benchmarks once did)."""
+    bound: dict[str, set[str]] = {}
+    paths = sorted([*(ROOT / "pgleader").rglob("*.py"), *(ROOT / "service").rglob("*.py"),
+                    *(ROOT / "bench").rglob("*.py")])  # fmt: skip
+    for path in paths:
+        module = ".".join(path.relative_to(ROOT).with_suffix("").parts)
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Assign) and isinstance(node.value, ast.Subscript):
+                looked_up = _dotted(node.value.value) or ""
+                if looked_up == "QUERIES" or looked_up.endswith(".queries.QUERIES"):
+                    bound.setdefault(module, set()).update(
+                        t.id for t in node.targets if isinstance(t, ast.Name)
+                    )
+    borrowed = [
+        f"{path.relative_to(ROOT)}:{node.lineno}: imports {alias.name} from {node.module}"
+        for path in paths
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.ImportFrom) and node.module in bound
+        for alias in node.names
+        if alias.name in bound[node.module]
+    ]
+    assert not borrowed, "\n".join(borrowed)
 
 
 # --- the least-privilege role -------------------------------------------------------
@@ -436,7 +665,7 @@ async def test_the_gateway_runs_as_the_least_privilege_role(gw, dsn, role_dsn):
         "delete from pgleader.leadership_history",
         "alter table gateway.orders add column x int",
         "create table gateway.evil (x int)",
-        "update pgleader.migrations set checksum = 'x'",
+        "update pgleader.schema_migrations set checksum = 'x'",
         "drop function gateway.claim_signal(bigint, bigint, text, text, interval)",
         "create schema evil",
         f"alter role {ROLE} superuser",
@@ -483,3 +712,172 @@ async def test_evicting_needs_no_pg_signal_backend(role_dsn):
             return False
 
         await until(gone, timeout=5)
+
+
+# --- the role changes rows only through the functions --------------------------------
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "update pgleader.election set epoch = epoch + 1",
+        "insert into pgleader.election (name) values ('mine')",
+        "select epoch from pgleader.election for share",  # the fence: pgleader.current_epoch
+        "update pgleader.instances set is_leader = true",
+        "update pgleader.leadership_history set release_reason = 'forged'",
+        "update gateway.signals set status = 'executed'",
+        "update gateway.orders set outcome = 'filled'",
+        "update gateway.positions set lots = 0",
+        "insert into gateway.orders (signal_id, epoch, instance_id, broker, client_order_id,"
+        " action, quantity) values (1, 1, 'me', 'paper', 'forged', 'BUY', 1)",
+        "insert into gateway.positions (instrument, position, is_base_position, lots)"
+        " values ('NIFTY', 'Long_1', true, 1)",
+        "insert into gateway.alerts (kind) values ('forged')",
+        # a function that is not SECURITY DEFINER runs with the role's own rights
+        "select * from gateway.claim_signal(1, 1, 'me', 'paper', '1 hour')",
+    ],
+)
+def test_the_role_cannot_write_directly_what_the_functions_change(role_dsn, statement):
+    with psycopg.connect(role_dsn, autocommit=True) as conn:
+        with pytest.raises(errors.InsufficientPrivilege):
+            conn.execute(statement)  # type: ignore[arg-type]
+
+
+def test_the_role_may_insert_signals_and_broker_requests_and_write_nothing_else(dsn, role_dsn):
+    with psycopg.connect(dsn) as conn:
+        rows = conn.execute(
+            "select c.oid::regclass::text, p.privilege"
+            "  from pg_class c join pg_namespace n on n.oid = c.relnamespace"
+            "  cross join unnest(array['INSERT', 'UPDATE', 'DELETE', 'TRUNCATE']) p (privilege)"
+            " where n.nspname in ('pgleader', 'gateway') and c.relkind in ('r', 'v')"
+            "   and (has_table_privilege(%(role)s, c.oid, p.privilege)"
+            "        or (p.privilege in ('INSERT', 'UPDATE')"
+            "            and has_any_column_privilege(%(role)s, c.oid, p.privilege)))"
+            " order by 1, 2",
+            {"role": ROLE},
+        ).fetchall()
+    assert rows == [("gateway.paper_broker_requests", "INSERT"), ("gateway.signals", "INSERT")]
+
+
+# Every function that writes with its owner's rights: adding one is a decision.
+SECURITY_DEFINER = {
+    "pgleader.current_epoch(text)",
+    "pgleader.join_election(text,text,text,integer,text)",
+    "pgleader.take_leadership(text,text,text)",
+    "pgleader.heartbeat(text,text,bigint)",
+    "pgleader.resign(text,text,bigint,text)",
+    "pgleader.record_eviction(text,interval,text)",
+    "pgleader.record_follower_beat(text,text)",
+    "gateway.raise_alert(text,bigint,text,text)",
+    "gateway.claim_signals(text,bigint,bigint[],text,text,interval)",
+    "gateway.complete_orders(text[],text[],text[],text[])",
+    "gateway.requeue_signal(text)",
+    "gateway.mark_in_doubt(text,text)",
+}
+
+
+def test_the_functions_that_write_run_as_the_owner_with_a_fixed_search_path(dsn):
+    with psycopg.connect(dsn) as conn:
+        owner = conn.info.user
+        rows = conn.execute(
+            "select p.oid::regprocedure::text, pg_get_userbyid(p.proowner), p.proconfig,"
+            "       exists (select from aclexplode(coalesce(p.proacl, acldefault('f', p.proowner))) a"
+            "                where a.grantee = 0 and a.privilege_type = 'EXECUTE')"
+            "  from pg_proc p join pg_namespace n on n.oid = p.pronamespace"
+            " where n.nspname in ('pgleader', 'gateway') and p.prosecdef"
+        ).fetchall()
+    assert {name for name, *_ in rows} == SECURITY_DEFINER
+    for name, function_owner, config, public in rows:
+        assert function_owner == owner, name
+        assert "search_path=pg_catalog, pg_temp" in config, name
+        assert not public, f"{name} is executable by PUBLIC"
+
+
+async def test_the_functions_check_their_caller_for_themselves(db, role_dsn):
+    async with await psycopg.AsyncConnection.connect(role_dsn, autocommit=True) as conn:
+        await conn.execute("select pgleader.join_election('gateway', 'intruder', 'h', 1, 'x')")
+        with pytest.raises(errors.ObjectNotInPrerequisiteState, match="does not hold the lock"):
+            await conn.execute("select * from pgleader.take_leadership('gateway', 'intruder', 'h')")
+        cur = await conn.execute("select pgleader.heartbeat('gateway', 'intruder', 0)")
+        assert await cur.fetchone() == (False,)
+        with pytest.raises(psycopg.Error) as fenced:
+            await conn.execute(
+                "select * from gateway.claim_signals('gateway', 9, '{1}', 'intruder', 'paper',"
+                " '1 hour')"
+            )
+        assert fenced.value.sqlstate == FENCED_SQLSTATE
+    cur = await db.execute("select epoch, leader from pgleader.election where name = 'gateway'")
+    assert await cur.fetchone() == (0, None)
+
+
+class HalfBlindBroker(PaperBroker):
+    """The paper broker, unable to say what became of the orders in `blind`."""
+
+    blind: frozenset[str] = frozenset()
+
+    async def lookup(self, client_order_id: str) -> OrderResult | None:
+        if client_order_id in self.blind:
+            raise BrokerUnavailable("order book unavailable")
+        return await super().lookup(client_order_id)
+
+
+async def test_reconciliation_alerts_and_the_fence_work_under_the_role(db, role_dsn):
+    """What the processes above rarely reach, run as the role: requeue, in doubt, an
+    alert of the spool, the Python fence."""
+    # A crashed leader of epoch 7 left two signals claimed, orders booked, never sent.
+    await db.execute("insert into pgleader.election (name, epoch) values ('gateway', 7)")
+    cur = await db.execute(
+        "insert into gateway.signals (fingerprint, type, instrument, position, lots, price,"
+        " signal_at, payload, received_by, status, claimed_epoch, claimed_by, claimed_at)"
+        " select md5(random()::text), 'BASE_ENTRY', 'NIFTY', 'Long_' || g, 1, 100, now(), '{}',"
+        "        'old', 'executing', 7, 'old', now()"
+        "   from generate_series(1, 2) g order by g returning id"
+    )
+    ids = [r[0] for r in await cur.fetchall()]
+    coids = [f"pgl-{sid}-e7-1" for sid in ids]
+    for sid, coid in zip(ids, coids, strict=True):
+        await db.execute(
+            "insert into gateway.orders (signal_id, epoch, instance_id, broker, client_order_id,"
+            " action, quantity) values (%s, 7, 'old', 'paper', %s, 'BUY', 1)",
+            [sid, coid],
+        )
+    pool = AsyncConnectionPool(
+        role_dsn, min_size=1, max_size=4, open=False, kwargs={"autocommit": True}
+    )
+    await pool.open()
+    elector = Elector(role_dsn, "gateway", instance_id="role", timings=Timings(0.2, 0.6, 1.2))
+    broker = HalfBlindBroker(pool, timeout=1.0)
+    broker.blind = frozenset({coids[1]})
+    executor = Executor(
+        pool, elector, broker, max_age=timedelta(minutes=5), broker_timeout=0.5,
+        lookup_attempts=1,
+    )  # fmt: skip
+    try:
+        await elector.start()
+        epoch = await elector.wait_for_leadership(10)
+        assert epoch == 8
+        settled = 0
+        for _ in range(100):
+            settled += await executor.reconcile()
+            if settled == 2:
+                break
+            await asyncio.sleep(0.05)
+        assert settled == 2
+        assert await executor.execute(ids[0]) == "executed"  # requeued, then sent once
+        async with pool.connection() as conn:
+            async with conn.transaction():
+                await check_epoch(conn, "gateway", epoch)
+            with pytest.raises(Fenced):
+                async with conn.transaction():
+                    await check_epoch(conn, "gateway", epoch - 1)
+            await conn.execute("select gateway.raise_alert('spool_replayed', null, 'role', 'x')")
+    finally:
+        await executor.stop()
+        await elector.stop()
+        await pool.close()
+    cur = await db.execute("select status from gateway.signals order by id")
+    assert await cur.fetchall() == [("executed",), ("in_doubt",)]
+    cur = await db.execute("select client_order_id from gateway.paper_broker_requests")
+    assert await cur.fetchall() == [(f"pgl-{ids[0]}-e8-2",)]
+    cur = await db.execute("select kind, signal_id from gateway.alerts order by id")
+    assert await cur.fetchall() == [("signal_in_doubt", ids[1]), ("spool_replayed", None)]

@@ -490,3 +490,17 @@ async def test_a_full_disk_during_an_outage_answers_503_and_loses_no_signal_answ
 
 async def _true(value: bool) -> bool:
     return value
+
+
+def test_instances_sharing_a_data_dir_can_create_its_spool_directory_together(
+    tmp_path, monkeypatch
+):
+    """Two instances started side by side on one data dir: the second may find the
+    directory missing, then made by the first before its own mkdir."""
+    spool = Spool(tmp_path / "spool" / "gw2.jsonl")
+    spool.directory.mkdir()  # the other instance got there first...
+    real_exists = Path.exists
+    monkeypatch.setattr(
+        Path, "exists", lambda p: False if p == spool.directory else real_exists(p)
+    )  # ...just after this one looked
+    spool.check_directory()

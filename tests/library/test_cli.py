@@ -121,4 +121,6 @@ def test_serve_without_a_webhook_secret_refuses_to_start(dsn):
 
 def test_serve_refuses_a_batch_interval_outside_zero_to_one_second(dsn):
     env = {"PGLEADER_WEBHOOK_SECRET": "x", "PGLEADER_BATCH_INTERVAL": "5"}
-    assert_one_line_error(run("serve", "--dsn", dsn, env=env), "--batch-interval must be between")
+    assert_one_line_error(
+        run("serve", "--dsn", dsn, env=env), "PGLEADER_BATCH_INTERVAL", "0 to 1 s"
+    )

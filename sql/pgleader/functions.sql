@@ -1,0 +1,288 @@
+-- pgleader: the current definition of every function and view of the library.
+--
+-- Repeatable. `pgleader migrate` applies this file after the versioned migrations
+-- (migrations/), again whenever its text is new, in one transaction with its
+-- record in pgleader.schema_migrations. So a function is changed here, in place,
+-- and never in a migration. Functions also apply again after a versioned file of
+-- their stream. Every statement is `create or replace`: what that cannot
+-- change (a return type, an argument's name, a view's column) needs a versioned
+-- migration that drops the object first. A text applied once and superseded since
+-- is not applied again: an older release starting during a rolling upgrade must
+-- not undo the newer definitions (to go back, change the text: a comment will do).
+--
+-- Leadership is a session advisory lock pg_advisory_lock(lock_namespace(), lock_id)
+-- plus the epoch of the election row. Only the backend that holds that lock can
+-- bump the epoch (take_leadership checks pg_locks), and every fenced transaction
+-- reads the row FOR SHARE (current_epoch), so a bump and a fenced claim serialise.
+--
+-- Privileges. The instances' role (sql/roles.sql) reads these tables and writes
+-- none of them: a change goes through one of the functions marked SECURITY
+-- DEFINER, which run with the rights of their owner (the role that ran the
+-- migrations), with a fixed search_path (nothing the caller creates is looked up),
+-- callable only by the roles they are granted to (never PUBLIC), and each checks
+-- for itself what its caller may do (the lock held, the epoch current). The
+-- others run with their caller's rights.
+
+-- The first key of every pgleader advisory lock ('pgld'); the second is the
+-- election's lock_id. lock_id 0 is the migration runner's.
+create or replace function pgleader.lock_namespace() returns integer
+language sql immutable parallel safe as $$ select 1885826148 $$;
+
+-- pid of the backend holding an election's lock, or null.
+create or replace function pgleader.lock_holder(p_lock_id integer) returns integer
+language sql stable as $$
+    select l.pid
+      from pg_locks l
+     where l.locktype = 'advisory' and l.granted
+       and l.database = (select oid from pg_database where datname = current_database())
+       and l.classid = pgleader.lock_namespace()::oid
+       and l.objid = p_lock_id::oid
+       and l.objsubid = 2
+     limit 1
+$$;
+
+create or replace function pgleader.notify_event(
+    p_event text, p_election text, p_epoch bigint, p_leader text, p_previous text
+) returns void language sql as $$
+    select pg_notify('pgleader_events', json_build_object(
+        'event', p_event, 'election', p_election, 'epoch', p_epoch,
+        'leader', p_leader, 'previous', p_previous, 'at', clock_timestamp())::text)
+$$;
+
+
+-- Fencing ----------------------------------------------------------------------
+
+-- The election's current epoch (null for an unknown election), its row held FOR
+-- SHARE until the caller's transaction ends: a new leader's epoch bump waits for
+-- the caller, and every read after the bump sees the new epoch. The one fencing
+-- read, of check_epoch below and of pgleader/fencing.py.
+create or replace function pgleader.current_epoch(p_election text) returns bigint
+language sql security definer set search_path = pg_catalog, pg_temp as $$
+    select e.epoch from pgleader.election e where e.name = p_election for share
+$$;
+revoke execute on function pgleader.current_epoch(text) from public;
+
+-- The fencing rule for one statement. In autocommit a statement is its own
+-- transaction: the row lock taken here holds until everything else the statement
+-- writes commits (the same rule as pgleader/fencing.py's check_epoch, without its
+-- extra round trips).
+create or replace function pgleader.check_epoch(p_election text, p_epoch bigint) returns bigint
+language plpgsql as $$
+declare
+    current_epoch bigint;
+begin
+    current_epoch := pgleader.current_epoch(p_election);
+    if current_epoch is distinct from p_epoch then
+        raise exception 'pgleader: election % epoch % is fenced (current epoch is %)',
+            p_election, p_epoch, coalesce(current_epoch::text, 'none')
+            using errcode = 'PGL01', detail = coalesce(current_epoch::text, ''),
+                  hint = 'a newer leader exists: do not act';
+    end if;
+    return current_epoch;
+end
+$$;
+comment on function pgleader.check_epoch(text, bigint) is
+    'Raise SQLSTATE PGL01 unless p_epoch is the current epoch; holds the election row FOR SHARE until commit.';
+
+
+-- An instance's part in an election (pgleader/election.py) ---------------------
+
+-- Join an election: create its row if needed, (re)register the instance.
+create or replace function pgleader.join_election(
+    p_election text, p_instance text, p_host text, p_pid integer, p_version text
+) returns integer language plpgsql
+security definer set search_path = pg_catalog, pg_temp as $$
+declare
+    id integer;
+begin
+    insert into pgleader.election (name) values (p_election) on conflict (name) do nothing;
+    select lock_id into id from pgleader.election where name = p_election;
+    insert into pgleader.instances as i (election, instance_id, host, pid, backend_pid, version)
+    values (p_election, p_instance, p_host, p_pid, pg_backend_pid(), p_version)
+    on conflict (election, instance_id) do update
+       set host = excluded.host, pid = excluded.pid, backend_pid = excluded.backend_pid,
+           version = excluded.version, last_heartbeat = now(), is_leader = false,
+           started_at = case when i.pid is distinct from excluded.pid then now() else i.started_at end;
+    return id;
+end
+$$;
+revoke execute on function pgleader.join_election(text, text, text, integer, text) from public;
+
+-- Called by the lock holder right after pg_advisory_lock returned. Bumps the
+-- epoch, records the leader, closes whatever history row a dead predecessor
+-- left open, opens ours, and broadcasts. Refuses a caller without the lock.
+create or replace function pgleader.take_leadership(
+    p_election text, p_instance text, p_host text,
+    out epoch bigint, out previous text, out acquired_at timestamptz
+) language plpgsql security definer set search_path = pg_catalog, pg_temp as $$
+declare
+    e pgleader.election;
+    h pgleader.leadership_history;
+begin
+    select * into e from pgleader.election where name = p_election for update;
+    if not found then
+        raise exception 'pgleader: unknown election %', p_election using errcode = 'P0002';
+    end if;
+    if pgleader.lock_holder(e.lock_id) is distinct from pg_backend_pid() then
+        raise exception 'pgleader: backend % does not hold the lock of election %',
+            pg_backend_pid(), p_election using errcode = '55000';
+    end if;
+    previous := e.leader;
+    for h in
+        update pgleader.leadership_history as lh
+           set released_at = greatest(now(), lh.acquired_at), release_reason = 'session_ended'
+         where lh.election = p_election and lh.released_at is null
+        returning lh.*
+    loop
+        perform pgleader.notify_event('lost', p_election, h.epoch, null, h.instance_id);
+    end loop;
+    update pgleader.election as el
+       set epoch = el.epoch + 1, leader = p_instance, host = p_host,
+           backend_pid = pg_backend_pid(), acquired_at = now(), heartbeat_at = now()
+     where el.name = p_election
+    returning el.epoch, el.acquired_at into epoch, acquired_at;
+    insert into pgleader.leadership_history (election, epoch, instance_id, host, backend_pid, acquired_at)
+    values (p_election, epoch, p_instance, p_host, pg_backend_pid(), acquired_at);
+    update pgleader.instances as i set is_leader = (i.instance_id = p_instance)
+     where i.election = p_election and (i.is_leader or i.instance_id = p_instance);
+    perform pgleader.notify_event('elected', p_election, epoch, p_instance, previous);
+end
+$$;
+revoke execute on function pgleader.take_leadership(text, text, text) from public;
+
+-- The leader's heartbeat: one statement. True only while this backend holds the
+-- lock and the epoch is still the caller's; false means "stop acting now".
+create or replace function pgleader.heartbeat(p_election text, p_instance text, p_epoch bigint)
+returns boolean language plpgsql security definer set search_path = pg_catalog, pg_temp as $$
+declare
+    ok boolean;
+begin
+    update pgleader.election as el set heartbeat_at = now()
+     where el.name = p_election and el.epoch = p_epoch and el.leader = p_instance
+       and el.backend_pid = pg_backend_pid()
+       and pgleader.lock_holder(el.lock_id) = pg_backend_pid();
+    ok := found;
+    update pgleader.instances as i
+       set last_heartbeat = now(), backend_pid = pg_backend_pid(), is_leader = ok
+     where i.election = p_election and i.instance_id = p_instance;
+    return ok;
+end
+$$;
+revoke execute on function pgleader.heartbeat(text, text, bigint) from public;
+
+-- Graceful hand-over: close our history row with a reason, release the lock,
+-- broadcast. The successor's take_leadership waits for this commit (row lock).
+create or replace function pgleader.resign(
+    p_election text, p_instance text, p_epoch bigint, p_reason text
+) returns boolean language plpgsql security definer set search_path = pg_catalog, pg_temp as $$
+declare
+    e pgleader.election;
+begin
+    select * into e from pgleader.election where name = p_election for update;
+    if not found or e.epoch <> p_epoch or e.leader <> p_instance
+       or e.backend_pid <> pg_backend_pid() then
+        return false;
+    end if;
+    update pgleader.leadership_history as lh
+       set released_at = greatest(now(), lh.acquired_at), release_reason = p_reason
+     where lh.election = p_election and lh.epoch = p_epoch and lh.released_at is null;
+    update pgleader.instances as i set is_leader = false
+     where i.election = p_election and i.instance_id = p_instance;
+    perform pg_advisory_unlock(pgleader.lock_namespace(), e.lock_id);
+    perform pgleader.notify_event('resigned', p_election, p_epoch, null, p_instance);
+    return true;
+end
+$$;
+revoke execute on function pgleader.resign(text, text, bigint, text) from public;
+
+-- The record of an eviction (evict_stale_leader below ends the session): when the
+-- lock holder's heartbeat is older than p_evict_after by the database clock, close
+-- its history row as evicted and broadcast. Returns the backend pid to terminate,
+-- or null when there is nothing to do.
+create or replace function pgleader.record_eviction(
+    p_election text, p_evict_after interval, p_by text
+) returns integer language plpgsql security definer set search_path = pg_catalog, pg_temp as $$
+declare
+    e pgleader.election;
+    holder integer;
+begin
+    select * into e from pgleader.election where name = p_election;
+    if not found or e.heartbeat_at is null or now() - e.heartbeat_at <= p_evict_after then
+        return null;
+    end if;
+    holder := pgleader.lock_holder(e.lock_id);
+    if holder is null or holder is distinct from e.backend_pid then
+        return null;  -- nobody holds it (the waiters will get it) or a new leader is mid-bump
+    end if;
+    update pgleader.leadership_history as lh
+       set released_at = greatest(now(), lh.acquired_at), release_reason = 'evicted'
+     where lh.election = p_election and lh.epoch = e.epoch and lh.released_at is null;
+    if found then
+        perform pgleader.notify_event('evicted', p_election, e.epoch, p_by, e.leader);
+    end if;
+    return holder;
+end
+$$;
+revoke execute on function pgleader.record_eviction(text, interval, text) from public;
+
+-- A follower's eviction of a hung leader: record it, then terminate the leader's
+-- backend, which frees the lock. Returns the terminated pid, or null when there was
+-- nothing to do. The termination runs with the caller's own rights, on purpose: a
+-- role may end the sessions of its own role only, so instances that all log in as
+-- one role evict each other and nobody else (run as the owner it could end more).
+create or replace function pgleader.evict_stale_leader(
+    p_election text, p_evict_after interval, p_by text
+) returns integer language plpgsql as $$
+declare
+    holder integer;
+begin
+    holder := pgleader.record_eviction(p_election, p_evict_after, p_by);
+    if holder is not null then
+        perform pg_terminate_backend(holder);
+    end if;
+    return holder;
+end
+$$;
+
+-- A follower's registry row: alive, not leading.
+create or replace function pgleader.record_follower_beat(p_election text, p_instance text)
+returns void language sql security definer set search_path = pg_catalog, pg_temp as $$
+    update pgleader.instances
+       set last_heartbeat = now(), backend_pid = pg_backend_pid(), is_leader = false
+     where election = p_election and instance_id = p_instance
+$$;
+revoke execute on function pgleader.record_follower_beat(text, text) from public;
+
+-- A follower's periodic tick while it waits for the lock: refresh its registry
+-- row and evict a hung leader if there is one. One round trip.
+create or replace function pgleader.follower_beat(
+    p_election text, p_instance text, p_evict_after interval
+) returns integer language sql as $$
+    select pgleader.record_follower_beat(p_election, p_instance);
+    select pgleader.evict_stale_leader(p_election, p_evict_after, p_instance);
+$$;
+
+
+-- What an operator reads ------------------------------------------------------
+
+-- leader/host/backend_pid are shown only while that backend really holds the
+-- advisory lock (pg_locks), never from the row alone.
+create or replace view pgleader.leader as
+select e.name                                                 as election,
+       e.epoch,
+       case when held.pid is not null then e.leader end      as leader,
+       case when held.pid is not null then e.host end        as host,
+       case when held.pid is not null then e.backend_pid end as backend_pid,
+       held.pid is not null                                   as lock_held,
+       e.acquired_at,
+       e.heartbeat_at,
+       clock_timestamp() - e.heartbeat_at                    as heartbeat_age
+  from pgleader.election e
+  left join lateral (
+        select pgleader.lock_holder(e.lock_id) as pid
+       ) holder on true
+  left join lateral (
+        select holder.pid where holder.pid = e.backend_pid
+       ) held on true;
+comment on view pgleader.leader is
+    'Per election: epoch, and the leader only while its backend holds the advisory lock.';
