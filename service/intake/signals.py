@@ -402,6 +402,21 @@ def _position(data: Mapping[str, Any]) -> str:
     name = _name(data, "position", example="Long_1")
     if not name.isprintable():
         raise SignalError("position may contain only printable characters", "position")
+    # Every order goes out as BUY for an entry and SELL for an exit: a short would be
+    # traded as the opposite position. Refuse it until shorts are traded for real.
+    side = data.get("side")
+    if side is not None and (not isinstance(side, str) or side.lower() != "long"):
+        raise SignalError(
+            f"side {_quote(side)} is not traded: this version trades long positions only"
+            " and refuses a short rather than send the opposite order",
+            "side",
+        )
+    if name.lower().startswith("short"):
+        raise SignalError(
+            f"position {_quote(name)} is a short: this version trades long positions only"
+            " and refuses a short rather than send the opposite order",
+            "position",
+        )
     return name
 
 

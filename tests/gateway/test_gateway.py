@@ -153,6 +153,10 @@ BAD_BODIES = [
         "timestamp",
     ),
     ("wrong secret", signal_body(secret="guess"), 401, None),
+    # A short would go out as a BUY: refused until shorts are traded for real.
+    ("short entry", signal_body(position="Short_1"), 400, "position"),
+    ("short exit", signal_body(type="EXIT", position="short_1"), 400, "position"),
+    ("side short", signal_body(side="short"), 400, "side"),
     ("missing secret", signal_body(secret=None), 401, None),
     ("not json", b"BUY BANKNIFTY", 401, None),
     ("bad json with the secret", f'{{"secret": "{SECRET}", "type": '.encode(), 401, None),

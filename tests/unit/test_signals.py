@@ -458,7 +458,9 @@ TIMES = st.datetimes(
 )
 SPELLINGS = st.sampled_from(["seconds", "milliseconds", "microseconds"])
 NAME_CHARS = st.characters(categories=["L", "N", "P", "S"], codec="utf-8")
-POSITIONS = st.text(NAME_CHARS, min_size=1, max_size=64)
+POSITIONS = st.text(NAME_CHARS, min_size=1, max_size=64).filter(
+    lambda name: not name.strip().lower().startswith("short")  # refused: no shorts yet
+)
 INSTRUMENTS = st.from_regex(r"[A-Za-z0-9_.:&-]{1,64}", fullmatch=True)
 PADDING = st.sampled_from(["", " ", "\t", "  \n"])
 
@@ -680,3 +682,26 @@ def test_any_change_of_the_four_fields_changes_the_fingerprint(
     body: dict[str, Any], part: str
 ) -> None:
     assert fingerprint_raw(changed(body, part)) != fingerprint_raw(body)
+
+
+# --- a short is never traded as a long ---------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["BASE_ENTRY", "PYRAMID", "EXIT"])
+@pytest.mark.parametrize("label", ["Short_1", "short_2", "SHORT", "Shorts"])
+def test_a_short_position_is_refused_rather_than_sent_as_a_buy(kind: str, label: str) -> None:
+    error = error_of(entry(type=kind, position=label))
+    assert error.field == "position" and "short" in error.message
+
+
+@pytest.mark.parametrize("side", ["short", "SHORT", "sell", 1, ""])
+def test_a_side_other_than_long_is_refused(side: Any) -> None:
+    body = entry(position="Long_1")
+    body["side"] = side
+    error = error_of(body)
+    assert error.field == "side", error.message
+
+
+def test_side_long_is_accepted_and_kept() -> None:
+    parsed = parse(entry(side="long"))
+    assert parsed.signal.extra == {"side": "long"}
