@@ -65,6 +65,7 @@ bench: $(BENCH_STAMP)
 	$(BIN)/python -m bench.webhook
 	$(BIN)/python -m bench.batch_cost
 	$(BIN)/python -m bench.inline_path
+	$(BIN)/python -m bench.slow_clients
 
 # Long randomized fault campaigns (the short fixed-seed one is part of `make test`).
 # Knobs: ROUNDS, SEED, DURATION (s per round), FAULTS (per round).

@@ -6,7 +6,7 @@ finish it, and go idle. Measured: the gateway's RSS before, at its peak and at
 the end; how many of those connections the gateway had closed after HOLD (20 s);
 whether a real webhook was still answered during the attack, and how fast.
 
-    python -m bench.slow_clients          # prints one JSON object
+    python -m bench.slow_clients   # ~25 s; JSON on stdout and in results/slow_clients.json
 
 Run it against an older checkout to compare (the header limits of aiohttp's
 defaults allow 120 header lines of 8 KiB: HEADERS=120 HEADER_BYTES=8000).
@@ -15,11 +15,18 @@ defaults allow 120 header lines of 8 KiB: HEADERS=120 HEADER_BYTES=8000).
 from __future__ import annotations
 
 import asyncio
-import json
+import sys
 import time
 from typing import Any
 
-from bench.harness import Cluster, env_float, env_int, timings_from_env, webhook_body
+from bench.harness import (
+    Cluster,
+    env_float,
+    env_int,
+    run_main,
+    timings_from_env,
+    webhook_body,
+)
 from bench.procstat import rss_mb
 
 
@@ -102,9 +109,9 @@ async def measure() -> dict[str, Any]:
         }
 
 
-def main() -> None:
-    print(json.dumps(asyncio.run(measure()), indent=2))
+def main() -> int:
+    return run_main(measure, "slow_clients")
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
