@@ -112,12 +112,29 @@ class Client:
             )
             target = self._targets[url] = (host, port, head.encode())
         host, port, head = target
+        request = b"%sContent-Length: %d\r\n\r\n%s" % (head, len(body), body)
         async with self._slots:
             idle = self._idle.setdefault((host, port), [])
-            reader, writer = idle.pop() if idle else await asyncio.open_connection(host, port)
+            reused = self._reusable(idle)
+            reader, writer = reused or await asyncio.open_connection(host, port)
             try:
-                writer.write(b"%sContent-Length: %d\r\n\r\n%s" % (head, len(body), body))
+                writer.write(request)
                 status, answer, keep = await _answer(reader)
+            except (asyncio.IncompleteReadError, ConnectionResetError) as exc:
+                writer.close()
+                partial = getattr(exc, "partial", b"")
+                if reused is None or partial:
+                    raise
+                # The server closed this idle connection as the request went out (its
+                # keep-alive deadline): nothing was read, so send again on a new one,
+                # as HTTP clients and HAProxy (retry-on empty-response) do.
+                reader, writer = await asyncio.open_connection(host, port)
+                try:
+                    writer.write(request)
+                    status, answer, keep = await _answer(reader)
+                except BaseException:
+                    writer.close()
+                    raise
             except BaseException:
                 writer.close()
                 raise
@@ -126,6 +143,16 @@ class Client:
             else:
                 writer.close()
             return status, answer
+
+    @staticmethod
+    def _reusable(idle: list[_Conn]) -> _Conn | None:
+        """The most recent idle connection the server has not closed meanwhile."""
+        while idle:
+            reader, writer = idle.pop()
+            if not reader.at_eof() and not writer.is_closing():
+                return reader, writer
+            writer.close()
+        return None
 
 
 async def _answer(reader: asyncio.StreamReader) -> tuple[int, bytes, bool]:

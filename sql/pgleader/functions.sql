@@ -56,9 +56,16 @@ $$;
 -- SHARE until the caller's transaction ends: a new leader's epoch bump waits for
 -- the caller, and every read after the bump sees the new epoch. The one fencing
 -- read, of check_epoch below and of pgleader/fencing.py.
+-- plpgsql, not sql: its plan is made once per session (every claim calls it; a
+-- SQL-language function with a SET clause is planned again at each call).
 create or replace function pgleader.current_epoch(p_election text) returns bigint
-language sql security definer set search_path = pg_catalog, pg_temp as $$
-    select e.epoch from pgleader.election e where e.name = p_election for share
+language plpgsql security definer set search_path = pg_catalog, pg_temp as $$
+declare
+    found_epoch bigint;
+begin
+    select e.epoch into found_epoch from pgleader.election e where e.name = p_election for share;
+    return found_epoch;
+end
 $$;
 revoke execute on function pgleader.current_epoch(text) from public;
 
