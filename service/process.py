@@ -22,12 +22,11 @@ from pgleader.logs import configure_logging
 from service.config import ServiceConfig
 from service.gateway import Gateway
 from service.web.listener import (
-    HEADER_LIMITS,
-    LINGERING_TIME,
     GuardedSite,
     Limits,
     Rejections,
     bind,
+    runner,
 )
 from service.web.routes import build_operator_app, build_public_app
 
@@ -77,18 +76,14 @@ async def serve(config: ServiceConfig) -> int:
             ("public", build_public_app(gateway, limits, rejections), public_sock),
             ("operator", build_operator_app(gateway, limits, rejections), operator_sock),
         ):
-            # The keep-alive timer doubles as the deadline for a request's head: it
-            # closes a connection that sent nothing, or half a head, for that long.
-            runner = web.AppRunner(
-                app, shutdown_timeout=config.shutdown_timeout, access_log=None,
-                keepalive_timeout=config.request_timeout, lingering_time=LINGERING_TIME,
-                max_line_size=HEADER_LIMITS["max_line_size"],
-                max_field_size=HEADER_LIMITS["max_field_size"],
-                max_headers=HEADER_LIMITS["max_headers"],
-            )  # fmt: skip
-            await runner.setup()
-            runners.append(runner)
-            await GuardedSite(runner, sock, name, limits, rejections).start()
+            guarded = runner(
+                app,
+                request_timeout=config.request_timeout,
+                shutdown_timeout=config.shutdown_timeout,
+            )
+            await guarded.setup()
+            runners.append(guarded)
+            await GuardedSite(guarded, sock, name, limits, rejections).start()
         # Before "serving" is announced: a SIGTERM sent on reading it must drain, not kill.
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -114,8 +109,8 @@ async def serve(config: ServiceConfig) -> int:
         await gateway.stop()
         return 0
     finally:
-        for runner in runners:
-            await runner.cleanup()
+        for leftover in runners:
+            await leftover.cleanup()
         public_sock.close()
         operator_sock.close()
         if not gateway.shutting_down:

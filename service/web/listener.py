@@ -28,7 +28,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from http import HTTPStatus
-from typing import Any, Final, cast
+from typing import Any, cast
 
 import structlog
 from aiohttp import http_exceptions, web
@@ -38,23 +38,17 @@ from aiohttp.web_request import BaseRequest
 from pgleader.errors import ConfigError
 
 __all__ = [
-    "HEADER_LIMITS",
-    "LINGERING_TIME",
     "GuardedSite",
     "Limits",
     "Rejections",
     "bind",
     "protocol_error",
     "read_body",
+    "runner",
 ]
 
 log = structlog.get_logger("service.web.routes")
 
-# A webhook needs a handful of short headers; a browser on the operator's page a few more.
-# The rest of a body nobody will read (a refused one) is drained for at most 2 s
-# before the connection closes: closing with unread input would lose the answer.
-HEADER_LIMITS: Final = {"max_line_size": 4096, "max_field_size": 4096, "max_headers": 32}
-LINGERING_TIME: Final = 2.0
 
 # aiohttp's parser errors, by what the client did wrong. Fixed messages: never echo input.
 _PROTOCOL_ERRORS: list[tuple[type[Exception], str, str]] = [
@@ -250,6 +244,27 @@ class GuardedSite(web.BaseSite):
             return _Handler(server, self, loop=loop, **kwargs)
 
         self._server = await loop.create_server(connection, sock=self._sock)
+
+
+def runner(
+    app: web.Application, *, request_timeout: float, shutdown_timeout: float
+) -> web.AppRunner:
+    """The runner of one listener's app, with this module's limits."""
+    return web.AppRunner(
+        app,
+        shutdown_timeout=shutdown_timeout,
+        access_log=None,
+        # The keep-alive timer doubles as the deadline for a request's head: it
+        # closes a connection that sent nothing, or half a head, for that long.
+        keepalive_timeout=request_timeout,
+        # The rest of a body nobody will read (a refused one) is drained for at most
+        # 2 s: closing with unread input would lose the answer.
+        lingering_time=2.0,
+        # A webhook needs a handful of short headers; a browser a few more.
+        max_line_size=4096,
+        max_field_size=4096,
+        max_headers=32,
+    )
 
 
 async def read_body(request: web.Request, limits: Limits) -> bytes | None:

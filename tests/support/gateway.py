@@ -20,12 +20,12 @@ import aiohttp
 import psycopg
 
 from pgleader.embedded import free_port
+from service.web.routes import PUBLIC_PATHS
 
 SECRET = "test-secret-5d1f"
 ADMIN_TOKEN = "admin-token-9c2e"
 FAST = ["--heartbeat", "0.2", "--lease", "0.6", "--evict-after", "1.2", "--sweep-interval", "0.2"]
 _numbers = itertools.count(1)
-PUBLIC_PATHS = frozenset({"/webhook", "/health", "/ready"})
 
 
 def signal_body(
