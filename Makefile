@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 ROUNDS   ?= 3
 SEED     ?=
 DURATION ?= 120
-FAULTS   ?= 12
+FAULTS   ?= 20
 
 .PHONY: install debs run test lint format chaos bench clean
 
@@ -66,9 +66,12 @@ bench: $(BENCH_STAMP)
 	$(BIN)/python -m bench.batch_cost
 	$(BIN)/python -m bench.inline_path
 	$(BIN)/python -m bench.slow_clients
+	$(BIN)/python -m bench.burst
+	$(BIN)/python -m bench.adapter_overhead
 
 # Long randomized fault campaigns (the short fixed-seed one is part of `make test`).
-# Knobs: ROUNDS, SEED, DURATION (s per round), FAULTS (per round).
+# Knobs: ROUNDS, SEED, DURATION (s per round), FAULTS (per round: 14 kinds, each at least
+# once when FAULTS allows). Each round trades on the fake OpenAlgo, a process of its own.
 chaos: $(STAMP)
 	ROUNDS=$(ROUNDS) SEED=$(SEED) DURATION=$(DURATION) FAULTS=$(FAULTS) $(BIN)/python -m tests.chaos
 

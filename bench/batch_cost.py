@@ -62,9 +62,11 @@ async def _store_pending(conn: psycopg.AsyncConnection[Any], n: int, tag: str) -
     cur = await conn.execute(
         "insert into gateway.signals (fingerprint, type, instrument, position, lots, price,"
         " signal_at, payload, received_by)"
-        " select %s || g, 'BASE_ENTRY', 'NIFTY', 'Long_' || g, 1, 100, now(), '{}', 'bench'"
+        # one instrument each: an instrument has one order in flight, so a batch's
+        # signals are of as many instruments
+        " select %s || g, 'BASE_ENTRY', %s || g, 'Long_1', 1, 100, now(), '{}', 'bench'"
         "   from generate_series(1, %s) g returning id",
-        [tag, n],
+        [tag, tag, n],
     )
     return [int(r[0]) for r in await cur.fetchall()]
 
@@ -80,17 +82,18 @@ async def _batches(dsn: str, n: int, size: int, run: int) -> dict[str, Any]:
         orders: list[tuple[Any, ...]] = []
         began = _cpu(pid)
         for i in range(0, n, size):
-            args = ["gateway", epoch, ids[i : i + size], "bench", "paper", timedelta(hours=1)]
+            args = ["gateway", epoch, ids[i : i + size], "bench", "paper", timedelta(hours=1),
+                    None, timedelta(0), "wait"]  # fmt: skip
             cur = await conn.execute(_CLAIM, args)
             orders += [r for r in await cur.fetchall() if r[1] and r[3]]
         cost["claim"] = _cpu(pid) - began
         began = _cpu(pid)
         for i in range(0, len(orders), size):
             part = orders[i : i + size]
-            columns = [
-                [r[3] for r in part], [r[4] for r in part], [r[5] for r in part],
-                [r[6] for r in part], [r[7] for r in part], [epoch] * len(part),
-                ["bench"] * len(part), [valid] * len(part),
+            columns = [  # client order id, instrument, target, price, epoch, instance, valid
+                [r[3] for r in part], [r[4] for r in part], [r[8] for r in part],
+                [r[9] for r in part], [epoch] * len(part), ["bench"] * len(part),
+                [valid] * len(part),
             ]  # fmt: skip
             await conn.execute(_PLACE, columns)
         cost["broker"] = _cpu(pid) - began
@@ -98,7 +101,9 @@ async def _batches(dsn: str, n: int, size: int, run: int) -> dict[str, Any]:
         for i in range(0, len(orders), size):
             coids = [r[3] for r in orders[i : i + size]]
             k = len(coids)
-            await conn.execute(_COMPLETE, [coids, ["filled"] * k, ["b"] * k, [None] * k])
+            await conn.execute(
+                _COMPLETE, [coids, ["filled"] * k, ["b"] * k, [None] * k, [None] * k]
+            )
         cost["complete"] = _cpu(pid) - began
         cur = await conn.execute(
             "select count(*) from gateway.signals where status = 'executed'"

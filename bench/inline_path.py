@@ -47,15 +47,16 @@ async def _trace(dsn: str, n: int, skip: int) -> dict[str, list[float]]:
             t0 = time.perf_counter()
             (stored,) = await store_signals(conn, [item], "bench")
             t1 = time.perf_counter()
-            claim = ["gateway", 1, [stored.signal_id], "bench", "paper", timedelta(hours=1)]
+            claim = ["gateway", 1, [stored.signal_id], "bench", "paper", timedelta(hours=1),
+                     None, timedelta(0), "wait"]  # fmt: skip
             cur = await conn.execute(_CLAIM, claim)
-            _, _, _, coid, instrument, action, quantity, price = (await cur.fetchall())[0]
+            _, _, _, coid, instrument, _, _, _, target, price = (await cur.fetchall())[0]
             t2 = time.perf_counter()
             valid = datetime.now(UTC) + timedelta(seconds=5)
-            order = [[coid], [instrument], [action], [quantity], [price], [1], ["bench"], [valid]]
+            order = [[coid], [instrument], [target], [price], [1], ["bench"], [valid]]
             await conn.execute(_PLACE, order)
             t3 = time.perf_counter()
-            await conn.execute(_COMPLETE, [[coid], ["filled"], ["paper-1"], [None]])
+            await conn.execute(_COMPLETE, [[coid], ["filled"], ["paper-1"], [None], [None]])
             t4 = time.perf_counter()
             if i >= skip:  # plans and caches warm by then
                 spans = (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t4 - t0)

@@ -1,13 +1,27 @@
-"""`pgleader serve`: the gateway's verb, plugged into the pgleader CLI by entry point."""
+"""The gateway's verbs, plugged into the pgleader CLI by entry point.
+
+`serve` runs one instance. `halt`, `resume` and `reconcile` act through the
+database, so they work from any machine that reaches it, whichever instance
+leads: the kill switch is a row every claim reads; a reconciliation is a request
+the leader runs (it holds the broker session) and this command waits for.
+"""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import json
+import os
+import sys
+import time
 from typing import Any
 
-from pgleader.cli import add_common, add_timings, timings_from
-from pgleader.config import resolve_dsn
+from pgleader.cli import add_common, add_timings, require_dsn, timings_from
+from pgleader.config import Number, Text, resolve_dsn
+from pgleader.connect import connect
+from pgleader.errors import ConfigError
 from service.config import add_arguments, from_args
+from service.queries import QUERIES
 
 __all__ = ["register"]
 
@@ -20,9 +34,98 @@ def register(verbs: Any) -> None:
     add_arguments(parser)
     parser.set_defaults(func=_serve)
 
+    def verb(name: str, func: Any, text: str) -> argparse.ArgumentParser:
+        p: argparse.ArgumentParser = verbs.add_parser(name, help=text, description=text)
+        add_common(p)
+        p.set_defaults(func=func)
+        return p
+
+    p = verb("halt", _halt, "stop trading: no order is sent until `pgleader resume` (stored: it"
+             " survives failovers and restarts)")  # fmt: skip
+    p.add_argument("--reason", type=Text(500), help="why, for the alert and log (required)")
+    p.add_argument(
+        "--entries-only", action="store_true", help="stop new risk only: exits still go out"
+    )
+    verb("resume", _resume, "trade again after `pgleader halt`")
+    p = verb(
+        "reconcile",
+        _reconcile,
+        "compare the ledger's positions with the broker's now (the leader runs it) and print"
+        " the result; exit 1 when anything is not matched",
+    )
+    p.add_argument(
+        "--timeout", type=Number(float, 1, 3600, "s"), default=30.0,
+        help="seconds to wait for the leader's result (default 30)",
+    )  # fmt: skip
+
 
 async def _serve(args: argparse.Namespace) -> int:
     from service.process import serve
 
     config = from_args(args, resolve_dsn(args.dsn), timings_from(args))
     return await serve(config)
+
+
+def _by() -> str:
+    return f"cli:{os.environ.get('USER') or os.getuid()}@{os.uname().nodename}"[:200]
+
+
+async def _set_halt(args: argparse.Namespace, mode: str, reason: str | None) -> int:
+    async with await connect(require_dsn(args), autocommit=True) as conn:
+        await _require_schema(conn)
+        cur = await conn.execute(QUERIES["set_trading_halt"], [mode, reason, _by()])
+        (before,) = await cur.fetchone() or (None,)
+    _print({"trading": mode, "before": before, "reason": reason})
+    return 0
+
+
+async def _halt(args: argparse.Namespace) -> int:
+    require_dsn(args)  # a missing database is named first, as by every verb
+    if not args.reason:
+        raise ConfigError("halt needs --reason: say why, for the alert and the log")
+    return await _set_halt(args, "entries_only" if args.entries_only else "halted", args.reason)
+
+
+async def _resume(args: argparse.Namespace) -> int:
+    return await _set_halt(args, "running", None)
+
+
+async def _reconcile(args: argparse.Namespace) -> int:
+    keys = ("id", "trigger", "requested_by", "requested_at", "epoch", "instance_id",
+            "finished_at", "outcome", "items", "detail")  # fmt: skip
+    async with await connect(require_dsn(args), autocommit=True) as conn:
+        await _require_schema(conn)
+        cur = await conn.execute(QUERIES["request_reconciliation"], ["cli", _by()])
+        (request_id,) = await cur.fetchone() or (None,)
+        deadline = time.monotonic() + args.timeout
+        while True:
+            cur = await conn.execute(QUERIES["reconciliation"], [request_id])
+            run = dict(zip(keys, await cur.fetchone() or (), strict=False))
+            if run.get("outcome") is not None:
+                break
+            if time.monotonic() >= deadline:
+                print(
+                    f"pgleader reconcile: error: no leader ran reconciliation {request_id} within"
+                    f" {args.timeout:g} s (is an instance leading?); it stays requested",
+                    file=sys.stderr,
+                )
+                return 1
+            await asyncio.sleep(0.1)
+    if sys.stdout.isatty():
+        print(f"reconciliation {run['id']}: {run['outcome']} ({run['detail']})")
+        for item in run["items"]:
+            print(f"  {item['instrument']:<24} {item['outcome']:<18} ledger {item['ledger']:>8}"
+                  f"  broker {item['broker']:>8}")  # fmt: skip
+    else:
+        _print(run)
+    return 0 if run["outcome"] == "matched" else 1
+
+
+async def _require_schema(conn: Any) -> None:
+    cur = await conn.execute(QUERIES["schema_has_kill_switch"])
+    if not (await cur.fetchone())[0]:
+        raise ConfigError("the gateway's schema is missing or old: run `pgleader migrate` first")
+
+
+def _print(row: dict[str, Any]) -> None:
+    print(json.dumps(row, default=str))

@@ -22,6 +22,8 @@ from pgleader.config import (
     env_setting,
 )
 from pgleader.errors import ConfigError
+from service.brokers.base import Instrument
+from service.instruments import load_instruments, settings_fingerprint
 
 __all__ = ["ServiceConfig", "add_arguments", "from_args"]
 
@@ -40,6 +42,18 @@ class ServiceConfig:
     webhook_secret: str = ""
     admin_token: str | None = None
     broker: str = "paper"
+    instruments_file: Path | None = None
+    # what the instruments file says, by webhook instrument (None: no file)
+    trading: dict[str, Instrument] | None = None
+    openalgo_url: str = "http://127.0.0.1:5000"
+    openalgo_api_key: str = field(default="", repr=False)
+    openalgo_strategy: str = "pgleader"
+    openalgo_mode: str = "analyze"
+    openalgo_order_rate: float = 10.0
+    broker_settle: float = 30.0
+    reorder_window: float = 3.0
+    halt_action: str = "wait"
+    reconcile_interval: float = 3600.0
     election: str = "gateway"
     timings: Timings = field(default_factory=Timings)
     log_format: str = "json"
@@ -58,6 +72,26 @@ class ServiceConfig:
     batch_interval: float = 0.005
     startup_timeout: float = 60.0
     migrate: bool = True
+
+    @property
+    def accepted_instruments(self) -> frozenset[str] | None:
+        """What the webhook takes: the allow-list, and the instruments file's names."""
+        names = None if self.trading is None else frozenset(self.trading)
+        if self.instruments is None or names is None:
+            return names if self.instruments is None else self.instruments
+        return self.instruments & names
+
+    @property
+    def settings_fingerprint(self) -> str:
+        """What every instance must agree on to trade consistently: followers decide
+        what they accept, the leader what it executes."""
+        return settings_fingerprint(
+            instruments=self.trading,
+            max_signal_age=self.max_signal_age,
+            allow_list=self.instruments,
+            halt_action=self.halt_action,
+            broker=self.broker,
+        )
 
     @property
     def spool_path(self) -> Path:
@@ -103,7 +137,17 @@ _OPTIONS: list[tuple[str, Setting, object, str]] = [
     ("instance-id", Text(200), None, "this instance's id (default: hostname-pid)"),
     ("webhook-secret", Text(secret=True), None, "shared secret expected in the webhook body (required)"),
     ("admin-token", _TOKEN, None, "bearer token for admin endpoints (unset: admin disabled)"),
-    ("broker", Choice("paper"), "paper", "broker to execute on (paper)"),
+    ("broker", Choice("paper", "openalgo"), "paper", "broker to execute on: paper (the database's own book) or openalgo"),
+    ("instruments-file", Text(), None, "TOML file mapping each webhook instrument to exchange, symbol, product, lot_size, max_lots (required with openalgo); a webhook for another instrument is refused"),
+    ("openalgo-url", Text(), "http://127.0.0.1:5000", "OpenAlgo's address"),
+    ("openalgo-api-key", Text(secret=True, empty_means_unset=True), None, "OpenAlgo API key (required with openalgo; never logged)"),
+    ("openalgo-strategy", Text(50), "pgleader", "strategy label of the orders sent to OpenAlgo"),
+    ("openalgo-mode", Choice("analyze", "live"), "analyze", "the mode OpenAlgo must be in (analyze: its sandbox); an answer in the other mode halts trading"),
+    ("openalgo-order-rate", Number(float, 0.1, 1000, "orders/s"), 10.0, "orders per second sent to OpenAlgo at most (its own limit is 10/s by default)"),
+    ("broker-settle", Number(float, 0.1, 3600, "s"), 30.0, "seconds after an unknown outcome before the broker is asked what became of the order"),
+    ("reorder-window", Number(float, 0, 60, "s"), 3.0, "seconds an entry that would be refused waits for a signal of the same second that makes it valid (a reversal's exit)"),
+    ("halt-action", Choice("wait", "reject"), "wait", "what halted trading does to new signals: wait (they expire by the max age) or reject"),
+    ("reconcile-interval", Number(float, 10, 7 * 86400, "s"), 3600.0, "seconds between the leader's reconciliations of positions with the broker"),
     ("election", Text(200), "gateway", "election name"),
     ("log-format", Choice("json", "console"), None, "json or console (default: console on a terminal, else json)"),
     ("data-dir", Text(), "var", "the outage spool, and the embedded PostgreSQL (no DSN given) in DATA_DIR/pg; as root, when the postgres user cannot reach that, in /var/lib/pgleader/embedded/<hash of DATA_DIR>"),
@@ -177,6 +221,25 @@ def from_args(args: argparse.Namespace, dsn: str | None, timings: Timings) -> Se
     log_format = v["log-format"] or ("console" if os.isatty(2) else "json")
     migrate = False if args.no_migrate else env_setting("PGLEADER_MIGRATE", Switch(), True)
     instruments: frozenset[str] | None = v["instruments"]  # type: ignore[assignment]
+    broker = str(v["broker"])
+    instruments_file = Path(str(v["instruments-file"])) if v["instruments-file"] else None
+    trading = None if instruments_file is None else load_instruments(instruments_file)
+    if broker == "openalgo":
+        if trading is None:
+            raise ConfigError(
+                "the openalgo broker needs an instruments file: set PGLEADER_INSTRUMENTS_FILE or --instruments-file"
+            )
+        if not v["openalgo-api-key"]:
+            raise ConfigError(
+                "the openalgo broker needs its API key: set PGLEADER_OPENALGO_API_KEY or --openalgo-api-key"
+            )
+    broker_timeout = float(str(v["broker-timeout"]))
+    settle = float(str(v["broker-settle"]))
+    if settle < 2 * broker_timeout:
+        raise ConfigError(
+            f"the broker settle time ({settle:g} s) must be at least twice the broker timeout"
+            f" ({broker_timeout:g} s): an order may still be on its way before that"
+        )
     allowed: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = v["allowed-ips"] or ()  # type: ignore[assignment]
     return ServiceConfig(
         dsn=dsn,
@@ -190,7 +253,18 @@ def from_args(args: argparse.Namespace, dsn: str | None, timings: Timings) -> Se
         instance_id=str(v["instance-id"] or default_instance_id()),
         webhook_secret=str(secret),
         admin_token=str(v["admin-token"]) if v["admin-token"] else None,
-        broker=str(v["broker"]),
+        broker=broker,
+        instruments_file=instruments_file,
+        trading=trading,
+        openalgo_url=str(v["openalgo-url"]),
+        openalgo_api_key=str(v["openalgo-api-key"] or ""),
+        openalgo_strategy=str(v["openalgo-strategy"]),
+        openalgo_mode=str(v["openalgo-mode"]),
+        openalgo_order_rate=float(str(v["openalgo-order-rate"])),
+        broker_settle=settle,
+        reorder_window=float(str(v["reorder-window"])),
+        halt_action=str(v["halt-action"]),
+        reconcile_interval=float(str(v["reconcile-interval"])),
         election=str(v["election"]),
         timings=timings,
         log_format=str(log_format),
@@ -204,7 +278,7 @@ def from_args(args: argparse.Namespace, dsn: str | None, timings: Timings) -> Se
         allowed_ips=allowed,
         shutdown_timeout=float(str(v["shutdown-timeout"])),
         sweep_interval=float(str(v["sweep-interval"])),
-        broker_timeout=float(str(v["broker-timeout"])),
+        broker_timeout=broker_timeout,
         startup_timeout=float(str(v["startup-timeout"])),
         batch_interval=float(str(v["batch-interval"])),
         migrate=migrate,

@@ -13,6 +13,9 @@ from psycopg_pool import PoolTimeout
 
 __all__ = [
     "DATABASE_UNAVAILABLE",
+    "BrokerError",
+    "BrokerModeMismatch",
+    "BrokerRefused",
     "BrokerUnavailable",
     "GatewayError",
     "SignalError",
@@ -59,5 +62,26 @@ class SpoolError(GatewayError):
         return self.reason in ("spool_full", "disk_full")
 
 
-class BrokerUnavailable(GatewayError):
+class BrokerError(GatewayError):
+    """Something the broker said or did not say; the message never holds a secret."""
+
+
+class BrokerUnavailable(BrokerError):
     """The broker could not be asked or did not answer: the outcome is unknown."""
+
+
+class BrokerRefused(BrokerError):
+    """The broker placed nothing and said so; ask again after `retry_after` seconds.
+
+    `reason`: rate_limited (HTTP 429) or unauthorised (HTTP 403: a bad API key, or
+    the broker session behind it expired; critical, a human must log in again).
+    """
+
+    def __init__(self, message: str, reason: str, retry_after: float) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.retry_after = retry_after
+
+
+class BrokerModeMismatch(BrokerError):
+    """The broker answered in another mode than configured (analyze vs live)."""

@@ -21,10 +21,13 @@ from pgleader.connect import connect, with_settings
 from pgleader.errors import backoff, first_line
 from pgleader.events import Reconnected, listen
 from pgleader.migrations import pending
+from service.brokers.base import Broker
+from service.brokers.openalgo import OpenAlgoBroker
 from service.brokers.paper import PaperBroker
 from service.config import ServiceConfig
 from service.errors import DATABASE_UNAVAILABLE, SpoolError
 from service.execution.executor import Executor
+from service.execution.reconciliation import Reconciler
 from service.intake.inbox import (
     NOTIFY_CHANNEL,
     Inbox,
@@ -50,9 +53,18 @@ _LEADER_VIEW_METRICS = (
 )  # fmt: skip
 # How long a webhook waits for its inbox write before it spools the signal instead.
 _STORE_BUDGET = 1.5
+# The whole answer, store and inline execution, well inside TradingView's 3 s.
+_ANSWER_BUDGET = 2.5
 # Inline executions that ended here: answered 200 with the outcome (else 202 accepted).
 _ANSWERED = frozenset({"executed", "failed", "expired", "rejected"})
 _RAISE_ALERT = QUERIES["raise_alert"]
+_REQUEST_RECONCILIATION = QUERIES["request_reconciliation"]
+_RECONCILIATION = QUERIES["reconciliation"]
+_LAST_RECONCILIATION = QUERIES["last_reconciliation"]
+_HALT = QUERIES["trading_halt"]
+_SET_HALT = QUERIES["set_trading_halt"]
+_RECORD_SETTINGS = QUERIES["record_settings"]
+_SETTINGS_OF_INSTANCES = QUERIES["settings_of_instances"]
 _ELECTION_LEADER = QUERIES["election_leader"]
 
 
@@ -76,16 +88,27 @@ class Gateway:
         self.elector = Elector(
             dsn, config.election, instance_id=config.instance_id, timings=config.timings
         )
-        self.broker = PaperBroker(self.pool)
+        self.broker = _broker(config, self.pool)
         self.inbox = Inbox(self.pool, config.instance_id)
         self.executor = Executor(
             self.pool,
             self.elector,
             self.broker,
             max_age=config.max_signal_age,
+            instruments=config.trading,
             broker_timeout=config.broker_timeout,
+            settle=config.broker_settle,
+            reorder_window=config.reorder_window,
+            halt_action=config.halt_action,
             batch_interval=config.batch_interval,
         )
+        self.reconciler = Reconciler(
+            self.pool, self.elector, self.broker, self.executor.instrument, config.trading
+        )
+        self.settings_fingerprint = config.settings_fingerprint
+        self._next_reconciliation = float("inf")
+        self._reconciliation_trigger = "elected"
+        self.halt_mode: str | None = None  # the kill switch as last read (None: not yet)
         self.spool = Spool(config.spool_path, max_bytes=config.spool_max_bytes)
         self.shutting_down = False
         self.started_at = time.time()
@@ -107,6 +130,9 @@ class Gateway:
         else:
             await _require_migrated(self.dsn)
         await self.pool.open(wait=True, timeout=10)
+        if isinstance(self.broker, OpenAlgoBroker):
+            await self.broker.start()
+        await self._record_settings()
         await self.elector.start()
         self._tasks = [asyncio.create_task(self._sweep_loop(), name="gateway-sweep")]
 
@@ -124,10 +150,14 @@ class Gateway:
                 await task
         await self.pool.close()
         self.spool.close()
+        if isinstance(self.broker, OpenAlgoBroker):
+            await self.broker.close()
 
     def _on_transition(self, t: Transition) -> None:
         if t.kind == "elected":
-            self._wake.set()  # sweep and reconcile at once
+            self._wake.set()  # sweep and settle at once
+            self._next_reconciliation = 0.0  # compare positions with the broker first
+            self._reconciliation_trigger = "elected"
             if self._listener is None and not self.shutting_down:
                 self._listener = asyncio.create_task(self._listen(), name="gateway-listen")
         else:
@@ -144,6 +174,7 @@ class Gateway:
         """Store (or spool) a validated signal; execute inline when leading.
         Returns the HTTP status and JSON answer."""
         leading = self.elector.is_leader
+        started = time.monotonic()
         try:
             # A database that hangs instead of refusing must not hold the answer past
             # TradingView's 3 s: spool instead. The write goes on and may still commit:
@@ -171,15 +202,17 @@ class Gateway:
         if stored.duplicate:
             return 200, {"status": "duplicate", "signal_id": stored.signal_id}
         if leading:
-            status = await self._execute_inline(stored.signal_id)
+            budget = _ANSWER_BUDGET - (time.monotonic() - started)
+            status = await self._execute_inline(stored.signal_id, budget)
             if status in _ANSWERED:
                 return 200, {"status": status, "signal_id": stored.signal_id}
         return 202, {"status": "accepted", "signal_id": stored.signal_id}
 
-    async def _execute_inline(self, signal_id: int) -> str:
-        """Execute a signal this (leading) instance just stored without a NOTIFY."""
+    async def _execute_inline(self, signal_id: int, budget: float) -> str:
+        """Execute a signal this (leading) instance just stored without a NOTIFY,
+        waiting at most `budget` seconds (or the inline timeout) for its outcome."""
         try:
-            async with asyncio.timeout(self.config.inline_timeout):
+            async with asyncio.timeout(max(0.0, min(self.config.inline_timeout, budget))):
                 status = await self.executor.execute(signal_id)
         except TimeoutError:
             status = "executing"  # still in its batch, which goes on
@@ -220,6 +253,8 @@ class Gateway:
                     return  # replaced or stopped, should a cancellation have been lost
                 if isinstance(item, Reconnected):
                     self._wake.set()  # notifications may have been missed: sweep
+                elif item.payload in ("halt", "reconcile"):
+                    self._wake.set()  # resumed: what waited goes; a run was asked for
                 elif self.elector.is_leader:
                     self.executor.enqueue(parse_notification(item.payload))
 
@@ -236,12 +271,87 @@ class Gateway:
                     replayed = await self.spool.replay(self._store_spooled)
                     log.warning("spool replayed into the inbox", signals=replayed)
                 await self.spool.flush_alerts(self._raise_spool_alert)
+                self.halt_mode = (await self.trading_halt())["mode"]
                 await self.executor.sweep()
                 await self.executor.reconcile()
+                await self._reconcile_positions()
             except (*DATABASE_UNAVAILABLE, OSError) as exc:
                 log.warning("sweep failed; will retry", error=first_line(exc))
             except Exception:
                 log.exception("sweep crashed; will retry")
+
+    async def _reconcile_positions(self) -> None:
+        """The leader's reconciliations: its own on schedule (and when elected), and
+        whatever an operator asked for."""
+        if not self.elector.is_leader:
+            return
+        if time.monotonic() >= self._next_reconciliation:
+            self._next_reconciliation = time.monotonic() + self.config.reconcile_interval
+            trigger, self._reconciliation_trigger = self._reconciliation_trigger, "schedule"
+            async with self.pool.connection() as conn:
+                await conn.execute(_REQUEST_RECONCILIATION, [trigger, self.config.instance_id])
+        await self.reconciler.run_requested()
+
+    async def _record_settings(self) -> None:
+        """Put this instance's trading-settings fingerprint in the registry, and alert
+        when another live instance has another one."""
+        async with self.pool.connection() as conn:
+            await conn.execute(
+                _RECORD_SETTINGS,
+                [self.config.election, self.config.instance_id, self.settings_fingerprint],
+            )
+            others = await self._disagreeing(conn)
+            if others:
+                detail = (
+                    f"instance {self.config.instance_id} trades with settings"
+                    f" {self.settings_fingerprint}, unlike {', '.join(others)}: followers"
+                    " decide what they accept, the leader what it executes"
+                )
+                await conn.execute(
+                    _RAISE_ALERT, ["settings_disagree", self.config.instance_id, detail]
+                )
+                log.error("instances disagree on their trading settings", others=others)
+
+    async def _disagreeing(self, conn: Any) -> list[str]:
+        cur = await conn.execute(_SETTINGS_OF_INSTANCES, [self.config.election])
+        return [
+            f"{instance} ({fingerprint})"
+            for instance, fingerprint in await cur.fetchall()
+            if instance != self.config.instance_id and fingerprint != self.settings_fingerprint
+        ]
+
+    # -- the kill switch and reconciliation -------------------------------------
+
+    async def trading_halt(self) -> dict[str, Any]:
+        async with self.pool.connection(timeout=1.0) as conn:
+            row = await (await conn.execute(_HALT)).fetchone()
+        keys = ("mode", "reason", "changed_by", "changed_at")
+        return dict(zip(keys, row, strict=True)) if row else {"mode": "running"}
+
+    async def set_trading_halt(self, mode: str, reason: str | None, by: str) -> dict[str, Any]:
+        async with self.pool.connection(timeout=1.0) as conn:
+            await conn.execute(_SET_HALT, [mode, reason, by])
+        return await self.trading_halt()
+
+    async def reconcile_now(self, trigger: str, timeout: float) -> dict[str, Any]:
+        """Ask the leader for a reconciliation and wait for its result (at most
+        `timeout` s); the run's row, its outcome null when none came in time."""
+        async with self.pool.connection(timeout=1.0) as conn:
+            cur = await conn.execute(_REQUEST_RECONCILIATION, [trigger, self.config.instance_id])
+            (request_id,) = await cur.fetchone() or (None,)
+        deadline = time.monotonic() + timeout
+        while True:
+            async with self.pool.connection(timeout=1.0) as conn:
+                row = await (await conn.execute(_RECONCILIATION, [request_id])).fetchone()
+            run = _reconciliation(row)
+            if run["outcome"] is not None or time.monotonic() >= deadline:
+                return run
+            await asyncio.sleep(0.05)
+
+    async def last_reconciliation(self) -> dict[str, Any] | None:
+        async with self.pool.connection(timeout=1.0) as conn:
+            row = await (await conn.execute(_LAST_RECONCILIATION)).fetchone()
+        return None if row is None else _reconciliation(row)
 
     # -- what the HTTP surface reports ----------------------------------------
 
@@ -270,9 +380,15 @@ class Gateway:
                 if found is not None:
                     keys = ("epoch", "leader", "host", "lock_held", "heartbeat_age_s")
                     row = dict(zip(keys, found, strict=True))
+        trading: dict[str, Any] = {"settings_fingerprint": self.settings_fingerprint}
+        with contextlib.suppress(*DATABASE_UNAVAILABLE, TimeoutError):
+            trading["halt"] = await self.trading_halt()
+            async with self.pool.connection(timeout=1.0) as conn:
+                trading["disagreeing_instances"] = await self._disagreeing(conn)
         return {
             "election": self.config.election,
             "leader": row,
+            "trading": trading,
             "instance_id": self.config.instance_id,
             "is_leader": self.elector.is_leader,
             "epoch": self.elector.epoch,
@@ -300,6 +416,8 @@ class Gateway:
             "execution_batches": dict(self.executor.batch_stats),
             "inbox_writes": dict(self.inbox.stats),
             "inbox_write_seconds": self.inbox.write_seconds,
+            "trading_halt": self.halt_mode,
+            "last_reconciliation": (self.reconciler.last or {}).get("outcome"),
         }
 
     async def find_signal(self, signal_id: int) -> dict[str, Any] | None:
@@ -315,6 +433,25 @@ class Gateway:
         if not await self.elector.resign(reason, timeout=self.config.timings.lease):
             return None
         return epoch
+
+
+def _broker(config: ServiceConfig, pool: AsyncConnectionPool[Any]) -> Broker:
+    if config.broker == "openalgo":
+        return OpenAlgoBroker(
+            config.openalgo_url,
+            config.openalgo_api_key,
+            strategy=config.openalgo_strategy,
+            mode="live" if config.openalgo_mode == "live" else "analyze",
+            order_rate=config.openalgo_order_rate,
+            timeout=config.broker_timeout,
+        )
+    return PaperBroker(pool)
+
+
+def _reconciliation(row: Any) -> dict[str, Any]:
+    keys = ("id", "trigger", "requested_by", "requested_at", "epoch", "instance_id",
+            "finished_at", "outcome", "items", "detail")  # fmt: skip
+    return dict(zip(keys, row, strict=True))
 
 
 async def _require_migrated(dsn: str) -> None:

@@ -120,7 +120,7 @@ async def executor_for(dsn):
     election 'gateway') already leads; all stopped at the end of the test."""
     made = []
 
-    async def make(broker_cls=PaperBroker) -> Executor:
+    async def make(broker_cls=PaperBroker, **options) -> Executor:
         pool = AsyncConnectionPool(
             dsn, min_size=1, max_size=4, open=False, kwargs={"autocommit": True}
         )
@@ -133,6 +133,7 @@ async def executor_for(dsn):
             max_age=timedelta(minutes=5),
             broker_timeout=0.5,
             lookup_attempts=2,
+            **{"settle": 1.0, **options},
         )
         await elector.start()
         await elector.wait_for_leadership(10)

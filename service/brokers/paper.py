@@ -1,18 +1,23 @@
 """The paper broker: stands in for the outside world, in the database itself.
 
-Every order request it receives is a row of gateway.paper_broker_requests (a
-duplicate would show there), and it fills every order it accepts.
+Its book is gateway.paper_broker_requests: every order it placed, one row each
+(a duplicate would show there). Like OpenAlgo's smart order it moves an
+instrument to the target it is given, booking the difference from its own
+position, and nothing when it is there already; it fills everything it places.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import math
+from collections.abc import AsyncIterator, Sequence
+from datetime import datetime
 from typing import Any
 
 import psycopg
 from psycopg_pool import AsyncConnectionPool
 
-from service.brokers.base import OrderRequest, OrderResult
+from service.brokers.base import Instrument, OrderAnswer, OrderRequest, OrderResult
 from service.errors import BrokerUnavailable
 from service.queries import QUERIES
 
@@ -20,47 +25,65 @@ __all__ = ["PaperBroker"]
 
 
 _PLACE = QUERIES["paper_place_orders"]
-_LOOKUP = QUERIES["paper_lookup_order"]
+_POSITIONS = QUERIES["paper_positions"]
+_ORDERS_SINCE = QUERIES["paper_orders_since"]
 
 
 class PaperBroker:
-    """Fills every order at once and books each request it receives, duplicates included."""
+    """Fills every order it places at once; its book is a table."""
 
     name = "paper"
+    order_rate = math.inf
 
     def __init__(self, pool: AsyncConnectionPool[Any], timeout: float = 2.0) -> None:
         self.pool = pool
         self.timeout = timeout
 
-    async def place_many(
-        self, orders: Sequence[OrderRequest]
-    ) -> list[OrderResult | BrokerUnavailable]:
+    async def place_many(self, orders: Sequence[OrderRequest]) -> list[OrderAnswer]:
         columns = [
-            [getattr(o, name) for o in orders]
-            for name in ("client_order_id", "instrument", "action", "quantity", "price",
-                         "epoch", "instance_id", "valid_until")
-        ]  # fmt: skip
-        try:
-            async with self.pool.connection(timeout=self.timeout) as conn:
-                cur = await conn.execute(_PLACE, columns)
-                booked = dict(await cur.fetchall())
-        except (psycopg.Error, TimeoutError) as exc:
-            unknown = BrokerUnavailable(f"paper broker: {type(exc).__name__}: {exc}")
-            return [unknown for _ in orders]
-        return [
-            OrderResult(f"paper-{booked[o.client_order_id]}", "filled")
-            if o.client_order_id in booked
-            else OrderResult(None, "rejected", "arrived after its validity")
-            for o in orders
+            [o.client_order_id for o in orders],
+            [o.instrument.name for o in orders],
+            [o.target for o in orders],
+            [o.price for o in orders],
+            [o.epoch for o in orders],
+            [o.instance_id for o in orders],
+            [o.valid_until for o in orders],
         ]
+        try:
+            async with self._connection() as conn:
+                cur = await conn.execute(_PLACE, columns)
+                rows = await cur.fetchall()
+        except BrokerUnavailable as exc:
+            return [exc for _ in orders]
+        booked = {coid: (booking, valid) for coid, booking, valid in rows}
+        answers: list[OrderAnswer] = []
+        for o in orders:
+            booking, valid = booked[o.client_order_id]
+            if not valid:
+                answers.append(OrderResult(None, "rejected", "arrived after its validity"))
+            elif booking is None:
+                answers.append(OrderResult(None, "matched", "position already at the target"))
+            else:
+                answers.append(OrderResult(f"paper-{booking}", "filled"))
+        return answers
 
-    async def lookup(self, client_order_id: str) -> OrderResult | None:
+    async def positions(self, instruments: Sequence[Instrument]) -> dict[str, int]:
+        names = [i.name for i in instruments]
+        async with self._connection() as conn:
+            cur = await conn.execute(_POSITIONS, [names])
+            held = dict(await cur.fetchall())
+        return {name: int(held.get(name, 0)) for name in names}
+
+    async def orders_since(self, instrument: Instrument, since: datetime) -> list[str]:
+        async with self._connection() as conn:
+            cur = await conn.execute(_ORDERS_SINCE, [instrument.name, since])
+            return [f"paper-{booking}" for (booking,) in await cur.fetchall()]
+
+    @contextlib.asynccontextmanager
+    async def _connection(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+        """A pooled connection; any trouble with the database is the broker's silence."""
         try:
             async with self.pool.connection(timeout=self.timeout) as conn:
-                cur = await conn.execute(_LOOKUP, [client_order_id])
-                row = await cur.fetchone()
+                yield conn
         except (psycopg.Error, TimeoutError) as exc:
             raise BrokerUnavailable(f"paper broker: {type(exc).__name__}: {exc}") from exc
-        if row is None or row[0] is None:
-            return None
-        return OrderResult(f"paper-{row[0]}", "filled")

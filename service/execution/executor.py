@@ -1,37 +1,44 @@
-"""The fenced executor: claim under the epoch, call the broker after commit, record.
+"""The fenced executor: claim under the epoch, check, send after commit, record.
 
-Signals are executed in batches, three statements a batch whatever its size:
+Every order is a target net position of one instrument (service.brokers.base),
+and at most one order of an instrument is in flight. A batch is four steps:
 
     claim   gateway.claim_signals: one statement, fenced by pgleader.check_epoch
-            (election row FOR SHARE, epoch must be ours), pending -> executing,
-            an order booked per signal
+            (election row FOR SHARE, epoch must be ours). Per instrument of the
+            batch, the first pending signal in execution order moves to
+            'executing' with its order booked (start and target from the ledger);
+            what is too old, unknown or refused ends with an alert.
+    check   the broker's positions: an instrument the broker holds otherwise than
+            the ledger says (a manual trade, another strategy) is not sent to, its
+            signal in_doubt with a page. A target order would take it over.
     send    only after the claim committed, and only while our lease holds:
-            broker.place_many
-    record  gateway.complete_orders (executed/failed, positions)
+            broker.place_many, one order per instrument, side by side
+    record  gateway.complete_orders (executed / failed / awaiting_approval, ledger)
 
 A batch starts as soon as a signal arrives, provided fewer than `concurrency`
-batches are in flight and, under load (the last batch carried more than one
-signal), the last one started at least `batch_interval` ago; what arrives
-meanwhile waits and goes out together in the next one. At a trickle every signal
-is its own batch, at once; under load batches grow, so the database does less
-work per signal exactly when it matters (each statement, each commit has a fixed
-cost that a batch pays once).
+batches are in flight and, under load, the last one started at least
+`batch_interval` ago. What waited behind an instrument's order is queued again
+when that order is recorded.
 
-A signal left 'executing' (we crashed, the broker did not answer, we lost the
-lease) is reconciled, never re-sent blindly: the broker is asked whether it got
-the order's client id; yes -> executed, no -> back to pending, cannot tell ->
-in_doubt with an alert. Claims of an older epoch are reconciled only once that
-leader's lease has surely run out, so it cannot still be sending; our own only
-once a send of theirs must have ended (broker_timeout).
+What the broker answered decides the rest. Refused (rate limited, not
+authorised): nothing was placed, the signal goes back to pending and sending
+pauses for the broker's retry_after. Unknown (timeout, reset, 5xx): the signal
+stays 'executing' and is settled after `settle` seconds by asking the broker
+(never by re-sending blindly): the position at the target -> executed; at the
+start and no order for the instrument since the claim -> pending again (the
+same target may go); anything else -> in_doubt with a page. Claims of an older
+epoch are settled the same way once that leader's lease has surely run out.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import math
 import time
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -41,8 +48,9 @@ import structlog
 from psycopg_pool import AsyncConnectionPool
 
 from pgleader import Elector, NotLeader, Transition, fenced_statement
-from service.brokers.base import Broker, OrderRequest, OrderResult
-from service.errors import BrokerUnavailable
+from pgleader.errors import backoff, first_line
+from service.brokers.base import Broker, Instrument, OrderRequest, OrderResult
+from service.errors import BrokerModeMismatch, BrokerRefused, BrokerUnavailable
 from service.queries import QUERIES
 
 __all__ = ["Executor"]
@@ -52,13 +60,22 @@ log = structlog.get_logger("service.execution.executor")
 _CLAIM = QUERIES["claim_signals"]
 _COMPLETE = QUERIES["complete_orders"]
 _PENDING = QUERIES["pending_signals"]
-_EXECUTING = QUERIES["executing_signals"]  # ours only once any send of ours must have ended
+_PENDING_OF = QUERIES["pending_of_instruments"]
+_EXECUTING = QUERIES["executing_signals"]
 _MARK_IN_DOUBT = QUERIES["mark_in_doubt"]
 _REQUEUE = QUERIES["requeue_signal"]
+_RAISE_ALERT = QUERIES["raise_alert"]
+_UNKNOWN_ORDERS = QUERIES["unknown_broker_orders"]
+_HALT = QUERIES["set_trading_halt"]
+
+# A broker's clock and ours differ: an order this long before the claim still
+# counts as "since the claim" when settling (an order we recorded is not counted;
+# one too many of someone else's is safe: in doubt).
+_CLOCK_MARGIN = timedelta(seconds=5)
 
 
 @dataclass(frozen=True, slots=True)
-class _Sent:
+class _Claimed:
     signal_id: int
     order: OrderRequest
 
@@ -71,7 +88,11 @@ class Executor:
         broker: Broker,
         *,
         max_age: timedelta,
+        instruments: Mapping[str, Instrument] | None = None,
         broker_timeout: float = 5.0,
+        settle: float = 30.0,
+        reorder_window: float = 3.0,
+        halt_action: str = "wait",
         batch_size: int = 200,
         concurrency: int = 1,
         batch_interval: float = 0.005,
@@ -83,27 +104,60 @@ class Executor:
         self.elector = elector
         self.broker = broker
         self.max_age = max_age
+        self.instruments = dict(instruments) if instruments is not None else None
+        self._limits = (
+            None
+            if self.instruments is None
+            else json.dumps(
+                {
+                    name: {"lot_size": i.lot_size, "max_lots": i.max_lots}
+                    for name, i in self.instruments.items()
+                }
+            )
+        )
         self.broker_timeout = broker_timeout
-        self.batch_size = batch_size
+        self.settle = settle
+        self.reorder_window = timedelta(seconds=reorder_window)
+        self.halt_action = halt_action
+        # A batch's orders must all go out within broker_timeout at the broker's rate.
+        rate = broker.order_rate
+        self.batch_size = (
+            batch_size if math.isinf(rate) else max(1, min(batch_size, int(rate * broker_timeout)))
+        )
         self.concurrency = concurrency
         self.batch_interval = batch_interval
         self._last_batch_at = float("-inf")
         self._last_batch_size = 0
         self._dispatch_later: asyncio.TimerHandle | None = None
+        self._paused_until = 0.0
+        self._refusals = 0
         self.lookup_attempts = lookup_attempts
         self.instance_id = elector.instance_id
         # Every signal queued or in a batch in this process, with the future of its
         # status: a second request for it (inline + NOTIFY + sweep) joins the first,
-        # and reconciliation leaves it alone.
+        # and settling leaves it alone.
         self._running: dict[int, asyncio.Future[str]] = {}
         self._waiting: deque[int] = deque()
+        # Asked for, waiting behind an order of their instrument: queued again when
+        # that order is recorded (or by the sweep), their futures still open.
+        self._parked: set[int] = set()
         self._batches: set[asyncio.Task[None]] = set()
+        self._timers: set[asyncio.TimerHandle] = set()
         self._lookup_failures: dict[str, int] = {}
-        # Older epochs' claims may be reconciled only after their leader's lease ran out.
+        # Older epochs' claims may be settled only after their leader's lease ran out.
         self._reconcile_older_after = float("inf")
-        self.counts = {"executed": 0, "failed": 0, "expired": 0, "rejected": 0, "fenced": 0}
+        self.counts = {
+            "executed": 0, "failed": 0, "expired": 0, "rejected": 0, "fenced": 0,
+            "in_doubt": 0, "refused": 0, "awaiting_approval": 0,
+        }  # fmt: skip
         self.batch_stats = {"batches": 0, "signals": 0, "largest": 0}
         elector.on_transition(self._on_transition)
+
+    def instrument(self, name: str) -> Instrument:
+        """Where an instrument trades; without an instruments file, its own name."""
+        if self.instruments is None:
+            return Instrument(name=name, exchange="", symbol=name, product="")
+        return self.instruments[name]
 
     # -- life cycle -----------------------------------------------------------
 
@@ -116,7 +170,7 @@ class Executor:
         """Let executions in progress and queued finish (a broker call is never
         abandoned midway), for at most `timeout` seconds."""
         deadline = time.monotonic() + timeout
-        while self._batches or self._waiting:
+        while self._batches or (self._waiting and time.monotonic() >= self._paused_until):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return
@@ -127,14 +181,17 @@ class Executor:
 
     async def stop(self) -> None:
         self._waiting.clear()
-        if self._dispatch_later is not None:
-            self._dispatch_later.cancel()
-            self._dispatch_later = None
+        for timer in [self._dispatch_later, *self._timers]:
+            if timer is not None:
+                timer.cancel()
+        self._dispatch_later = None
+        self._timers.clear()
         for task in list(self._batches):
             task.cancel()
         for task in list(self._batches):
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        self._parked.clear()
         for future in self._running.values():  # never dispatched: the sweep has them
             if not future.done():
                 future.set_result("pending")
@@ -144,13 +201,13 @@ class Executor:
             # The old leader stops sending when its lease ends; a call it started
             # just before may take up to broker_timeout (orders carry that deadline).
             timings = self.elector.timings
-            wait = timings.lease + self.broker_timeout + timings.heartbeat
+            wait = timings.lease + 2 * self.broker_timeout + timings.heartbeat
             self._reconcile_older_after = time.monotonic() + wait
 
     # -- submitting work ------------------------------------------------------
 
     def enqueue(self, ids: Iterable[int]) -> None:
-        """Queue signals (from NOTIFY, the sweep, reconciliation). Leader only: a
+        """Queue signals (from NOTIFY, the sweep, settling). Leader only: a
         follower drops them, the leader has its own copy of the work."""
         if not self.elector.is_leader:
             return
@@ -163,7 +220,8 @@ class Executor:
 
         'not_leader' when this instance may not act (then nothing was claimed);
         'executing' when the broker's answer is not recorded (yet); 'pending' when
-        it could not be claimed now (the sweep retries).
+        it could not be claimed now (it waits behind its instrument, or the kill
+        switch holds it: the leader takes it up when it can).
         """
         future = self._submit(signal_id)
         self._dispatch()
@@ -176,13 +234,36 @@ class Executor:
             self._running[signal_id] = future
             self._waiting.append(signal_id)
             future.add_done_callback(lambda f: self._forget(signal_id, f))
+        elif signal_id in self._parked:
+            self._parked.discard(signal_id)
+            self._waiting.append(signal_id)
         return future
 
     def _forget(self, signal_id: int, future: asyncio.Future[str]) -> None:
+        self._parked.discard(signal_id)
         if self._running.get(signal_id) is future:
             del self._running[signal_id]
 
+    def _later(self, delay: float, callback: Any, *args: Any) -> None:
+        loop = asyncio.get_running_loop()
+        handle: asyncio.TimerHandle
+
+        def run() -> None:
+            self._timers.discard(handle)
+            callback(*args)
+
+        handle = loop.call_later(delay, run)
+        self._timers.add(handle)
+
     def _dispatch(self) -> None:
+        now = time.monotonic()
+        if self._waiting and now < self._paused_until:  # the broker asked us to wait
+            if self._dispatch_later is None:
+                loop = asyncio.get_running_loop()
+                self._dispatch_later = loop.call_later(
+                    self._paused_until - now, self._dispatch_on_time
+                )
+            return
         while self._waiting and len(self._batches) < self.concurrency:
             wait = self._last_batch_at + self.batch_interval - time.monotonic()
             if wait > 0 and self._last_batch_size > 1:  # under load: let a batch gather
@@ -213,85 +294,225 @@ class Executor:
         stats["signals"] += len(ids)
         stats["largest"] = max(stats["largest"], len(ids))
         status: dict[int, str] = {}
+        freed: set[str] = set()
         try:
-            await self._execute_batch(ids, status)
+            await self._execute_batch(ids, status, freed)
         except Exception:
-            log.exception("batch failed; sweep and reconciliation settle it", signals=len(ids))
+            log.exception("batch failed; sweep and settling take it up", signals=len(ids))
         finally:
-            for signal_id in ids:
+            for signal_id in {*ids, *status}:
                 future = self._running.get(signal_id)
-                if future is not None and not future.done():
+                if future is None or future.done():
+                    continue
+                if signal_id in status or not self.elector.is_leader:
                     future.set_result(status.get(signal_id, "pending"))
+                else:  # behind its instrument's order
+                    self._parked.add(signal_id)
+        if freed:  # what waited behind these instruments' orders goes next
+            try:
+                async with self.pool.connection() as conn:
+                    cur = await conn.execute(_PENDING_OF, [sorted(freed)])
+                    self.enqueue(int(r[0]) for r in await cur.fetchall())
+            except psycopg.Error as exc:
+                log.warning("queueing what waited failed; the sweep will", error=first_line(exc))
 
-    async def _execute_batch(self, ids: list[int], status: dict[int, str]) -> None:
-        """Claim, send, record; `status` is kept up to date as the batch goes."""
+    async def _execute_batch(self, ids: list[int], status: dict[int, str], freed: set[str]) -> None:
+        """Claim, check, send, record; `status` is kept up to date as the batch
+        goes, `freed` gets the instruments whose order is over."""
         try:
             claimed = await self._claim(ids, status)
         except NotLeader:
             self.counts["fenced"] += len(ids)
             status.update((signal_id, "not_leader") for signal_id in ids)
             return
-        if not claimed:
+        if not claimed or not self.elector.is_leader:
+            # Our lease ran out after the claim: do not send; the next leader settles.
             return
-        if not self.elector.is_leader:
-            # Our lease ran out after the claim: do not send; the next leader reconciles.
+        claimed = await self._check_positions(claimed, status, freed)
+        if not claimed or not self.elector.is_leader:
             return
-        orders = [sent.order for sent in claimed]
+        orders = [c.order for c in claimed]
         try:
-            async with asyncio.timeout(self.broker_timeout):
+            async with asyncio.timeout(self._send_budget(len(orders))):
                 answers = await self.broker.place_many(orders)
         except TimeoutError:
             answers = [BrokerUnavailable("no answer within broker_timeout")] * len(orders)
-        done: list[tuple[str, OrderResult]] = []
-        for sent, answer in zip(claimed, answers, strict=True):
+        done: list[tuple[OrderRequest, OrderResult]] = []
+        for c, answer in zip(claimed, answers, strict=True):
             if isinstance(answer, OrderResult):
-                done.append((sent.order.client_order_id, answer))
+                done.append((c.order, answer))
+            elif isinstance(answer, BrokerRefused):
+                await self._refused(c, answer, status, freed)
+            elif isinstance(answer, BrokerModeMismatch):
+                await self._mode_mismatch(c, answer, status, freed)
             else:
                 log.error(
-                    "broker outcome unknown; will reconcile",
-                    signal_id=sent.signal_id,
+                    "broker outcome unknown; settled later",
+                    signal_id=c.signal_id,
+                    instrument=c.order.instrument.name,
                     error=str(answer),
                 )
         recorded = await self._complete(done)
-        for sent in claimed:
-            final = recorded.get(sent.order.client_order_id)
+        for c in claimed:
+            final = recorded.get(c.order.client_order_id)
             if final is not None:
-                status[sent.signal_id] = final
-                self.counts["executed" if final == "executed" else "failed"] += 1
+                status[c.signal_id] = final
+                freed.add(c.order.instrument.name)
+                self.counts[final if final in self.counts else "failed"] += 1
 
-    async def _claim(self, ids: list[int], status: dict[int, str]) -> list[_Sent]:
-        """Claim what is pending among `ids`; raises NotLeader (Fenced) for a stale epoch."""
+    def _send_budget(self, orders: int) -> float:
+        rate = self.broker.order_rate
+        return self.broker_timeout + (0.0 if math.isinf(rate) else orders / rate)
+
+    async def _claim(self, ids: list[int], status: dict[int, str]) -> list[_Claimed]:
+        """Claim the instruments of `ids`; raises NotLeader (Fenced) for a stale epoch."""
         epoch = self.elector.require_epoch()
         args = [self.elector.election, epoch, ids, self.instance_id, self.broker.name]
+        options = [self.max_age, self._limits, self.reorder_window, self.halt_action]
         with fenced_statement(self.elector.election, epoch):
             async with self.pool.connection() as conn:
-                cur = await conn.execute(_CLAIM, [*args, self.max_age])
+                cur = await conn.execute(_CLAIM, [*args, *options])
                 rows = await cur.fetchall()
-        valid_until = datetime.now(UTC) + timedelta(seconds=self.broker_timeout)
+        # Never sent later than this: the next leader settles our claims only after
+        # our lease and twice the broker timeout have passed.
+        valid_until = datetime.now(UTC) + timedelta(seconds=self._send_budget(len(rows)))
         claimed = []
-        for signal_id, acted, state, coid, instrument, action, quantity, price in rows:
-            status[signal_id] = state or "unknown"
-            if not acted:
+        for signal_id, acted, state, coid, name, _side, action, start, target, price in rows:
+            if not acted:  # not pending: nothing to do (null: no such signal)
+                status[signal_id] = state or "unknown"
                 continue
-            if coid is None:  # ended now without an order: expired or rejected
+            if state == "deferred":
+                # The signal that makes it valid may be on its way: look again then.
+                status[signal_id] = "pending"
+                self._later(self.reorder_window.total_seconds(), self.enqueue, [signal_id])
+                continue
+            if state == "halted":
+                status[signal_id] = "pending"
+                continue
+            status[signal_id] = state
+            if state != "executing":  # ended now without an order: expired or rejected
                 self.counts[state] = self.counts.get(state, 0) + 1
                 log.warning("signal not executed", signal_id=signal_id, status=state)
                 continue
             order = OrderRequest(
-                coid, instrument, action, quantity, price, epoch, self.instance_id, valid_until
-            )
-            claimed.append(_Sent(signal_id, order))
+                coid, self.instrument(name), action, start, target, price, epoch,
+                self.instance_id, valid_until,
+            )  # fmt: skip
+            claimed.append(_Claimed(signal_id, order))
         return claimed
 
-    async def _complete(self, done: Sequence[tuple[str, OrderResult]]) -> dict[str, str]:
+    async def _check_positions(
+        self, claimed: list[_Claimed], status: dict[int, str], freed: set[str]
+    ) -> list[_Claimed]:
+        """Keep the orders whose instrument the broker holds as the ledger says."""
+        try:
+            held = await self.broker.positions([c.order.instrument for c in claimed])
+        except BrokerRefused as exc:
+            for c in claimed:
+                await self._refused(c, exc, status, freed)
+            return []
+        except BrokerModeMismatch as exc:
+            for c in claimed:
+                await self._requeue(c, f"not sent: {exc}", status, freed)
+            await self._halt(str(exc))
+            return []
+        except BrokerUnavailable as exc:
+            for c in claimed:
+                await self._requeue(c, f"not sent: positions unknown: {exc}", status, freed)
+            self._pause(self.broker_timeout)
+            return []
+        ok = []
+        for c in claimed:
+            order = c.order
+            broker = held.get(order.instrument.name, 0)
+            if broker == order.start:
+                ok.append(c)
+                continue
+            detail = (
+                f"not sent: the broker holds {broker} of {_named(order.instrument)}, the ledger"
+                f" {order.start}: a target order would take over a position that is not"
+                " ours (a manual trade, another strategy?)"
+            )
+            await self._in_doubt(c.signal_id, order, detail, sent=False, status=status)
+            freed.add(order.instrument.name)
+        return ok
+
+    async def _refused(
+        self, c: _Claimed, exc: BrokerRefused, status: dict[int, str], freed: set[str]
+    ) -> None:
+        """Nothing was placed: back to pending, and wait as long as the broker asks."""
+        self.counts["refused"] += 1
+        await self._requeue(c, f"not placed: {exc}", status, freed)
+        if exc.reason == "unauthorised":
+            self._refusals += 1
+            wait = max(exc.retry_after, backoff(self._refusals, base=1.0, cap=60.0))
+            if self._refusals == 1:
+                await self._alert("broker_unauthorised", f"{self.broker.name}: {exc}")
+            log.critical("broker refuses our orders", error=str(exc), retry_in=round(wait, 1))
+        else:
+            wait = exc.retry_after
+            log.warning("broker asks us to wait", error=str(exc), retry_in=wait)
+        self._pause(wait)
+
+    async def _mode_mismatch(
+        self, c: _Claimed, exc: BrokerModeMismatch, status: dict[int, str], freed: set[str]
+    ) -> None:
+        detail = f"the broker answered in another mode than configured: {exc}"
+        await self._in_doubt(c.signal_id, c.order, detail, sent=True, status=status)
+        freed.add(c.order.instrument.name)
+        await self._halt(str(exc))
+
+    def _pause(self, seconds: float) -> None:
+        self._paused_until = max(self._paused_until, time.monotonic() + seconds)
+
+    async def _requeue(
+        self, c: _Claimed, detail: str, status: dict[int, str], freed: set[str]
+    ) -> None:
+        try:
+            async with self.pool.connection() as conn, conn.transaction():
+                await self.elector.fence(conn)
+                await conn.execute(_REQUEUE, [c.order.client_order_id, detail])
+        except (NotLeader, psycopg.Error) as exc:  # the claim stays: settling takes it up
+            log.warning(
+                "requeue failed; settled later", signal_id=c.signal_id, error=first_line(exc)
+            )
+            return
+        status[c.signal_id] = "pending"
+        freed.add(c.order.instrument.name)
+
+    async def _in_doubt(
+        self, signal_id: int, order: OrderRequest, detail: str, *, sent: bool,
+        status: dict[int, str] | None = None,
+    ) -> None:  # fmt: skip
+        async with self.pool.connection() as conn:
+            await conn.execute(_MARK_IN_DOUBT, [order.client_order_id, detail, sent])
+        self.counts["in_doubt"] += 1
+        if status is not None:
+            status[signal_id] = "in_doubt"
+        log.critical("signal in doubt", signal_id=signal_id, detail=detail)
+
+    async def _halt(self, reason: str) -> None:
+        async with self.pool.connection() as conn:
+            await conn.execute(_HALT, ["halted", reason, self.instance_id])
+        log.critical("trading halted", reason=reason)
+
+    async def _alert(self, kind: str, detail: str) -> None:
+        with contextlib.suppress(psycopg.Error):
+            async with self.pool.connection() as conn:
+                await conn.execute(_RAISE_ALERT, [kind, self.instance_id, detail])
+
+    async def _complete(self, done: Sequence[tuple[OrderRequest, OrderResult]]) -> dict[str, str]:
         """Record the broker's answers, by client order id; returns each recorded
         order's signal status (an unknown client order id is left out)."""
         if not done:
             return {}
-        columns: list[list[str | None]] = [[], [], [], []]
-        for client_order_id, result in done:
-            outcome = "filled" if result.status == "filled" else "rejected"
-            row = (client_order_id, outcome, result.broker_order_id, result.detail)
+        self._refusals = 0  # the broker decided: it takes our orders again
+        columns: list[list[str | None]] = [[], [], [], [], []]
+        for order, result in done:
+            row = (
+                order.client_order_id, result.status, result.broker_order_id, result.detail,
+                _where(order.instrument),
+            )  # fmt: skip
             for column, value in zip(columns, row, strict=True):
                 column.append(value)
         try:
@@ -299,12 +520,12 @@ class Executor:
                 cur = await conn.execute(_COMPLETE, columns)
                 rows = await cur.fetchall()
         except psycopg.Error as exc:
-            # The orders went out; recording failed. Reconciliation records them later.
+            # The orders went out; recording failed. Settling records them later.
             log.error(
-                "orders sent but not recorded; will reconcile", orders=len(done), error=str(exc)
+                "orders sent but not recorded; settled later", orders=len(done), error=str(exc)
             )
             return {}
-        # A null status: no such order (cannot happen for ours); leave it to reconciliation.
+        # A null status: no such order (cannot happen for ours); leave it to settling.
         return {str(coid): str(state) for coid, state in rows if state is not None}
 
     # -- the safety net -------------------------------------------------------
@@ -324,51 +545,90 @@ class Executor:
         epoch = self.elector.epoch
         if epoch is None:
             return 0
-        grace = timedelta(seconds=self.broker_timeout)
+        grace = timedelta(seconds=self.settle)
         async with self.pool.connection() as conn:
             cur = await conn.execute(_EXECUTING, {"epoch": epoch, "grace": grace, "limit": limit})
             rows = await cur.fetchall()
         settled = 0
-        for signal_id, claimed_epoch, client_order_id in rows:
-            if signal_id in self._running:
+        for signal_id, claimed_epoch, coid, name, start, target, claimed_at in rows:
+            if signal_id in self._running or claimed_epoch > epoch:
                 continue
             if claimed_epoch < epoch and time.monotonic() < self._reconcile_older_after:
                 continue
-            if claimed_epoch > epoch:
-                continue
-            settled += await self._reconcile_one(signal_id, client_order_id)
+            settled += await self._settle(signal_id, coid, name, start, target, claimed_at)
         return settled
 
-    async def _reconcile_one(self, signal_id: int, client_order_id: str) -> int:
+    async def _settle(
+        self, signal_id: int, coid: str, name: str, start: int | None, target: int | None,
+        claimed_at: datetime,
+    ) -> int:  # fmt: skip
+        order = OrderRequest(
+            coid, self.instrument(name) if self._knows(name) else Instrument(name, "", name),
+            "BUY", start or 0, target or 0, None, 0, self.instance_id, claimed_at,
+        )  # fmt: skip
+        if start is None or target is None or not self._knows(name):
+            detail = f"{name}: an order the broker cannot be asked about (no target recorded)"
+            await self._in_doubt(signal_id, order, detail, sent=True)
+            return 1
+        instrument = order.instrument
         try:
-            found = await asyncio.wait_for(self.broker.lookup(client_order_id), self.broker_timeout)
-        except (BrokerUnavailable, TimeoutError) as exc:
-            failures = self._lookup_failures.get(client_order_id, 0) + 1
-            self._lookup_failures[client_order_id] = failures
+            held = (await self.broker.positions([instrument]))[name]
+            placed = 0
+            if held == start:
+                ids = await self.broker.orders_since(instrument, claimed_at - _CLOCK_MARGIN)
+                placed = await self._unknown_orders(name, ids)
+        except (BrokerUnavailable, BrokerRefused, BrokerModeMismatch) as exc:
+            failures = self._lookup_failures.get(coid, 0) + 1
+            self._lookup_failures[coid] = failures
             if failures < self.lookup_attempts:
                 return 0
-            async with self.pool.connection() as conn:
-                await conn.execute(
-                    _MARK_IN_DOUBT,
-                    [client_order_id, f"broker cannot tell whether it got the order: {exc}"],
-                )
-            self._lookup_failures.pop(client_order_id, None)
-            log.critical("signal in doubt", signal_id=signal_id, coid=client_order_id)
+            self._lookup_failures.pop(coid, None)
+            detail = f"{name}: the broker cannot tell whether it got the order: {exc}"
+            await self._in_doubt(signal_id, order, detail, sent=True)
             return 1
-        self._lookup_failures.pop(client_order_id, None)
-        if found is not None:
-            result = OrderResult(found.broker_order_id, found.status, "reconciled")
-            recorded = await self._complete([(client_order_id, result)])
-            if client_order_id not in recorded:
+        self._lookup_failures.pop(coid, None)
+        if held == target:
+            result = OrderResult(None, "filled", "settled: the broker is at the target")
+            if coid not in await self._complete([(order, result)]):
                 return 0
-            log.warning("reconciled: the broker had the order", signal_id=signal_id)
+            log.warning("settled: the broker is at the target", signal_id=signal_id)
             return 1
-        try:
-            async with self.pool.connection() as conn, conn.transaction():
-                await self.elector.fence(conn)
-                await conn.execute(_REQUEUE, [client_order_id])
-        except NotLeader:
-            return 0
-        log.warning("reconciled: the broker never got the order; requeued", signal_id=signal_id)
-        self.enqueue([signal_id])
+        if held == start and placed == 0:
+            try:
+                async with self.pool.connection() as conn, conn.transaction():
+                    await self.elector.fence(conn)
+                    await conn.execute(_REQUEUE, [coid, "settled: the broker never placed it"])
+            except NotLeader:
+                return 0
+            log.warning("settled: the broker never placed the order; requeued", signal_id=signal_id)
+            self.enqueue([signal_id])
+            return 1
+        detail = (
+            f"{_named(instrument)}: expected {target} (or {start} before the order), the broker"
+            f" holds {held}" + (f" with {placed} order(s) since the claim" if placed else "")
+        )
+        await self._in_doubt(signal_id, order, detail, sent=True)
         return 1
+
+    async def _unknown_orders(self, name: str, ids: list[str]) -> int:
+        """How many of these broker orders no order of ours recorded."""
+        if not ids:
+            return 0
+        async with self.pool.connection() as conn:
+            cur = await conn.execute(_UNKNOWN_ORDERS, [ids, name])
+            return len(await cur.fetchall())
+
+    def _knows(self, name: str) -> bool:
+        return self.instruments is None or name in self.instruments
+
+
+def _where(instrument: Instrument) -> str:
+    """exchange:symbol:product, where the order trades."""
+    parts = (instrument.exchange, instrument.symbol, instrument.product)
+    return ":".join(p for p in parts if p)
+
+
+def _named(instrument: Instrument) -> str:
+    """The webhook's instrument, and where it trades when that says more."""
+    where = _where(instrument)
+    return instrument.name if where == instrument.name else f"{instrument.name} ({where})"

@@ -85,7 +85,7 @@ async def store_signals(
         received_at = None if item.received_at is None else item.received_at.isoformat()
         rows.append(
             {"n": n, "fp": item.fingerprint, "type": s.type.name, "instrument": s.instrument,
-             "position": s.position, "lots": s.lots, "price": payload["price"],
+             "position": s.position, "side": s.side.value, "lots": s.lots, "price": payload["price"],
              "stop": payload["stop"], "signal_at": s.timestamp.isoformat(),
              "payload": payload, "received_at": received_at, "notify": item.notify}
         )  # fmt: skip

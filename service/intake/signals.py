@@ -5,9 +5,14 @@ secret travels in the body too. Everything here is pure (no I/O, no clock: the
 caller passes `now`) and every problem with a body is a `SignalError` whose
 message the alert's author can act on. Nothing else escapes, whatever the bytes.
 
-The fingerprint (SHA-256 of instrument:type:position:timestamp to the second)
-is what the inbox de-duplicates on, so TradingView's re-sends and a second
-alert firing in the same second collapse into one signal.
+The fingerprint (SHA-256 of instrument:type:position:timestamp to the second,
+and ":short" for a short) is what the inbox de-duplicates on, so TradingView's
+re-sends and a second alert firing in the same second collapse into one signal.
+
+The side: `"side": "long" | "short"` when given; otherwise a position label
+beginning with "Short" (any case) means short and anything else long. A side
+that contradicts a label naming the other side ("Long_1" with side short) is
+refused: one of the two is a mistake, and guessing could trade the opposite.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from service.errors import SignalError
 
 __all__ = [
     "Parsed",
+    "Side",
     "Signal",
     "SignalType",
     "fingerprint",
@@ -62,7 +68,15 @@ class SignalType(enum.StrEnum):
     EXIT = "exit"
 
 
-_FIELDS: Final = frozenset({"type", "instrument", "position", "lots", "price", "stop", "timestamp"})
+class Side(enum.StrEnum):
+    LONG = "long"
+    SHORT = "short"
+
+
+_SIDES: Final = {side.value: side for side in Side}
+_FIELDS: Final = frozenset(
+    {"type", "instrument", "position", "side", "lots", "price", "stop", "timestamp"}
+)
 _PAYLOAD_KEYS: Final = _FIELDS | {"extra"}
 _END_OF_TIME: Final = datetime.max.replace(tzinfo=UTC)
 _TYPES: Final = {kind.value: kind for kind in SignalType}
@@ -79,6 +93,7 @@ class Signal:
     stop: Decimal | None
     timestamp: datetime
     extra: dict[str, Any]
+    side: Side = Side.LONG
 
     def payload(self) -> dict[str, Any]:
         """The signal as stored: JSON-able, decimals as strings so no precision is lost."""
@@ -86,6 +101,7 @@ class Signal:
             "type": self.type.value,
             "instrument": self.instrument,
             "position": self.position,
+            "side": self.side.value,
             "lots": self.lots,
             "price": _decimal_text(self.price),
             "stop": _decimal_text(self.stop),
@@ -113,6 +129,8 @@ class Signal:
             body[name] = _required(payload, name)
         for name in ("price", "stop"):
             body[name] = _decimal_from_text(payload.get(name), name)
+        if payload.get("side") is not None:  # absent in payloads stored before sides
+            body["side"] = payload["side"]
         return parse_dict(body, now=_END_OF_TIME, max_future_skew=timedelta(0)).signal
 
 
@@ -144,8 +162,8 @@ def parse_dict(
 ) -> Parsed:
     """Validate an already decoded body (e.g. replayed from the spool).
 
-    Fields are checked in a fixed order (secret, type, instrument, position, lots,
-    price, stop, timestamp) and the first problem is the one reported. A null in
+    Fields are checked in a fixed order (secret, type, instrument, position, side,
+    lots, price, stop, timestamp) and the first problem is the one reported. A null in
     an optional field (an exit's lots or price, stop) counts as absent, which is
     also how `Signal.payload` writes an absent price or stop.
     """
@@ -156,11 +174,17 @@ def parse_dict(
     kind = _signal_type(body)
     instrument = _instrument(body)
     if instruments is not None and instrument not in instruments:
-        raise SignalError(f"instrument {instrument} is not in the allowed list", "instrument")
+        raise SignalError(
+            f"instrument {instrument} is not traded here (not in the allow-list or the"
+            " instruments file)",
+            "instrument",
+        )
+    position = _position(body)
     signal = Signal(
         type=kind,
         instrument=instrument,
-        position=_position(body),
+        position=position,
+        side=_side(body, position),
         lots=_lots(body, kind),
         price=_positive_number(body, "price", required=kind is not SignalType.EXIT),
         stop=_positive_number(body, "stop", required=False),
@@ -171,19 +195,28 @@ def parse_dict(
 
 
 def fingerprint(signal: Signal) -> str:
-    return _digest(signal.instrument, signal.type, signal.position, signal.timestamp)
+    return _digest(signal.instrument, signal.type, signal.position, signal.side, signal.timestamp)
 
 
 def fingerprint_raw(data: Mapping[str, Any]) -> str:
     """The fingerprint straight from a raw body, without validating the rest of it."""
     body = _mapping(data)
-    return _digest(_instrument(body), _signal_type(body), _position(body), _utc_timestamp(body))
+    position = _position(body)
+    return _digest(
+        _instrument(body), _signal_type(body), position, _side(body, position),
+        _utc_timestamp(body),
+    )  # fmt: skip
 
 
-def _digest(instrument: str, kind: SignalType, position: str, timestamp: datetime) -> str:
+def _digest(
+    instrument: str, kind: SignalType, position: str, side: Side, timestamp: datetime
+) -> str:
     # isoformat, not strftime: %Y does not zero-pad years below 1000 on every libc.
     second = timestamp.astimezone(UTC).replace(microsecond=0, tzinfo=None).isoformat() + "Z"
-    text = f"{instrument}:{kind.value}:{position}:{second}"
+    # A long's text is what it was before sides existed, so a signal spooled or
+    # stored by an older version is still recognised as the same one.
+    suffix = ":short" if side is Side.SHORT else ""
+    text = f"{instrument}:{kind.value}:{position}:{second}{suffix}"
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -402,22 +435,27 @@ def _position(data: Mapping[str, Any]) -> str:
     name = _name(data, "position", example="Long_1")
     if not name.isprintable():
         raise SignalError("position may contain only printable characters", "position")
-    # Every order goes out as BUY for an entry and SELL for an exit: a short would be
-    # traded as the opposite position. Refuse it until shorts are traded for real.
-    side = data.get("side")
-    if side is not None and (not isinstance(side, str) or side.lower() != "long"):
+    return name
+
+
+def _side(data: Mapping[str, Any], position: str) -> Side:
+    label = position.lower()
+    named = (
+        Side.SHORT if label.startswith("short") else Side.LONG if label.startswith("long") else None
+    )
+    value = data.get("side")
+    if value is None:
+        return named or Side.LONG
+    side = _SIDES.get(value.strip().lower()) if isinstance(value, str) else None
+    if side is None:
+        raise SignalError('side must be "long" or "short"', "side")
+    if named is not None and side is not named:
         raise SignalError(
-            f"side {_quote(side)} is not traded: this version trades long positions only"
-            " and refuses a short rather than send the opposite order",
+            f"side {side.value} contradicts position {_quote(position)}, which names a"
+            f" {named.value}: fix one of them",
             "side",
         )
-    if name.lower().startswith("short"):
-        raise SignalError(
-            f"position {_quote(name)} is a short: this version trades long positions only"
-            " and refuses a short rather than send the opposite order",
-            "position",
-        )
-    return name
+    return side
 
 
 def _name(data: Mapping[str, Any], field: str, *, example: str) -> str:

@@ -70,6 +70,21 @@ def render(stats: dict[str, Any], rejections: Counter[tuple[str, int, str]]) -> 
         ),
         f"gateway_inbox_write_seconds_sum {hist.sum:.6f}",
         f"gateway_inbox_write_seconds_count {hist.count}",
+        # The kill switch as last read (1 on the mode it is in), and the last
+        # reconciliation this instance ran (1 on its outcome; none yet: no sample).
+        "# TYPE gateway_trading_halt gauge",
+        *(
+            f'gateway_trading_halt{{mode="{mode}"}} {int(stats["trading_halt"] == mode)}'
+            for mode in ("running", "halted", "entries_only")
+            if stats["trading_halt"] is not None
+        ),
+        "# TYPE gateway_last_reconciliation gauge",
+        *(
+            f'gateway_last_reconciliation{{outcome="{outcome}"}}'
+            f" {int(stats['last_reconciliation'] == outcome)}"
+            for outcome in ("matched", "mismatch", "failed")
+            if stats["last_reconciliation"] is not None
+        ),
     ]
     return "\n".join(lines) + "\n"
 

@@ -63,6 +63,9 @@ class Surface(Protocol):
     def stats(self) -> dict[str, Any]: ...
     async def find_signal(self, signal_id: int) -> dict[str, Any] | None: ...
     async def resign(self, reason: str) -> int | None: ...
+    async def trading_halt(self) -> dict[str, Any]: ...
+    async def set_trading_halt(self, mode: str, reason: str | None, by: str) -> dict[str, Any]: ...
+    async def reconcile_now(self, trigger: str, timeout: float) -> dict[str, Any]: ...
 
 
 GATEWAY = web.AppKey("gateway", Surface)
@@ -186,7 +189,7 @@ async def webhook(request: web.Request) -> web.Response:
             body,
             now=datetime.now(UTC),
             max_future_skew=config.max_future_skew,
-            instruments=config.instruments,
+            instruments=config.accepted_instruments,
         )
     except SignalError as exc:
         if not signed and not body_secret_ok(body, config.webhook_secret):
@@ -227,16 +230,87 @@ async def signal_by_id(request: web.Request) -> web.Response:
     return answer(200, **found)
 
 
-async def resign(request: web.Request) -> web.Response:
+def _admin_refusal(request: web.Request) -> web.Response | None:
     gw = request.app[GATEWAY]
     if not gw.config.admin_token:
         return error(403, "forbidden", "admin endpoints are disabled (set PGLEADER_ADMIN_TOKEN)")
     if not admin_ok(request.headers.get("Authorization"), gw.config.admin_token):
         return error(401, "unauthorized", "missing or wrong admin token", reason="admin_token")
+    return None
+
+
+async def resign(request: web.Request) -> web.Response:
+    if (refused := _admin_refusal(request)) is not None:
+        return refused
+    gw = request.app[GATEWAY]
     epoch = await gw.resign("admin request")
     if epoch is None:
         return error(409, "not_leader", "this instance does not lead")
     return answer(200, status="resigned", epoch=epoch)
+
+
+async def _json_object(request: web.Request) -> dict[str, Any] | web.Response:
+    """An admin request's optional JSON object body ({} when empty)."""
+    body = await request.read()
+    if not body.strip():
+        return {}
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return error(400, "invalid", "body must be a JSON object")
+    if not isinstance(data, dict):
+        return error(400, "invalid", "body must be a JSON object")
+    return data
+
+
+async def halt(request: web.Request) -> web.Response:
+    """Stop trading: nothing is sent ({"entries_only": true}: exits still are)."""
+    if (refused := _admin_refusal(request)) is not None:
+        return refused
+    data = await _json_object(request)
+    if isinstance(data, web.Response):
+        return data
+    reason, entries_only = data.get("reason"), data.get("entries_only", False)
+    if unknown := set(data) - {"reason", "entries_only"}:
+        name = sorted(unknown)[0]
+        return error(400, "invalid", f"unknown field {name}: reason, entries_only", field=name)
+    if reason is not None and (not isinstance(reason, str) or not reason.isprintable()
+                               or len(reason) > 500):  # fmt: skip
+        return error(400, "invalid", "reason must be a line of text (500 characters at most)",
+                     field="reason")  # fmt: skip
+    if not isinstance(entries_only, bool):
+        return error(400, "invalid", "entries_only must be true or false", field="entries_only")
+    mode = "entries_only" if entries_only else "halted"
+    return await _set_halt(request, mode, reason)
+
+
+async def resume(request: web.Request) -> web.Response:
+    if (refused := _admin_refusal(request)) is not None:
+        return refused
+    return await _set_halt(request, "running", None)
+
+
+async def _set_halt(request: web.Request, mode: str, reason: str | None) -> web.Response:
+    gw = request.app[GATEWAY]
+    try:
+        state = await gw.set_trading_halt(mode, reason, f"admin via {gw.config.instance_id}")
+    except DATABASE_UNAVAILABLE:
+        return error(503, "database_unreachable", "database unreachable; nothing changed, retry")
+    return answer(200, status=state["mode"], **{k: v for k, v in state.items() if k != "mode"})
+
+
+async def reconcile(request: web.Request) -> web.Response:
+    """Compare the ledger with the broker now (the leader runs it); its result."""
+    if (refused := _admin_refusal(request)) is not None:
+        return refused
+    gw = request.app[GATEWAY]
+    try:
+        run = await gw.reconcile_now("admin", timeout=10.0)
+    except DATABASE_UNAVAILABLE:
+        return error(503, "database_unreachable", "database unreachable; retry")
+    if run["outcome"] is None:
+        return answer(202, status="requested", **run)
+    return answer(200, status=run["outcome"], **run)
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -281,6 +355,9 @@ def build_operator_app(gateway: Surface, limits: Limits, rejections: Rejections)
     app = _app(gateway, "operator", limits, rejections, _read_token(gateway))
     app.router.add_get("/coordinator/leader", leader)
     app.router.add_post("/coordinator/resign", resign)
+    app.router.add_post("/admin/halt", halt)
+    app.router.add_post("/admin/resume", resume)
+    app.router.add_post("/admin/reconcile", reconcile)
     app.router.add_get("/signals/{signal_id}", signal_by_id)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/openapi.yaml", openapi)

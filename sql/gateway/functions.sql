@@ -17,10 +17,19 @@
 
 -- The rules of an order, each written once ---------------------------------------
 
--- The side a signal trades: an exit sells, everything else buys.
-create or replace function gateway.order_action(p_type text) returns text
+-- The side of an order from the net position it starts at and the one it targets.
+create or replace function gateway.order_action(p_start bigint, p_target bigint) returns text
 language sql immutable parallel safe as $$
-    select case when p_type = 'EXIT' then 'SELL' else 'BUY' end
+    select case when p_target > p_start then 'BUY' else 'SELL' end
+$$;
+drop function if exists gateway.order_action(text);
+
+-- The order of execution within one instrument: by signal time to the second, and
+-- within a second an EXIT before a BASE_ENTRY before a PYRAMID (a reversal's two
+-- alerts fire in the same second and may reach different instances in either order).
+create or replace function gateway.signal_rank(p_type text) returns integer
+language sql immutable parallel safe as $$
+    select case p_type when 'EXIT' then 0 when 'BASE_ENTRY' then 1 else 2 end
 $$;
 
 -- The client order id of a signal's next order under an epoch,
@@ -30,6 +39,70 @@ create or replace function gateway.next_client_order_id(p_signal_id bigint, p_ep
 returns text language sql stable as $$
     select format('pgl-%s-e%s-%s', p_signal_id, p_epoch,
                   (select count(*) + 1 from gateway.orders o where o.signal_id = p_signal_id))
+$$;
+
+
+-- The ledger ----------------------------------------------------------------------
+
+-- An instrument's open position in the ledger: its side (null when flat) and lots.
+-- Never both sides at once: an entry against an open other side is refused.
+create or replace function gateway.open_position(p_instrument text, out side text, out lots bigint)
+language sql stable as $$
+    select min(p.side), coalesce(sum(p.lots), 0)
+      from gateway.positions p where p.instrument = p_instrument and p.status = 'open'
+$$;
+
+-- The ledger's open net position of every instrument, in lots (negative for short).
+create or replace view gateway.net_positions as
+select instrument, min(side) as side, sum(lots) as lots,
+       sum(case side when 'short' then -lots else lots end) as net_lots,
+       min(entry_at) as since, count(*) as entries
+  from gateway.positions where status = 'open'
+ group by instrument;
+
+-- A fill moves the ledger: an entry opens its lots on its side; an exit closes the
+-- order's lots of its side, oldest first (TradingView's default FIFO), splitting an
+-- entry when it closes part of one.
+create or replace function gateway.book_fill(s gateway.signals, o gateway.orders)
+returns void language plpgsql as $$
+declare
+    p gateway.positions;
+    remaining bigint := o.lots;
+    base_id bigint;
+begin
+    if s.type <> 'EXIT' then
+        if s.type = 'PYRAMID' then
+            select x.id into base_id from gateway.positions x
+             where x.instrument = s.instrument and x.status = 'open' and x.side = s.side
+               and x.is_base_position
+             order by x.entry_at desc limit 1;
+        end if;
+        insert into gateway.positions (instrument, position, side, signal_id, is_base_position,
+                                       base_position_id, lots, entry_price, stop)
+        values (s.instrument, s.position, s.side, s.id, s.type = 'BASE_ENTRY', base_id, o.lots,
+                s.price, s.stop);
+        return;
+    end if;
+    for p in select * from gateway.positions x
+              where x.instrument = s.instrument and x.status = 'open' and x.side = s.side
+              order by x.entry_at, x.id for update loop
+        exit when remaining <= 0;
+        if p.lots <= remaining then
+            update gateway.positions set status = 'closed', exit_signal_id = s.id, exit_at = now()
+             where id = p.id;
+            remaining := remaining - p.lots;
+        else
+            update gateway.positions set lots = p.lots - remaining where id = p.id;
+            insert into gateway.positions (instrument, position, side, signal_id, is_base_position,
+                                           base_position_id, lots, entry_price, stop, entry_at,
+                                           exit_signal_id, exit_at, status, expiry)
+            values (p.instrument, p.position, p.side, p.signal_id, p.is_base_position,
+                    p.base_position_id, remaining, p.entry_price, p.stop, p.entry_at, s.id, now(),
+                    'closed', p.expiry);
+            remaining := 0;
+        end if;
+    end loop;
+end
 $$;
 
 
@@ -53,175 +126,223 @@ end
 $$;
 revoke execute on function gateway.raise_alert(text, bigint, text, text) from public;
 
+-- End a pending signal without an order ('expired' or 'rejected'), with an alert.
+create or replace function gateway.end_signal(
+    s gateway.signals, p_status text, p_epoch bigint, p_instance text, p_detail text
+) returns void language plpgsql as $$
+begin
+    update gateway.signals set status = p_status, claimed_epoch = p_epoch, claimed_by = p_instance,
+           claimed_at = now(), finished_at = now(), updated_at = now(), detail = p_detail
+     where id = s.id;
+    perform gateway.raise_alert(case p_status when 'expired' then 'signal_expired'
+                                              else 'signal_rejected' end,
+        s.id, p_instance, format('%s %s %s %s: %s', s.type, s.side, s.instrument, s.position,
+                                 p_detail));
+end
+$$;
+
 
 -- Claiming signals for execution ----------------------------------------------------
 
--- The claim of one signal, run inside a transaction that passed the epoch fence
--- (pgleader.check_epoch). Moves one pending signal to 'executing' stamped with
--- the epoch and books the order it will send, or ends it as 'expired' / 'rejected'
--- with an alert. Returns nothing when the signal was not pending. The rule of
--- every claim; claim_signals runs it for the signals that need more than the
--- common case.
-create or replace function gateway.claim_signal(
-    p_signal_id bigint, p_epoch bigint, p_instance text, p_broker text, p_max_age interval,
-    out status text, out client_order_id text, out instrument text, out action text,
-    out quantity bigint, out price numeric
+-- The claim of one instrument, inside a transaction that passed the epoch fence
+-- (pgleader.check_epoch) and holds the instrument's lock. At most one order of an
+-- instrument is in flight: with a signal of it 'executing', nothing happens. Else
+-- its pending signals are taken in execution order (signal_rank): the first that
+-- can trade moves to 'executing' with its order booked; those before it that cannot
+-- end 'expired' or 'rejected' with an alert. One row per signal looked at:
+--   executing   claimed; the order's start and target net positions (units)
+--   expired, rejected
+--   halted      the kill switch holds it (it stays pending; later exits may pass
+--               it under entries_only)
+--   deferred    it would be refused, but it arrived less than p_reorder ago: the
+--               signal that makes it valid (an exit before a reversal's entry, the
+--               entry of a pyramid) may be on its way from another instance. It
+--               stays pending and the instrument waits behind it.
+-- p_instruments: {instrument: {lot_size, max_lots}} of the leader's instruments
+-- file, or null without one (any instrument, lot size 1).
+create or replace function gateway.claim_instrument(
+    p_instrument text, p_epoch bigint, p_instance text, p_broker text, p_max_age interval,
+    p_instruments jsonb, p_reorder interval, p_halt text, p_halt_action text,
+    out signal_id bigint, out status text, out client_order_id text, out side text,
+    out action text, out start_position bigint, out target_position bigint, out price numeric
 ) returns setof record language plpgsql as $$
 declare
     s gateway.signals;
+    spec jsonb;
+    lot_size bigint := 1;
+    max_lots bigint;
+    open_side text;
     open_lots bigint;
+    lots bigint;
+    new_lots bigint;
+    why text;
 begin
-    select * into s from gateway.signals where id = p_signal_id and signals.status = 'pending'
-       for update skip locked;
-    if not found then
+    if exists (select from gateway.signals x
+                where x.instrument = p_instrument and x.status = 'executing') then
         return;
     end if;
-    instrument := s.instrument;
-    price := s.price;
-    action := gateway.order_action(s.type);
-    quantity := s.lots;
-    if s.signal_at < now() - p_max_age then
-        status := 'expired';
-        update gateway.signals set status = 'expired', claimed_epoch = p_epoch, claimed_by = p_instance,
-               claimed_at = now(), finished_at = now(), updated_at = now(),
-               detail = format('signal time %s is older than the max age %s', s.signal_at, p_max_age)
-         where id = p_signal_id;
-        perform gateway.raise_alert('signal_expired', p_signal_id, p_instance,
-            format('%s %s %s expired unexecuted', s.type, s.instrument, s.position));
+    if p_instruments is not null then
+        spec := p_instruments -> p_instrument;
+        lot_size := coalesce((spec ->> 'lot_size')::bigint, 1);
+        max_lots := (spec ->> 'max_lots')::bigint;
+    end if;
+    for s in select * from gateway.signals x
+              where x.instrument = p_instrument and x.status = 'pending'
+              order by date_trunc('second', x.signal_at), gateway.signal_rank(x.type),
+                       x.signal_at, x.id
+                for update loop
+        signal_id := s.id;
+        side := s.side;
+        price := s.price;
+        client_order_id := null;
+        action := null;
+        start_position := null;
+        target_position := null;
+        if s.signal_at < now() - p_max_age then
+            status := 'expired';
+            perform gateway.end_signal(s, status, p_epoch, p_instance,
+                format('signal time %s is older than the max age %s', s.signal_at, p_max_age));
+            return next;
+            continue;
+        end if;
+        if p_instruments is not null and spec is null then
+            status := 'rejected';
+            perform gateway.end_signal(s, status, p_epoch, p_instance,
+                format('instrument %s is not in the leader''s instruments file', s.instrument));
+            return next;
+            continue;
+        end if;
+        if p_halt = 'halted' or (p_halt = 'entries_only' and s.type <> 'EXIT') then
+            status := case when p_halt_action = 'reject' then 'rejected' else 'halted' end;
+            if status = 'rejected' then
+                perform gateway.end_signal(s, status, p_epoch, p_instance,
+                    format('trading is %s', replace(p_halt, '_', ' ')));
+            end if;
+            return next;
+            continue;
+        end if;
+
+        select o.side, o.lots into open_side, open_lots from gateway.open_position(p_instrument) o;
+        why := null;
+        if s.type = 'EXIT' then
+            if open_side is distinct from s.side then
+                status := 'rejected';
+                perform gateway.end_signal(s, status, p_epoch, p_instance,
+                    format('nothing open on the %s side to exit', s.side));
+                return next;
+                continue;
+            end if;
+            -- lots 0 (or more than open) closes the side; never through flat
+            lots := case when s.lots = 0 or s.lots >= open_lots then open_lots else s.lots end;
+            new_lots := open_lots - lots;
+        else
+            if s.type = 'BASE_ENTRY' and open_side is not null and open_side <> s.side then
+                why := format('a %s position of %s lots is open: exit it before a %s entry',
+                              open_side, open_lots, s.side);
+            elsif s.type = 'PYRAMID' and open_side is distinct from s.side then
+                why := format('nothing open on the %s side to add to', s.side);
+            end if;
+            if why is not null and s.received_at > now() - p_reorder then
+                status := 'deferred';
+                return next;
+                return;
+            end if;
+            lots := s.lots;
+            new_lots := open_lots + lots;
+            if why is null and max_lots is not null and new_lots > max_lots then
+                why := format('it would hold %s lots, above max_lots %s', new_lots, max_lots);
+            end if;
+            if why is not null then
+                status := 'rejected';
+                perform gateway.end_signal(s, status, p_epoch, p_instance, why);
+                return next;
+                continue;
+            end if;
+        end if;
+
+        status := 'executing';
+        start_position := case open_side when 'short' then -open_lots else open_lots end * lot_size;
+        target_position := case s.side when 'short' then -new_lots else new_lots end * lot_size;
+        action := gateway.order_action(start_position, target_position);
+        client_order_id := gateway.next_client_order_id(s.id, p_epoch);
+        update gateway.signals set status = 'executing', claimed_epoch = p_epoch,
+               claimed_by = p_instance, claimed_at = now(), updated_at = now(), detail = null
+         where id = s.id;
+        insert into gateway.orders (signal_id, epoch, instance_id, broker, client_order_id, action,
+                                    quantity, side, lots, start_position, target_position)
+        values (s.id, p_epoch, p_instance, p_broker, client_order_id, action,
+                abs(target_position - start_position), s.side, lots, start_position,
+                target_position);
         return next;
         return;
-    end if;
-    if s.type = 'EXIT' and s.lots = 0 then
-        select coalesce(sum(p.lots), 0) into open_lots
-          from gateway.positions p where p.instrument = s.instrument and p.status = 'open';
-        quantity := open_lots;
-    end if;
-    if quantity <= 0 then
-        status := 'rejected';
-        update gateway.signals set status = 'rejected', claimed_epoch = p_epoch, claimed_by = p_instance,
-               claimed_at = now(), finished_at = now(), updated_at = now(),
-               detail = 'exit with no open position to close'
-         where id = p_signal_id;
-        perform gateway.raise_alert('signal_rejected', p_signal_id, p_instance,
-            format('EXIT %s %s: no open position', s.instrument, s.position));
-        return next;
-        return;
-    end if;
-    status := 'executing';
-    client_order_id := gateway.next_client_order_id(p_signal_id, p_epoch);
-    update gateway.signals set status = 'executing', claimed_epoch = p_epoch, claimed_by = p_instance,
-           claimed_at = now(), updated_at = now(), detail = null
-     where id = p_signal_id;
-    insert into gateway.orders (signal_id, epoch, instance_id, broker, client_order_id, action, quantity)
-    values (p_signal_id, p_epoch, p_instance, p_broker, client_order_id, action, quantity);
-    return next;
+    end loop;
 end
 $$;
 
--- The executor's claim of a batch: the given signals, under epoch p_epoch of
--- p_election. Fenced first (pgleader.check_epoch raises PGL01 for a stale epoch,
--- and nothing is claimed). One row per id, in the order given. `acted` says this
--- call moved the signal: to 'executing' (client_order_id names the order to send
--- now), or ended it 'expired'/'rejected'. Otherwise status is the signal's own,
--- not ours to act on ('pending' when another transaction holds it; null for an
--- unknown id).
---
--- The common case goes through one statement together: a pending signal, younger
--- than the max age, with lots of its own (entries; exits that name their lots).
--- Expired signals, exits of every open lot and rejections go through
--- gateway.claim_signal, one by one. Same results either way; only the ids of
--- positions opened by one batch may be numbered in another order.
+-- The executor's claim: the instruments of the given signals, under epoch p_epoch
+-- of p_election. Fenced first (pgleader.check_epoch raises PGL01 for a stale epoch,
+-- and nothing is claimed). Each instrument is claimed under a transaction lock of
+-- its own (two claims of one instrument never interleave), in name order (no
+-- deadlock), by gateway.claim_instrument, whose rows it returns (`acted`): signals
+-- of those instruments that it claimed or ended, which may include signals not
+-- asked for (an earlier one of the same instrument goes first). A signal asked for
+-- that was not pending comes back as it is, not acted on (status null: no such
+-- signal). A pending one asked for and not in the result waits (its instrument has
+-- an order in flight or a signal ahead).
 create or replace function gateway.claim_signals(
     p_election text, p_epoch bigint, p_ids bigint[], p_instance text, p_broker text,
-    p_max_age interval
+    p_max_age interval, p_instruments jsonb, p_reorder interval, p_halt_action text
 ) returns table (
     signal_id bigint, acted boolean, status text, client_order_id text, instrument text,
-    action text, quantity bigint, price numeric
+    side text, action text, start_position bigint, target_position bigint, price numeric
 ) language plpgsql security definer
--- Plans made once per session (a custom plan of these statements at every call
--- costs more than the work), and on the indexes whatever the statistics say: a plan
--- made while a table was nearly empty would otherwise scan it whole for good.
-set search_path = pg_catalog, pg_temp
-set plan_cache_mode = force_generic_plan set enable_seqscan = off as $$
+set search_path = pg_catalog, pg_temp as $$
 declare
-    fast bigint[];
-    coids text[];
-    actions text[];
-    quantities bigint[];
+    name text;
+    halt text;
 begin
     perform pgleader.check_epoch(p_election, p_epoch);
-    fast := '{}';
-    if cardinality(p_ids) >= 3 then  -- for one or two, per row is cheaper (measured)
-        with picked as (
-            select s.id from gateway.signals s
-             where s.id = any(p_ids) and s.status = 'pending' and s.lots > 0
-               and s.signal_at >= now() - p_max_age
-             order by s.id
-               for update skip locked
-        ), claimed as (
-            update gateway.signals s
-               set status = 'executing', claimed_epoch = p_epoch, claimed_by = p_instance,
-                   claimed_at = now(), updated_at = now(), detail = null
-              from picked
-             where s.id = picked.id
-            returning s.id, s.type, s.lots
-        ), booked as (
-            insert into gateway.orders
-                (signal_id, epoch, instance_id, broker, client_order_id, action, quantity)
-            select c.id, p_epoch, p_instance, p_broker,
-                   gateway.next_client_order_id(c.id, p_epoch), gateway.order_action(c.type),
-                   c.lots
-              from claimed c
-             order by c.id
-            returning orders.signal_id, orders.client_order_id, orders.action, orders.quantity
-        )
-        select coalesce(array_agg(b.signal_id), '{}'), array_agg(b.client_order_id),
-               array_agg(b.action), array_agg(b.quantity)
-          into fast, coids, actions, quantities
-          from booked b;
-    end if;
-
+    select h.mode into halt from gateway.trading_halt h;
     return query
-    select x.id, x.acted, x.status, x.client_order_id, x.instrument, x.action, x.quantity,
-           x.price
-      from (
-        select t.n, t.id, true as acted, 'executing'::text as status,
-               b.coid as client_order_id, s.instrument, b.action, b.quantity, s.price
-          from unnest(p_ids) with ordinality as t (id, n)
-          join unnest(fast, coids, actions, quantities) as b (id, coid, action, quantity)
-            on b.id = t.id
-          join gateway.signals s on s.id = t.id
-        union all
-        select t.n, t.id, c.status is not null, coalesce(c.status, s.status), c.client_order_id,
-               c.instrument, c.action, c.quantity, c.price
-          from unnest(p_ids) with ordinality as t (id, n)
-          left join lateral (
-              select * from gateway.claim_signal(t.id, p_epoch, p_instance, p_broker, p_max_age)
-               where not t.id = any(fast)
-          ) c on true
-          left join gateway.signals s on s.id = t.id
-         where not t.id = any(fast)
-      ) x
-     order by x.n;
+    select t.id, false, s.status, null::text, s.instrument, s.side, null::text, null::bigint,
+           null::bigint, s.price
+      from unnest(p_ids) as t (id) left join gateway.signals s on s.id = t.id
+     where s.status is distinct from 'pending';
+    for name in select distinct s.instrument from gateway.signals s
+                 where s.id = any(p_ids) and s.status = 'pending' order by 1 loop
+        perform pg_advisory_xact_lock(1735815534, hashtext(name));  -- 'gwin', the instrument
+        return query
+        select c.signal_id, true, c.status, c.client_order_id, name, c.side, c.action,
+               c.start_position, c.target_position, c.price
+          from gateway.claim_instrument(name, p_epoch, p_instance, p_broker, p_max_age,
+                                        p_instruments, p_reorder, coalesce(halt, 'running'),
+                                        p_halt_action) c;
+    end loop;
 end
 $$;
-revoke execute on function gateway.claim_signals(text, bigint, bigint[], text, text, interval)
-    from public;
+revoke execute on function gateway.claim_signals(
+    text, bigint, bigint[], text, text, interval, jsonb, interval, text) from public;
+drop function if exists gateway.claim_signals(text, bigint, bigint[], text, text, interval);
+drop function if exists gateway.claim_signal(bigint, bigint, text, text, interval);
 
 
 -- Recording what the broker said ------------------------------------------------
 
--- Record what the broker said about one order and finish its signal; books the
--- position on a fill. Idempotent: a signal no longer 'executing' is left alone.
--- Null for an unknown client order id (the executor records only orders it
--- booked; an operator in psql may pass any id).
+-- Record what the broker said about one order and finish its signal:
+--   filled, matched       executed; the ledger moves to the order's target
+--   rejected              failed, with an alert
+--   awaiting_approval     awaiting_approval, with an alert (a human approves it at
+--                         the broker; the ledger does not move)
+-- Idempotent: a signal no longer 'executing' is left alone. Null for an unknown
+-- client order id. p_symbol: where the order traded (exchange:symbol:product).
 create or replace function gateway.complete_order(
-    p_client_order_id text, p_outcome text, p_broker_order_id text, p_detail text
+    p_client_order_id text, p_outcome text, p_broker_order_id text, p_detail text,
+    p_symbol text default null
 ) returns text language plpgsql as $$
 declare
     o gateway.orders;
     s gateway.signals;
-    base_id bigint;
+    final text;
 begin
     select * into o from gateway.orders where client_order_id = p_client_order_id;
     if not found then
@@ -231,131 +352,82 @@ begin
     if s.status <> 'executing' then
         return s.status;
     end if;
+    final := case p_outcome when 'filled' then 'executed' when 'matched' then 'executed'
+                            when 'awaiting_approval' then 'awaiting_approval' else 'failed' end;
     update gateway.orders set outcome = p_outcome, broker_order_id = p_broker_order_id,
-           detail = p_detail, updated_at = now()
+           detail = p_detail, symbol = coalesce(p_symbol, symbol), updated_at = now()
      where id = o.id;
-    update gateway.signals
-       set status = case when p_outcome = 'filled' then 'executed' else 'failed' end,
-           finished_at = now(), updated_at = now(), detail = p_detail
+    update gateway.signals set status = final, finished_at = now(), updated_at = now(),
+           detail = p_detail
      where id = s.id;
-    if p_outcome <> 'filled' then
+    if final = 'executed' then
+        perform gateway.book_fill(s, o);
+    elsif final = 'awaiting_approval' then
+        perform gateway.raise_alert('order_awaiting_approval', s.id, o.instance_id,
+            format('%s %s to %s at %s awaits approval at the broker: %s', o.action, s.instrument,
+                   o.target_position, o.broker, p_detail));
+    else
         perform gateway.raise_alert('order_rejected', s.id, o.instance_id,
             format('%s %s rejected by %s: %s', o.action, s.instrument, o.broker, p_detail));
-        return 'failed';
     end if;
-    if s.type = 'EXIT' then
-        update gateway.positions set status = 'closed', exit_signal_id = s.id, exit_at = now()
-         where instrument = s.instrument and status = 'open';
-    else
-        if s.type = 'PYRAMID' then
-            select p.id into base_id from gateway.positions p
-             where p.instrument = s.instrument and p.status = 'open' and p.is_base_position
-             order by p.entry_at desc limit 1;
-        end if;
-        insert into gateway.positions
-            (instrument, position, signal_id, is_base_position, base_position_id, lots, entry_price, stop)
-        values (s.instrument, s.position, s.id, s.type = 'BASE_ENTRY', base_id, o.quantity, s.price, s.stop);
-    end if;
-    return 'executed';
+    return final;
 end
 $$;
 
--- The executor's record of a batch: the broker's answers for many orders at once,
--- in the order given; returns each order's signal status afterwards. A filled
--- order of a BASE_ENTRY whose instrument has no other kind of signal in the batch
--- is recorded set-based, in one statement (exits close and pyramids look up open
--- positions, so their instrument keeps the per-row order); the rest goes through
--- gateway.complete_order, one by one.
+-- The executor's record of a batch: the broker's answers for many orders at once
+-- (five parallel arrays), in the order given; returns each order's signal status.
 create or replace function gateway.complete_orders(
-    p_client_order_ids text[], p_outcomes text[], p_broker_order_ids text[], p_details text[]
-) returns table (client_order_id text, status text) language plpgsql security definer
-set search_path = pg_catalog, pg_temp
-set plan_cache_mode = force_generic_plan set enable_seqscan = off as $$
-declare
-    fast text[];
-begin
-    fast := '{}';
-    if cardinality(p_client_order_ids) >= 3 then  -- for one or two, per row is cheaper
-        with input as (
-            select * from unnest(p_client_order_ids, p_outcomes, p_broker_order_ids, p_details)
-                   with ordinality as t (coid, outcome, broker_order_id, detail, n)
-        ), mine as (
-            select i.coid, i.outcome, i.broker_order_id, i.detail, i.n, o.id as order_id,
-                   o.signal_id, o.quantity, s.type, s.instrument, s.position, s.price, s.stop
-              from input i
-              join gateway.orders o on o.client_order_id = i.coid
-              join gateway.signals s on s.id = o.signal_id
-        ), picked as (
-            select m.* from mine m
-             where m.outcome = 'filled' and m.type = 'BASE_ENTRY'
-               and not exists (select from mine x
-                                where x.instrument = m.instrument and x.type <> 'BASE_ENTRY')
-        ), finished as (
-            update gateway.signals s
-               set status = 'executed', finished_at = now(), updated_at = now(), detail = p.detail
-              from picked p
-             where s.id = p.signal_id and s.status = 'executing'
-            returning s.id
-        ), answered as (
-            update gateway.orders o
-               set outcome = 'filled', broker_order_id = p.broker_order_id, detail = p.detail,
-                   updated_at = now()
-              from picked p join finished f on f.id = p.signal_id
-             where o.id = p.order_id
-            returning o.client_order_id
-        ), opened as (
-            insert into gateway.positions
-                (instrument, position, signal_id, is_base_position, base_position_id, lots,
-                 entry_price, stop)
-            select p.instrument, p.position, p.signal_id, true, null, p.quantity, p.price, p.stop
-              from picked p join finished f on f.id = p.signal_id
-             order by p.n
-            returning positions.id
-        )
-        select coalesce(array_agg(a.client_order_id), '{}') into fast from answered a;
-    end if;
-
-    return query
-    select t.coid,
-           case when t.coid = any(fast) then 'executed'
-                else gateway.complete_order(t.coid, t.outcome, t.broker_order_id, t.detail) end
-      from unnest(p_client_order_ids, p_outcomes, p_broker_order_ids, p_details)
-           with ordinality as t (coid, outcome, broker_order_id, detail, n)
-     order by t.n;
-end
+    p_client_order_ids text[], p_outcomes text[], p_broker_order_ids text[], p_details text[],
+    p_symbols text[]
+) returns table (client_order_id text, status text) language sql security definer
+set search_path = pg_catalog, pg_temp as $$
+    select t.coid, gateway.complete_order(t.coid, t.outcome, t.broker_order_id, t.detail, t.symbol)
+      from unnest(p_client_order_ids, p_outcomes, p_broker_order_ids, p_details, p_symbols)
+           with ordinality as t (coid, outcome, broker_order_id, detail, symbol, n)
+     order by t.n
 $$;
-revoke execute on function gateway.complete_orders(text[], text[], text[], text[]) from public;
+revoke execute on function gateway.complete_orders(text[], text[], text[], text[], text[])
+    from public;
+drop function if exists gateway.complete_orders(text[], text[], text[], text[]);
+drop function if exists gateway.complete_order(text, text, text, text);
 
 
--- Reconciliation --------------------------------------------------------------------
+-- When the broker did not say ----------------------------------------------------
 
--- An order never reached the broker: mark it and put the signal back in the
--- queue. Run inside a fenced transaction by the leader.
-create or replace function gateway.requeue_signal(p_client_order_id text) returns boolean
-language plpgsql security definer set search_path = pg_catalog, pg_temp as $$
-declare
-    o gateway.orders;
-begin
-    select * into o from gateway.orders where client_order_id = p_client_order_id;
-    update gateway.orders set outcome = 'not_sent', detail = 'broker never received it',
-           updated_at = now()
-     where id = o.id and outcome in ('sending', 'unknown');
-    update gateway.signals set status = 'pending', claimed_epoch = null, claimed_by = null,
-           claimed_at = null, updated_at = now(), detail = 'requeued after reconciliation'
-     where id = o.signal_id and status = 'executing';
-    return found;
-end
-$$;
-revoke execute on function gateway.requeue_signal(text) from public;
-
--- The broker cannot tell what happened: stop, and page a human.
-create or replace function gateway.mark_in_doubt(p_client_order_id text, p_detail text)
+-- The order was not placed (the broker refused it for now, or never got it): mark
+-- it and put the signal back in the queue. Run inside a fenced transaction by the
+-- leader.
+create or replace function gateway.requeue_signal(p_client_order_id text, p_detail text)
 returns boolean language plpgsql security definer set search_path = pg_catalog, pg_temp as $$
 declare
     o gateway.orders;
 begin
     select * into o from gateway.orders where client_order_id = p_client_order_id;
-    update gateway.orders set outcome = 'unknown', detail = p_detail, updated_at = now() where id = o.id;
+    update gateway.orders set outcome = 'not_sent', detail = p_detail, updated_at = now()
+     where id = o.id and outcome in ('sending', 'unknown');
+    update gateway.signals set status = 'pending', claimed_epoch = null, claimed_by = null,
+           claimed_at = null, updated_at = now(), detail = p_detail
+     where id = o.signal_id and status = 'executing';
+    return found;
+end
+$$;
+revoke execute on function gateway.requeue_signal(text, text) from public;
+drop function if exists gateway.requeue_signal(text);
+
+-- Nothing can be sent safely, or the broker cannot tell what happened: stop, and
+-- page a human. p_sent: whether the order may have reached the broker (its outcome
+-- 'unknown') or surely did not ('not_sent': the broker's position was not the
+-- ledger's, so a target order would have traded someone else's position).
+create or replace function gateway.mark_in_doubt(p_client_order_id text, p_detail text,
+                                                 p_sent boolean default true)
+returns boolean language plpgsql security definer set search_path = pg_catalog, pg_temp as $$
+declare
+    o gateway.orders;
+begin
+    select * into o from gateway.orders where client_order_id = p_client_order_id;
+    update gateway.orders set outcome = case when p_sent then 'unknown' else 'not_sent' end,
+           detail = p_detail, updated_at = now()
+     where id = o.id;
     update gateway.signals set status = 'in_doubt', finished_at = now(), updated_at = now(),
            detail = p_detail
      where id = o.signal_id and status = 'executing';
@@ -365,7 +437,94 @@ begin
     return found;
 end
 $$;
-revoke execute on function gateway.mark_in_doubt(text, text) from public;
+revoke execute on function gateway.mark_in_doubt(text, text, boolean) from public;
+drop function if exists gateway.mark_in_doubt(text, text);
+
+
+-- The kill switch ---------------------------------------------------------------------
+
+-- Halt ('halted': nothing is sent; 'entries_only': exits still go out) or resume
+-- ('running'). Stored, so it survives a failover and a restart; the claim reads it.
+-- Returns the mode before. An alert and a NOTIFY tell everyone.
+create or replace function gateway.set_trading_halt(p_mode text, p_reason text, p_by text)
+returns text language plpgsql security definer set search_path = pg_catalog, pg_temp as $$
+declare
+    before text;
+begin
+    select mode into before from gateway.trading_halt for update;
+    update gateway.trading_halt set mode = p_mode, reason = p_reason, changed_by = p_by,
+           changed_at = now();
+    if before is distinct from p_mode then
+        perform gateway.raise_alert(case p_mode when 'running' then 'trading_resumed'
+                                                else 'trading_halted' end,
+            null, p_by, format('trading %s by %s%s', replace(p_mode, '_', ' '), p_by,
+                               coalesce(': ' || p_reason, '')));
+        perform pg_notify('gateway_signals', 'halt');
+    end if;
+    return before;
+end
+$$;
+revoke execute on function gateway.set_trading_halt(text, text, text) from public;
+
+
+-- Reconciliation with the broker --------------------------------------------------
+
+-- Ask the leader for a reconciliation run; returns its id (the run fills the row).
+create or replace function gateway.request_reconciliation(p_trigger text, p_by text)
+returns bigint language plpgsql security definer set search_path = pg_catalog, pg_temp as $$
+declare
+    id bigint;
+begin
+    insert into gateway.reconciliations (requested_by, trigger) values (p_by, p_trigger)
+    returning reconciliations.id into id;
+    perform pg_notify('gateway_signals', 'reconcile');
+    return id;
+end
+$$;
+revoke execute on function gateway.request_reconciliation(text, text) from public;
+
+-- Record a run's result (items: [{instrument, outcome, ledger, broker}]), with an
+-- alert per item that is not matched. Fenced by the caller's transaction.
+create or replace function gateway.finish_reconciliation(
+    p_id bigint, p_epoch bigint, p_instance text, p_outcome text, p_items jsonb, p_detail text
+) returns void language plpgsql security definer set search_path = pg_catalog, pg_temp as $$
+declare
+    item jsonb;
+begin
+    update gateway.reconciliations set epoch = p_epoch, instance_id = p_instance,
+           finished_at = now(), outcome = p_outcome, items = coalesce(p_items, '[]'),
+           detail = p_detail
+     where id = p_id and outcome is null;
+    if not found then
+        return;
+    end if;
+    for item in select * from jsonb_array_elements(coalesce(p_items, '[]')) loop
+        if item ->> 'outcome' <> 'matched' then
+            perform gateway.raise_alert('reconciliation_' || (item ->> 'outcome'), null, p_instance,
+                format('%s: ledger %s, broker %s', item ->> 'instrument', item ->> 'ledger',
+                       item ->> 'broker'));
+        end if;
+    end loop;
+    if p_outcome = 'failed' then
+        perform gateway.raise_alert('reconciliation_failed', null, p_instance, p_detail);
+    end if;
+end
+$$;
+revoke execute on function gateway.finish_reconciliation(bigint, bigint, text, text, jsonb, text)
+    from public;
+
+
+-- Instances agree on what they trade -----------------------------------------------
+
+create or replace function gateway.record_settings(p_election text, p_instance text,
+                                                   p_fingerprint text)
+returns void language sql security definer set search_path = pg_catalog, pg_temp as $$
+    insert into gateway.instance_settings (election, instance_id, fingerprint)
+    values (p_election, p_instance, p_fingerprint)
+    on conflict (election, instance_id) do update
+       set fingerprint = excluded.fingerprint, updated_at = now()
+$$;
+revoke execute on function gateway.record_settings(text, text, text) from public;
 
 
 -- What an operator reads ------------------------------------------------------------
@@ -377,7 +536,8 @@ select status, count(*) as signals, min(received_at) as oldest_received, max(rec
 
 -- Signals left 'executing', with the order each was sent as: reconciliation's work list.
 create or replace view gateway.executing as
-select s.id as signal_id, s.claimed_epoch, s.claimed_by, s.claimed_at, o.client_order_id, o.outcome
+select s.id as signal_id, s.claimed_epoch, s.claimed_by, s.claimed_at, o.client_order_id, o.outcome,
+       s.instrument, o.start_position, o.target_position
   from gateway.signals s
   join lateral (select * from gateway.orders o where o.signal_id = s.id order by o.id desc limit 1) o on true
  where s.status = 'executing';

@@ -17,14 +17,14 @@
 -- gateway_signals lists the new ids whose input asked for it.
 with input as (
     select * from jsonb_to_recordset(%(rows)s::jsonb) as t (
-        n int, fp text, type text, instrument text, position text, lots int, price numeric,
-        stop numeric, signal_at timestamptz, payload jsonb, received_at timestamptz,
-        notify bool)
+        n int, fp text, type text, instrument text, position text, side text, lots int,
+        price numeric, stop numeric, signal_at timestamptz, payload jsonb,
+        received_at timestamptz, notify bool)
 ), new as (
     insert into gateway.signals
-        (fingerprint, type, instrument, position, lots, price, stop, signal_at, payload,
+        (fingerprint, type, instrument, position, side, lots, price, stop, signal_at, payload,
          received_by, received_at)
-    select fp, type, instrument, position, lots, price, stop, signal_at, payload,
+    select fp, type, instrument, position, side, lots, price, stop, signal_at, payload,
            %(received_by)s, coalesce(received_at, now())
       from input order by n
     on conflict (fingerprint) do nothing
@@ -50,10 +50,13 @@ select pg_notify(%s, %s);
 
 -- name: get_signal
 -- GET /signals/{id}: a signal with its orders.
-select id as signal_id, status, type, instrument, position, lots, price, stop,
+select id as signal_id, status, type, instrument, position, side, lots, price, stop,
        signal_at, received_by, received_at, claimed_epoch, claimed_by, finished_at, detail,
        (select json_agg(json_build_object('client_order_id', o.client_order_id,
-          'epoch', o.epoch, 'broker_order_id', o.broker_order_id, 'outcome', o.outcome)
+          'epoch', o.epoch, 'action', o.action, 'quantity', o.quantity,
+          'start_position', o.start_position, 'target_position', o.target_position,
+          'symbol', o.symbol, 'broker_order_id', o.broker_order_id, 'outcome', o.outcome,
+          'detail', o.detail)
           order by o.id) from gateway.orders o where o.signal_id = s.id) as orders
   from gateway.signals s where id = %s;
 
@@ -61,52 +64,137 @@ select id as signal_id, status, type, instrument, position, lots, price, stop,
 -- The executor (service/execution/executor.py) ---------------------------------
 
 -- name: claim_signals
--- Fenced claim of a batch: pending -> executing, an order booked per signal
--- (election, epoch, ids, instance, broker, max_age).
-select signal_id, acted, status, client_order_id, instrument, action, quantity, price
-  from gateway.claim_signals(%s, %s, %s, %s, %s, %s);
+-- Fenced claim of the instruments of a batch: pending -> executing, an order booked
+-- per instrument (election, epoch, ids, instance, broker, max_age, instruments,
+-- reorder window, halt action).
+select signal_id, acted, status, client_order_id, instrument, side, action, start_position,
+       target_position, price
+  from gateway.claim_signals(%s, %s, %s, %s, %s, %s, %s, %s, %s);
 
 -- name: complete_orders
--- Record the broker's answers, by client order id (four parallel arrays).
-select client_order_id, status from gateway.complete_orders(%s, %s, %s, %s);
+-- Record the broker's answers, by client order id (five parallel arrays).
+select client_order_id, status from gateway.complete_orders(%s, %s, %s, %s, %s);
 
 -- name: pending_signals
 -- The sweep: pending signals, oldest first (a NOTIFY may have been missed).
 select id from gateway.signals where status = 'pending' order by received_at limit %s;
 
 -- name: executing_signals
--- Reconciliation: signals left 'executing'; those of our own epoch only once any
--- send of ours must have ended (claimed more than %(grace)s ago).
-select signal_id, claimed_epoch, client_order_id from gateway.executing
- where claimed_epoch <> %(epoch)s or claimed_at < now() - %(grace)s
+-- Settling: signals left 'executing' and claimed more than %(grace)s ago (the
+-- settle time: a broker may finish a request after its client gave up), whatever
+-- the epoch (the executor also waits out an older leader's lease).
+select signal_id, claimed_epoch, client_order_id, instrument, start_position, target_position,
+       claimed_at
+  from gateway.executing
+ where claimed_at < now() - %(grace)s
  order by claimed_at limit %(limit)s;
 
 -- name: mark_in_doubt
--- The broker cannot tell whether it got the order: in_doubt, with an alert.
-select gateway.mark_in_doubt(%s, %s);
+-- Nothing can be sent safely, or the broker cannot tell what happened: in_doubt,
+-- with an alert (client order id, detail, whether it may have been sent).
+select gateway.mark_in_doubt(%s, %s, %s);
 
 -- name: requeue_signal
--- The broker never got the order: back to pending (run fenced, in a transaction).
-select gateway.requeue_signal(%s);
+-- The order was not placed: back to pending (run fenced, in a transaction).
+select gateway.requeue_signal(%s, %s);
+
+-- name: unknown_broker_orders
+-- Of these broker order ids of an instrument (ids, instrument), those no order of
+-- ours recorded: placed by someone else, or ours whose answer never came.
+select id from unnest(%s::text[]) as t (id)
+except
+select o.broker_order_id from gateway.orders o join gateway.signals s on s.id = o.signal_id
+ where s.instrument = %s and o.broker_order_id is not null;
+
+-- name: pending_of_instruments
+-- Pending signals of these instruments (what waited behind an order in flight).
+select id from gateway.signals where status = 'pending' and instrument = any(%s)
+ order by signal_at limit 1000;
+
+-- name: trading_halt
+-- The kill switch: mode, reason, who, when.
+select mode, reason, changed_by, changed_at from gateway.trading_halt;
+
+-- name: set_trading_halt
+-- Halt or resume (mode, reason, by); returns the mode before.
+select gateway.set_trading_halt(%s, %s, %s);
+
+-- name: ledger_positions
+-- The ledger's open net position of every instrument, in lots (negative for short).
+select instrument, net_lots from gateway.net_positions;
+
+-- name: instruments_in_flight
+-- Instruments with an order being executed.
+select distinct instrument from gateway.signals where status = 'executing';
+
+-- name: request_reconciliation
+-- Ask the leader for a reconciliation run (trigger, by); returns its id.
+select gateway.request_reconciliation(%s, %s);
+
+-- name: requested_reconciliations
+-- Runs asked for and not yet made, oldest first.
+select id, trigger from gateway.reconciliations where outcome is null order by id limit 10;
+
+-- name: finish_reconciliation
+-- A run's result (id, epoch, instance, outcome, items, detail); run fenced.
+select gateway.finish_reconciliation(%s, %s, %s, %s, %s, %s);
+
+-- name: reconciliation
+-- One run: id, trigger, requested, finished, outcome, items, detail.
+select id, trigger, requested_by, requested_at, epoch, instance_id, finished_at, outcome, items,
+       detail
+  from gateway.reconciliations where id = %s;
+
+-- name: last_reconciliation
+-- The newest finished run.
+select id, trigger, requested_by, requested_at, epoch, instance_id, finished_at, outcome, items,
+       detail
+  from gateway.reconciliations where outcome is not null order by id desc limit 1;
 
 
 -- The paper broker (service/brokers/paper.py) ----------------------------------
 
 -- name: paper_place_orders
--- Book every order still valid on arrival (eight parallel arrays); returns the
--- booking id of each accepted client order id.
-insert into gateway.paper_broker_requests
-    (client_order_id, instrument, action, quantity, price, epoch, instance_id)
-select o.client_order_id, o.instrument, o.action, o.quantity, o.price, o.epoch, o.instance_id
-  from unnest(%s::text[], %s::text[], %s::text[], %s::bigint[], %s::numeric[], %s::bigint[],
-              %s::text[], %s::timestamptz[])
-       as o (client_order_id, instrument, action, quantity, price, epoch, instance_id, valid_until)
- where clock_timestamp() < o.valid_until
-returning client_order_id, id;
+-- Move each instrument to its target as a broker would (seven parallel arrays:
+-- client order id, instrument, target, price, epoch, instance, valid until; one
+-- order per instrument): the difference from the paper book's own position is
+-- booked as one request; none when it is there already. One statement at a time
+-- (the table lock), as one account at a broker. Returns every order with its
+-- booking id (null: nothing booked) and whether it was still valid on arrival.
+with lock as (
+    select pg_advisory_xact_lock(1735815534, 0)  -- the paper book, as one account
+), o as (
+    select * from unnest(%s::text[], %s::text[], %s::bigint[], %s::numeric[], %s::bigint[],
+                         %s::text[], %s::timestamptz[])
+           as o (client_order_id, instrument, target, price, epoch, instance_id, valid_until)
+      cross join lock
+), moves as (
+    select o.*, o.target - coalesce((
+               select sum(case r.action when 'BUY' then r.quantity else -r.quantity end)
+                 from gateway.paper_broker_requests r where r.instrument = o.instrument),
+               0)::bigint as delta,
+           clock_timestamp() < o.valid_until as valid
+      from o
+), booked as (
+    insert into gateway.paper_broker_requests
+        (client_order_id, instrument, action, quantity, price, epoch, instance_id, target)
+    select m.client_order_id, m.instrument, gateway.order_action(m.target - m.delta, m.target),
+           abs(m.delta), m.price, m.epoch, m.instance_id, m.target
+      from moves m where m.valid and m.delta <> 0
+    returning client_order_id, id
+)
+select m.client_order_id, b.id, m.valid
+  from moves m left join booked b on b.client_order_id = m.client_order_id;
 
--- name: paper_lookup_order
--- Did the paper broker get this client order id? Its first booking id, or null.
-select min(id) from gateway.paper_broker_requests where client_order_id = %s;
+-- name: paper_positions
+-- The paper book's net position of each instrument asked for.
+select r.instrument, sum(case r.action when 'BUY' then r.quantity else -r.quantity end)
+  from gateway.paper_broker_requests r where r.instrument = any(%s) group by r.instrument;
+
+-- name: paper_orders_since
+-- The booking ids of the requests the paper book received for an instrument since a time.
+select id from gateway.paper_broker_requests where instrument = %s and received_at >= %s
+ order by id;
 
 
 -- The gateway (service/gateway.py) ---------------------------------------------
@@ -114,6 +202,23 @@ select min(id) from gateway.paper_broker_requests where client_order_id = %s;
 -- name: raise_alert
 -- An operator alert (kind, instance, detail) with no signal attached.
 select gateway.raise_alert(%s, null, %s, %s);
+
+-- name: record_settings
+-- This instance's trading-settings fingerprint (election, instance, fingerprint).
+select gateway.record_settings(%s, %s, %s);
+
+-- name: settings_of_instances
+-- The fingerprints of the instances of an election alive in the last minute (or
+-- not registered yet: starting).
+select s.instance_id, s.fingerprint
+  from gateway.instance_settings s
+  left join pgleader.instances i on i.election = s.election and i.instance_id = s.instance_id
+ where s.election = %s and coalesce(i.last_heartbeat, s.updated_at) > now() - interval '1 minute'
+ order by s.instance_id;
+
+-- name: schema_has_kill_switch
+-- The CLI's check that the gateway's schema is there and new enough.
+select to_regclass('gateway.trading_halt') is not null;
 
 -- name: election_leader
 -- /coordinator/leader: the leader of one election by the database.

@@ -24,18 +24,38 @@ async def store_pending(db, n: int, *, instrument: str = "NIFTY") -> list[int]:
 
 async def test_concurrent_signals_go_out_in_batches_and_each_exactly_once(db, executor_for):
     executor = await executor_for()
-    ids = await store_pending(db, 300)
+    ids = []
+    for n in range(30):  # 30 instruments, 10 entries each
+        ids += await store_pending(db, 10, instrument=f"I{n}")
     statuses = await asyncio.gather(*(executor.execute(sid) for sid in ids))
     assert statuses == ["executed"] * len(ids)
     cur = await db.execute(
         "select count(*), count(distinct client_order_id) from gateway.paper_broker_requests"
     )
     assert await cur.fetchone() == (300, 300)
-    cur = await db.execute("select count(*) from gateway.positions")
-    assert await cur.fetchone() == (300,)
-    # Far fewer batches than signals: what arrived while one was in flight went together.
+    cur = await db.execute("select count(*), sum(lots) from gateway.positions")
+    assert await cur.fetchone() == (300, 300)
+    # Each instrument's orders one at a time, the instruments side by side: batches
+    # carry many instruments at once.
     stats = executor.batch_stats
-    assert stats["signals"] == 300 and stats["batches"] < 100 and stats["largest"] > 1
+    assert stats["batches"] < 150 and stats["largest"] > 1
+
+
+async def test_an_instruments_signals_are_sent_one_at_a_time_each_from_the_last_target(
+    db, executor_for
+):
+    executor = await executor_for()
+    ids = await store_pending(db, 20)
+    statuses = await asyncio.gather(*(executor.execute(sid) for sid in ids))
+    assert statuses == ["executed"] * 20
+    cur = await db.execute(
+        "select o.start_position, o.target_position from gateway.orders o order by o.id"
+    )
+    assert await cur.fetchall() == [(n, n + 1) for n in range(20)]
+    cur = await db.execute(
+        "select count(*) from gateway.paper_broker_requests where target is not null"
+    )
+    assert await cur.fetchone() == (20,)
 
 
 async def test_the_same_signal_asked_for_twice_at_once_is_sent_once(db, executor_for):
@@ -63,7 +83,8 @@ async def test_a_batch_with_a_superseded_epoch_claims_nothing(db, executor_for):
     with pytest.raises(Fenced) as raised:
         with fenced_statement("gateway", stale):
             await db.execute(
-                "select * from gateway.claim_signals('gateway', %s, %s, 'x', 'paper', '1 h')",
+                "select * from gateway.claim_signals('gateway', %s, %s, 'x', 'paper', '1 h',"
+                " null, '0 s', 'wait')",
                 [stale, ids],
             )
     assert raised.value.current == stale + 1
@@ -101,172 +122,291 @@ async def test_a_follower_drops_queued_work(db, executor_for):
     assert await cur.fetchone() == (3,)
 
 
-# A batch mixing every kind of signal, for two copies of the same book: one run by
-# the batch functions, one by the per-signal functions in the input order.
-_MIXED = [  # (type, instrument, position, lots, age, broker's outcome)
-    ("BASE_ENTRY", "X", "Long_1", 2, "0 s", "filled"),
-    ("PYRAMID", "X", "Long_2", 1, "0 s", "filled"),
-    ("BASE_ENTRY", "Y", "Long_1", 3, "0 s", "filled"),
-    ("EXIT", "X", "Exit_all", 0, "0 s", "filled"),  # every open lot: those before the batch
-    ("BASE_ENTRY", "Y", "Long_2", 1, "0 s", "filled"),
-    ("BASE_ENTRY", "Z", "Long_1", 1, "2 h", "filled"),  # too old: expired
-    ("EXIT", "W", "Exit_all", 0, "0 s", "filled"),  # nothing open: rejected
-    ("BASE_ENTRY", "V", "Long_1", 1, "0 s", "rejected"),  # the broker says no
-    ("EXIT", "U", "Exit_1", 1, "0 s", "filled"),  # an exit that names its lots
-    ("BASE_ENTRY", "X", "Long_3", 1, "0 s", "filled"),  # after the exit: stays open
-]
+# --- target positions, long and short --------------------------------------------
+#
+# A book of signals on one instrument, executed in process against the paper broker;
+# every test reads the outcome from the database: the ledger, the orders sent, and
+# the paper broker's own book (what the outside world saw).
 
 
-async def _mixed_book(db, prefix: str) -> list[int]:
-    """An open X position from before, then the batch's signals, pending; their ids."""
+async def signal(
+    db, kind: str, side: str, *, lots: int = 1, instrument: str = "NIFTY", at: str = "0 s",
+    position: str | None = None, received: str = "1 min",
+) -> int:  # fmt: skip
+    """Store one pending signal `at` ago (signal time), received `received` ago."""
     cur = await db.execute(
-        "insert into gateway.signals (fingerprint, type, instrument, position, lots, price,"
-        " signal_at, payload, received_by, status, claimed_epoch)"
-        " values (%s, 'BASE_ENTRY', %s, 'Long_0', 4, 99, now(), '{}', 't', 'executed', 1)"
+        "insert into gateway.signals (fingerprint, type, instrument, position, side, lots,"
+        " price, signal_at, payload, received_by, received_at)"
+        " values (md5(random()::text), %s, %s, %s, %s, %s, 100,"
+        " date_trunc('second', now()) - %s::interval, '{}', 't', now() - %s::interval)"
         " returning id",
-        [f"{prefix}old", f"{prefix}X"],
+        [kind, instrument, position or f"{side}_{kind}", side, lots, at, received],
     )
-    (old,) = await cur.fetchone()
-    await db.execute(
-        "insert into gateway.positions (instrument, position, signal_id, is_base_position,"
-        " lots, entry_price, entry_at) values (%s, 'Long_0', %s, true, 4, 99, now() - '1 h'::interval)",
-        [f"{prefix}X", old],
-    )
-    ids = []
-    for i, (kind, instrument, position, lots, age, _) in enumerate(_MIXED):
-        cur = await db.execute(
-            "insert into gateway.signals (fingerprint, type, instrument, position, lots, price,"
-            " signal_at, payload, received_by) values (%s, %s, %s, %s, %s, 100,"
-            " now() - %s::interval, '{}', 't') returning id",
-            [f"{prefix}{i}", kind, f"{prefix}{instrument}", position, lots, age],
-        )
-        ids.append((await cur.fetchone())[0])
-    return ids
+    return (await cur.fetchone())[0]
 
 
-async def _book_state(db, prefix: str) -> dict[str, list[tuple]]:
-    n = len(prefix) + 1
-    queries = {
-        "signals": "select substr(instrument, %(n)s), position, status,"
-        " regexp_replace(detail, 'signal time [^a-z]* is', 'signal time is'), claimed_epoch"
-        " from gateway.signals where instrument like %(p)s order by fingerprint",
-        "orders": "select substr(s.instrument, %(n)s), s.position, o.action, o.quantity,"
-        " o.outcome, o.broker_order_id is not null, o.epoch,"
-        " regexp_replace(o.client_order_id, '-\\d+-', '-')"
-        " from gateway.orders o join gateway.signals s on s.id = o.signal_id"
-        " where s.instrument like %(p)s order by s.fingerprint",
-        "positions": "select substr(p.instrument, %(n)s), p.position, p.lots, p.status,"
-        " p.is_base_position, b.position, x.position from gateway.positions p"
-        " left join gateway.positions b on b.id = p.base_position_id"
-        " left join gateway.signals x on x.id = p.exit_signal_id"
-        " where p.instrument like %(p)s order by p.instrument, p.position",
-        "alerts": "select a.kind, replace(a.detail, %(prefix)s, '') from gateway.alerts a"
-        " join gateway.signals s on s.id = a.signal_id where s.instrument like %(p)s"
-        " order by s.fingerprint, a.kind",
-    }
-    state = {}
-    for name, sql in queries.items():
-        cur = await db.execute(sql, {"n": n, "p": f"{prefix}%", "prefix": prefix})
-        state[name] = await cur.fetchall()
-    return state
-
-
-async def test_a_mixed_batch_ends_exactly_as_the_same_signals_one_by_one(db):
-    await db.execute("insert into pgleader.election (name, epoch) values ('gateway', 7)")
-    batch_ids = await _mixed_book(db, "b_")
-    single_ids = await _mixed_book(db, "s_")
-    args = (7, "gw1", "paper", "1 h")
-
+async def paper_position(db, instrument: str = "NIFTY") -> int:
     cur = await db.execute(
-        "select signal_id, acted, status, client_order_id is not null"
-        " from gateway.claim_signals('gateway', %s, %s, %s, %s, %s)",
-        [7, batch_ids, *args[1:]],
+        "select coalesce(sum(case action when 'BUY' then quantity else -quantity end), 0)"
+        " from gateway.paper_broker_requests where instrument = %s",
+        [instrument],
     )
-    claimed = await cur.fetchall()
-    singles = []
-    for sid in single_ids:
+    return (await cur.fetchone())[0]
+
+
+async def ledger(db, instrument: str = "NIFTY") -> tuple[str | None, int]:
+    cur = await db.execute("select side, lots from gateway.open_position(%s)", [instrument])
+    return await cur.fetchone()
+
+
+async def status_of(db, signal_id: int) -> tuple[str, str | None]:
+    cur = await db.execute("select status, detail from gateway.signals where id = %s", [signal_id])
+    return await cur.fetchone()
+
+
+async def alerts(db, signal_id: int) -> list[str]:
+    cur = await db.execute("select kind from gateway.alerts where signal_id = %s", [signal_id])
+    return [r[0] for r in await cur.fetchall()]
+
+
+@pytest.mark.parametrize("side", ["long", "short"])
+async def test_every_type_trades_its_own_side(db, executor_for, side):
+    """Entry, pyramid, partial exit and full exit, each sent as the target of its side:
+    a short is sold, never bought."""
+    executor = await executor_for()
+    sign = 1 if side == "long" else -1
+    opening = "BUY" if side == "long" else "SELL"
+    closing = "SELL" if side == "long" else "BUY"
+    steps = [("BASE_ENTRY", 2, 2, opening), ("PYRAMID", 1, 3, opening),
+             ("EXIT", 1, 2, closing), ("EXIT", 0, 0, closing)]  # fmt: skip
+    for kind, lots, held, action in steps:
+        sid = await signal(db, kind, side, lots=lots)
+        assert await executor.execute(sid) == "executed", await status_of(db, sid)
         cur = await db.execute(
-            "select status, client_order_id is not null from gateway.claim_signal(%s, %s, %s, %s, %s)",
-            [sid, *args],
+            "select action, target_position from gateway.orders where signal_id = %s", [sid]
         )
-        row = await cur.fetchone()
-        singles.append((True, *row) if row else (False, None, False))
-    # Same answer per signal, in the order given.
-    assert [r[0] for r in claimed] == batch_ids
-    assert [r[1:] for r in claimed] == singles
-    assert [r[2] for r in claimed] == [
-        "executing", "executing", "executing", "executing", "executing",
-        "expired", "rejected", "executing", "executing", "executing",
-    ]  # fmt: skip
-
-    outcomes = {f"{i}": outcome for i, (*_, outcome) in enumerate(_MIXED)}
-
-    async def coids(ids: list[int]) -> tuple[list[str], list[str]]:
-        cur = await db.execute(
-            "select o.client_order_id, substr(s.fingerprint, 3) from gateway.orders o"
-            " join gateway.signals s on s.id = o.signal_id"
-            " where o.signal_id = any(%s) order by array_position(%s, o.signal_id)",
-            [ids, ids],
-        )
-        rows = await cur.fetchall()
-        return [r[0] for r in rows], [outcomes[r[1]] for r in rows]
-
-    batch_coids, batch_outcomes = await coids(batch_ids)
-    cur = await db.execute(
-        "select client_order_id, status from gateway.complete_orders(%s, %s, %s, %s)",
-        [batch_coids, batch_outcomes, [f"B{c}" for c in batch_coids], ["ok"] * len(batch_coids)],
-    )
-    recorded = await cur.fetchall()
-    assert [r[0] for r in recorded] == batch_coids
-    single_coids, single_outcomes = await coids(single_ids)
-    single_recorded = []
-    for coid, outcome in zip(single_coids, single_outcomes, strict=True):
-        cur = await db.execute(
-            "select gateway.complete_order(%s, %s, %s, 'ok')", [coid, outcome, f"B{coid}"]
-        )
-        single_recorded.append((await cur.fetchone())[0])
-    assert [r[1] for r in recorded] == single_recorded
-    assert "failed" in single_recorded and "executed" in single_recorded
-
-    batch_state, single_state = await _book_state(db, "b_"), await _book_state(db, "s_")
-    assert batch_state == single_state
-    # The exit closed what was open when it was claimed and what the batch opened before it.
-    assert ("X", "Long_0", 4, "closed", True, None, "Exit_all") in batch_state["positions"]
-    assert [p[3] for p in batch_state["positions"] if p[0] == "Y"] == ["open", "open"]
-    assert ("X", "Long_3", 1, "open", True, None, None) in batch_state["positions"]
-    # Recording again changes nothing (idempotent), by either path.
-    cur = await db.execute(
-        "select status from gateway.complete_orders(%s, %s, %s, %s)",
-        [batch_coids, batch_outcomes, [f"B{c}" for c in batch_coids], ["ok"] * len(batch_coids)],
-    )
-    assert [r[0] for r in await cur.fetchall()] == [r[1] for r in recorded]
-    assert await _book_state(db, "b_") == batch_state
+        assert await cur.fetchone() == (action, sign * held)
+        assert await paper_position(db) == sign * held
+    assert await ledger(db) == (None, 0)
 
 
-async def test_an_unknown_client_order_id_is_recorded_as_nothing(db):
-    # Both paths: one order alone (per row) and among others (the set-based pass).
-    await db.execute("insert into pgleader.election (name, epoch) values ('gateway', 3)")
-    ids = await store_pending(db, 3)
-    cur = await db.execute(
-        "select client_order_id from gateway.claim_signals('gateway', 3, %s, 't', 'paper', '1 h')",
-        [ids],
-    )
-    coids = [r[0] for r in await cur.fetchall()]
-    for outcome in ("filled", "rejected"):
-        cur = await db.execute(
-            "select gateway.complete_order('pgl-nobody', %s, 'B1', 'x')", [outcome]
-        )
-        assert await cur.fetchone() == (None,)
-    batch = [coids[0], "pgl-nobody", coids[1], coids[2]]
-    cur = await db.execute(
-        "select client_order_id, status from gateway.complete_orders(%s, %s, %s, %s)",
-        [batch, ["filled"] * 4, ["B"] * 4, ["ok"] * 4],
-    )
+@pytest.mark.parametrize("side", ["long", "short"])
+async def test_an_exit_closes_only_its_own_side(db, executor_for, side):
+    executor = await executor_for()
+    other = "short" if side == "long" else "long"
+    assert await executor.execute(await signal(db, "BASE_ENTRY", other, lots=2)) == "executed"
+    exit_id = await signal(db, "EXIT", side)
+    assert await executor.execute(exit_id) == "rejected"
+    _status, detail = await status_of(db, exit_id)
+    assert f"nothing open on the {side} side" in detail
+    assert "signal_rejected" in await alerts(db, exit_id)
+    assert await ledger(db) == (other, 2)
+    assert await paper_position(db) == (2 if other == "long" else -2)
+
+
+async def test_an_exit_of_more_lots_than_open_closes_to_flat_never_through(db, executor_for):
+    executor = await executor_for()
+    await executor.execute(await signal(db, "BASE_ENTRY", "short", lots=2))
+    exit_id = await signal(db, "EXIT", "short", lots=5)
+    assert await executor.execute(exit_id) == "executed"
+    assert await paper_position(db) == 0
+    assert await ledger(db) == (None, 0)
+
+
+async def test_a_partial_exit_closes_the_oldest_lots_first(db, executor_for):
+    executor = await executor_for()
+    for kind, lots in (("BASE_ENTRY", 2), ("PYRAMID", 3)):
+        await executor.execute(await signal(db, kind, "long", lots=lots))
+    await executor.execute(await signal(db, "EXIT", "long", lots=3))
+    cur = await db.execute("select position, lots, status from gateway.positions order by id")
     assert await cur.fetchall() == [
-        (coids[0], "executed"), ("pgl-nobody", None), (coids[1], "executed"),
-        (coids[2], "executed"),
+        ("long_BASE_ENTRY", 2, "closed"), ("long_PYRAMID", 2, "open"),
+        ("long_PYRAMID", 1, "closed"),
     ]  # fmt: skip
-    cur = await db.execute("select count(*) from gateway.alerts")
-    assert await cur.fetchone() == (0,)
-    cur = await db.execute("select count(*) from gateway.positions")
-    assert await cur.fetchone() == (3,)
+    assert await ledger(db) == ("long", 2)
+
+
+@pytest.mark.parametrize("side", ["long", "short"])
+async def test_an_entry_against_the_other_open_side_is_refused_with_an_alert(
+    db, executor_for, side
+):
+    executor = await executor_for()
+    other = "short" if side == "long" else "long"
+    await executor.execute(await signal(db, "BASE_ENTRY", other))
+    entry = await signal(db, "BASE_ENTRY", side)
+    assert await executor.execute(entry) == "rejected"
+    _status, detail = await status_of(db, entry)
+    assert f"a {other} position of 1 lots is open: exit it before a {side} entry" in detail
+    assert "signal_rejected" in await alerts(db, entry)
+    assert await paper_position(db) == (1 if other == "long" else -1)
+
+
+@pytest.mark.parametrize("side", ["long", "short"])
+async def test_a_pyramid_with_nothing_open_on_its_side_is_refused(db, executor_for, side):
+    executor = await executor_for()
+    pyramid = await signal(db, "PYRAMID", side)
+    assert await executor.execute(pyramid) == "rejected"
+    assert "nothing open" in (await status_of(db, pyramid))[1]
+    assert await paper_position(db) == 0
+
+
+async def test_a_reversal_reaching_the_leader_entry_first_executes_exit_then_entry(
+    db, executor_for
+):
+    """The two alerts of a reversal fire in the same second; the entry arrives first
+    (from another instance) and waits for the exit instead of being refused."""
+    executor = await executor_for(reorder_window=30.0)  # generous: a loaded machine
+    await executor.execute(await signal(db, "BASE_ENTRY", "long", lots=2, at="10 s"))
+    entry = await signal(db, "BASE_ENTRY", "short", lots=1, received="0 s")
+    assert await executor.execute(entry) == "pending"  # deferred: within the window
+    exit_ = await signal(db, "EXIT", "long", lots=0, received="0 s")
+    assert await executor.execute(exit_) == "executed"
+    executor.enqueue([entry])
+    await executor.drain(5)
+    assert (await status_of(db, entry))[0] == "executed"
+    assert await paper_position(db) == -1
+    cur = await db.execute(
+        "select s.type, o.start_position, o.target_position from gateway.orders o"
+        " join gateway.signals s on s.id = o.signal_id order by o.id"
+    )
+    assert await cur.fetchall() == [("BASE_ENTRY", 0, 2), ("EXIT", 2, 0), ("BASE_ENTRY", 0, -1)]
+
+
+async def test_signals_of_one_second_go_exit_then_entry_then_pyramid(db, executor_for):
+    executor = await executor_for()
+    await executor.execute(await signal(db, "BASE_ENTRY", "long", lots=1, at="10 s"))
+    pyramid = await signal(db, "PYRAMID", "short", lots=1)
+    entry = await signal(db, "BASE_ENTRY", "short", lots=2)
+    exit_ = await signal(db, "EXIT", "long")
+    # All three in one batch, the pyramid asked for first.
+    assert (
+        await asyncio.gather(*(executor.execute(s) for s in (pyramid, entry, exit_)))
+        == ["executed"] * 3
+    )
+    cur = await db.execute("select signal_id from gateway.orders order by id offset 1")
+    assert [r[0] for r in await cur.fetchall()] == [exit_, entry, pyramid]
+    assert await paper_position(db) == -3
+
+
+async def test_a_deferred_entry_is_refused_once_its_window_has_passed(db, executor_for):
+    executor = await executor_for()
+    await executor.execute(await signal(db, "BASE_ENTRY", "long"))
+    entry = await signal(db, "BASE_ENTRY", "short", received="0 s")
+    assert await executor.execute(entry) == "pending"
+    await db.execute(
+        "update gateway.signals set received_at = now() - interval '1 min' where id = %s", [entry]
+    )
+    assert await executor.execute(entry) == "rejected"
+
+
+async def test_an_entry_beyond_max_lots_is_refused_and_lot_size_scales_the_target(db, executor_for):
+    from service.brokers.base import Instrument
+
+    executor = await executor_for(
+        instruments={"NIFTY": Instrument("NIFTY", "NFO", "NIFTY29DEC26FUT", "NRML", 75, 3)}
+    )
+    assert await executor.execute(await signal(db, "BASE_ENTRY", "short", lots=2)) == "executed"
+    too_many = await signal(db, "PYRAMID", "short", lots=2)
+    assert await executor.execute(too_many) == "rejected"
+    assert "it would hold 4 lots, above max_lots 3" in (await status_of(db, too_many))[1]
+    assert await paper_position(db) == -150
+    cur = await db.execute("select target_position, symbol from gateway.orders order by id")
+    assert (await cur.fetchall())[0] == (-150, "NFO:NIFTY29DEC26FUT:NRML")
+
+
+async def test_an_instrument_the_leader_cannot_map_is_refused_with_an_alert(db, executor_for):
+    from service.brokers.base import Instrument
+
+    executor = await executor_for(instruments={"NIFTY": Instrument("NIFTY", "NFO", "N", "NRML")})
+    other = await signal(db, "BASE_ENTRY", "long", instrument="BANKNIFTY")
+    assert await executor.execute(other) == "rejected"
+    assert "not in the leader's instruments file" in (await status_of(db, other))[1]
+    assert "signal_rejected" in await alerts(db, other)
+
+
+async def test_sending_the_same_target_twice_leaves_the_position_where_it_is(db, executor_for):
+    executor = await executor_for()
+    await executor.execute(await signal(db, "BASE_ENTRY", "short", lots=2))
+    await db.execute("select gateway.order_action(-2, -2)")
+    order = executor.instrument("NIFTY")
+    from datetime import UTC, datetime, timedelta
+
+    from service.brokers.base import OrderRequest
+
+    again = OrderRequest("again", order, "BUY", -2, -2, None, 1, "t",
+                         datetime.now(UTC) + timedelta(seconds=5))  # fmt: skip
+    (answer,) = await executor.broker.place_many([again])
+    assert answer.status == "matched"
+    assert await paper_position(db) == -2
+
+
+# --- the broker holds what the ledger does not ------------------------------------
+
+
+async def test_a_position_changed_at_the_broker_is_not_traded_over(db, executor_for):
+    """A manual trade at the broker: the next target order would take it over, so
+    nothing is sent, the signal is in doubt and a human is paged."""
+    executor = await executor_for()
+    await executor.execute(await signal(db, "BASE_ENTRY", "long", lots=2))
+    await db.execute(  # someone bought 5 more by hand
+        "insert into gateway.paper_broker_requests (client_order_id, instrument, action,"
+        " quantity) values ('manual', 'NIFTY', 'BUY', 5)"
+    )
+    exit_ = await signal(db, "EXIT", "long")
+    assert await executor.execute(exit_) == "in_doubt"
+    _status, detail = await status_of(db, exit_)
+    assert "the broker holds 7 of NIFTY, the ledger 2" in detail
+    assert "signal_in_doubt" in await alerts(db, exit_)
+    assert await paper_position(db) == 7  # nothing sent
+    cur = await db.execute("select outcome from gateway.orders where signal_id = %s", [exit_])
+    assert await cur.fetchone() == ("not_sent",)
+
+
+# --- the kill switch --------------------------------------------------------------
+
+
+async def halt(db, mode: str) -> None:
+    await db.execute("select gateway.set_trading_halt(%s, 'test', 'tester')", [mode])
+
+
+async def test_halted_trading_sends_nothing_and_resumes_where_it_stopped(db, executor_for):
+    executor = await executor_for()
+    await halt(db, "halted")
+    entry = await signal(db, "BASE_ENTRY", "long")
+    assert await executor.execute(entry) == "pending"
+    assert await paper_position(db) == 0
+    cur = await db.execute("select kind from gateway.alerts order by id")
+    assert [r[0] for r in await cur.fetchall()] == ["trading_halted"]
+    await halt(db, "running")
+    assert await executor.execute(entry) == "executed"
+
+
+async def test_halt_entries_only_still_lets_exits_out(db, executor_for):
+    executor = await executor_for()
+    await executor.execute(await signal(db, "BASE_ENTRY", "short", lots=2, at="20 s"))
+    await halt(db, "entries_only")
+    pyramid = await signal(db, "PYRAMID", "short", at="10 s")
+    exit_ = await signal(db, "EXIT", "short", lots=0)
+    assert await executor.execute(pyramid) == "pending"
+    assert await executor.execute(exit_) == "executed"  # behind a held entry, yet out
+    assert await paper_position(db) == 0
+    await halt(db, "running")
+    # The pyramid now has nothing to add to: refused, never opened by itself.
+    assert await executor.execute(pyramid) == "rejected"
+
+
+async def test_a_signal_held_by_the_halt_expires_by_its_max_age(db, executor_for):
+    executor = await executor_for()
+    await halt(db, "halted")
+    old = await signal(db, "BASE_ENTRY", "long", at="1 hour")
+    assert await executor.execute(old) == "expired"
+    await halt(db, "running")
+    assert await paper_position(db) == 0
+
+
+async def test_halt_action_reject_refuses_new_signals(db, executor_for):
+    executor = await executor_for(halt_action="reject")
+    await halt(db, "halted")
+    entry = await signal(db, "BASE_ENTRY", "long")
+    assert await executor.execute(entry) == "rejected"
+    assert "trading is halted" in (await status_of(db, entry))[1]

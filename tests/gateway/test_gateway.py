@@ -153,10 +153,10 @@ BAD_BODIES = [
         "timestamp",
     ),
     ("wrong secret", signal_body(secret="guess"), 401, None),
-    # A short would go out as a BUY: refused until shorts are traded for real.
-    ("short entry", signal_body(position="Short_1"), 400, "position"),
-    ("short exit", signal_body(type="EXIT", position="short_1"), 400, "position"),
-    ("side short", signal_body(side="short"), 400, "side"),
+    # A side that contradicts the label, or is neither long nor short: one is a mistake.
+    ("short label, side long", signal_body(position="Short_1", side="long"), 400, "side"),
+    ("long label, side short", signal_body(position="Long_1", side="short"), 400, "side"),
+    ("side sell", signal_body(side="sell"), 400, "side"),
     ("missing secret", signal_body(secret=None), 401, None),
     ("not json", b"BUY BANKNIFTY", 401, None),
     ("bad json with the secret", f'{{"secret": "{SECRET}", "type": '.encode(), 401, None),

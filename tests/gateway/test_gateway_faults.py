@@ -13,7 +13,6 @@ from typing import Any
 import pytest
 
 from pgleader.embedded import EmbeddedPostgres
-from service.brokers.base import OrderResult
 from service.brokers.paper import PaperBroker
 from service.errors import BrokerUnavailable
 from service.execution.executor import Executor
@@ -111,16 +110,16 @@ async def ready(gw: Cluster, node) -> bool:
 
 
 class BlindBroker(PaperBroker):
-    """A broker that takes orders but can never say what became of one."""
+    """A broker that takes orders but can never say what it holds."""
 
     name = "paper"
 
-    async def lookup(self, client_order_id: str) -> OrderResult | None:
-        raise BrokerUnavailable("order book unavailable")
+    async def positions(self, instruments):
+        raise BrokerUnavailable("position book unavailable")
 
 
 async def leave_executing(
-    db, epoch: int, *, reached_broker: bool, set_epoch: bool = True
+    db, epoch: int, *, reached_broker: bool, set_epoch: bool = True, ago: str = "1 min"
 ) -> tuple[int, str]:
     """State a crashed leader of `epoch` leaves behind: claimed, order booked, maybe sent."""
     if set_epoch:
@@ -133,23 +132,29 @@ async def leave_executing(
         "insert into gateway.signals (fingerprint, type, instrument, position, lots, price,"
         " signal_at, payload, received_by, status, claimed_epoch, claimed_by, claimed_at)"
         " values (md5(random()::text), 'BASE_ENTRY', 'NIFTY', 'Long_1', 2, 100, now(), '{}',"
-        " 'old', 'executing', %s, 'old', now()) returning id",
-        [epoch],
+        " 'old', 'executing', %s, 'old', now() - %s::interval) returning id",
+        [epoch, ago],
     )
     (sid,) = await cur.fetchone()
     coid = f"pgl-{sid}-e{epoch}-1"
     await db.execute(
         "insert into gateway.orders (signal_id, epoch, instance_id, broker, client_order_id,"
-        " action, quantity) values (%s, %s, 'old', 'paper', %s, 'BUY', 2)",
+        " action, quantity, side, lots, start_position, target_position)"
+        " values (%s, %s, 'old', 'paper', %s, 'BUY', 2, 'long', 2, 0, 2)",
         [sid, epoch, coid],
     )
     if reached_broker:
-        await db.execute(
-            "insert into gateway.paper_broker_requests (client_order_id, instrument, action,"
-            " quantity, epoch, instance_id) values (%s, 'NIFTY', 'BUY', 2, %s, 'old')",
-            [coid, epoch],
-        )
+        await broker_trade(db, coid, 2)
     return sid, coid
+
+
+async def broker_trade(db, coid: str, quantity: int, *, ago: str = "30 s") -> None:
+    """An order the paper broker placed `ago` (negative quantity: a sale)."""
+    await db.execute(
+        "insert into gateway.paper_broker_requests (client_order_id, instrument, action,"
+        " quantity, received_at) values (%s, 'NIFTY', %s, %s, now() - %s::interval)",
+        [coid, "BUY" if quantity > 0 else "SELL", abs(quantity), ago],
+    )
 
 
 async def reconcile_until(executor: Executor, rounds: int = 100) -> None:
@@ -190,6 +195,33 @@ async def test_order_that_never_reached_the_broker_is_requeued_and_sent_once(db,
     assert await cur.fetchall() == [(f"pgl-{sid}-e8-2",)]
 
 
+async def test_a_position_neither_at_the_start_nor_at_the_target_is_in_doubt(db, executor_for):
+    sid, _coid = await leave_executing(db, 7, reached_broker=False)
+    await broker_trade(db, "manual", 1)
+    executor = await executor_for()
+    await reconcile_until(executor)
+    cur = await db.execute("select status, detail from gateway.signals where id = %s", [sid])
+    status, detail = await cur.fetchone()
+    assert status == "in_doubt"
+    assert "NIFTY: expected 2 (or 0 before the order), the broker holds 1" in detail
+    cur = await db.execute("select count(*) from gateway.paper_broker_requests")
+    assert await cur.fetchone() == (1,)  # nothing sent by us
+
+
+async def test_an_order_placed_since_the_claim_with_the_position_back_at_the_start_is_in_doubt(
+    db, executor_for
+):
+    """Someone bought and sold since the claim: was ours one of them? Nobody can say."""
+    sid, _coid = await leave_executing(db, 7, reached_broker=False)
+    await broker_trade(db, "other-1", 2, ago="20 s")
+    await broker_trade(db, "other-2", -2, ago="10 s")
+    executor = await executor_for()
+    await reconcile_until(executor)
+    cur = await db.execute("select status, detail from gateway.signals where id = %s", [sid])
+    status, detail = await cur.fetchone()
+    assert (status, "with 2 order(s) since the claim" in detail) == ("in_doubt", True)
+
+
 async def test_broker_that_cannot_tell_leaves_the_signal_in_doubt_with_an_alert(db, executor_for):
     sid, _ = await leave_executing(db, 7, reached_broker=False)
     executor = await executor_for(BlindBroker)
@@ -214,7 +246,7 @@ async def test_a_fresh_claim_of_our_own_epoch_is_not_reconciled_while_it_may_be_
 ):
     executor = await executor_for()
     epoch = executor.elector.epoch
-    sid, _ = await leave_executing(db, epoch, reached_broker=False, set_epoch=False)
+    sid, _ = await leave_executing(db, epoch, reached_broker=False, set_epoch=False, ago="0 s")
     # A send of ours may still be under way: asking the broker now could race it.
     assert await executor.reconcile() == 0
     cur = await db.execute("select status from gateway.signals where id = %s", [sid])

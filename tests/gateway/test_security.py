@@ -38,7 +38,6 @@ import service.web.routes
 from pgleader import Elector, Fenced, Timings, check_epoch
 from pgleader.embedded import find_bindir
 from pgleader.fencing import FENCED_SQLSTATE
-from service.brokers.base import OrderResult
 from service.brokers.paper import PaperBroker
 from service.errors import BrokerUnavailable
 from service.execution.executor import Executor
@@ -666,7 +665,8 @@ async def test_the_gateway_runs_as_the_least_privilege_role(gw, dsn, role_dsn):
         "alter table gateway.orders add column x int",
         "create table gateway.evil (x int)",
         "update pgleader.schema_migrations set checksum = 'x'",
-        "drop function gateway.claim_signal(bigint, bigint, text, text, interval)",
+        "drop function gateway.claim_instrument(text, bigint, text, text, interval, jsonb,"
+        " interval, text, text)",
         "create schema evil",
         f"alter role {ROLE} superuser",
         "select pg_terminate_backend(pid) from pg_stat_activity where usename = 'postgres' and datname = current_database()",
@@ -734,7 +734,11 @@ async def test_evicting_needs_no_pg_signal_backend(role_dsn):
         " values ('NIFTY', 'Long_1', true, 1)",
         "insert into gateway.alerts (kind) values ('forged')",
         # a function that is not SECURITY DEFINER runs with the role's own rights
-        "select * from gateway.claim_signal(1, 1, 'me', 'paper', '1 hour')",
+        "select * from gateway.claim_instrument('NIFTY', 1, 'me', 'paper', '1 hour', null,"
+        " '0 s', 'running', 'wait')",
+        "update gateway.trading_halt set mode = 'running'",
+        "insert into gateway.reconciliations (requested_by, trigger) values ('me', 'cli')",
+        "insert into gateway.instance_settings values ('gateway', 'me', 'x')",
     ],
 )
 def test_the_role_cannot_write_directly_what_the_functions_change(role_dsn, statement):
@@ -769,10 +773,14 @@ SECURITY_DEFINER = {
     "pgleader.record_eviction(text,interval,text)",
     "pgleader.record_follower_beat(text,text)",
     "gateway.raise_alert(text,bigint,text,text)",
-    "gateway.claim_signals(text,bigint,bigint[],text,text,interval)",
-    "gateway.complete_orders(text[],text[],text[],text[])",
-    "gateway.requeue_signal(text)",
-    "gateway.mark_in_doubt(text,text)",
+    "gateway.claim_signals(text,bigint,bigint[],text,text,interval,jsonb,interval,text)",
+    "gateway.complete_orders(text[],text[],text[],text[],text[])",
+    "gateway.requeue_signal(text,text)",
+    "gateway.mark_in_doubt(text,text,boolean)",
+    "gateway.set_trading_halt(text,text,text)",
+    "gateway.request_reconciliation(text,text)",
+    "gateway.finish_reconciliation(bigint,bigint,text,text,jsonb,text)",
+    "gateway.record_settings(text,text,text)",
 }
 
 
@@ -803,7 +811,7 @@ async def test_the_functions_check_their_caller_for_themselves(db, role_dsn):
         with pytest.raises(psycopg.Error) as fenced:
             await conn.execute(
                 "select * from gateway.claim_signals('gateway', 9, '{1}', 'intruder', 'paper',"
-                " '1 hour')"
+                " '1 hour', null, '0 s', 'wait')"
             )
         assert fenced.value.sqlstate == FENCED_SQLSTATE
     cur = await db.execute("select epoch, leader from pgleader.election where name = 'gateway'")
@@ -811,26 +819,27 @@ async def test_the_functions_check_their_caller_for_themselves(db, role_dsn):
 
 
 class HalfBlindBroker(PaperBroker):
-    """The paper broker, unable to say what became of the orders in `blind`."""
+    """The paper broker, unable to say what it holds of the instruments in `blind`."""
 
     blind: frozenset[str] = frozenset()
 
-    async def lookup(self, client_order_id: str) -> OrderResult | None:
-        if client_order_id in self.blind:
-            raise BrokerUnavailable("order book unavailable")
-        return await super().lookup(client_order_id)
+    async def positions(self, instruments):
+        if any(i.name in self.blind for i in instruments):
+            raise BrokerUnavailable("position book unavailable")
+        return await super().positions(instruments)
 
 
 async def test_reconciliation_alerts_and_the_fence_work_under_the_role(db, role_dsn):
     """What the processes above rarely reach, run as the role: requeue, in doubt, an
     alert of the spool, the Python fence."""
-    # A crashed leader of epoch 7 left two signals claimed, orders booked, never sent.
+    # A crashed leader of epoch 7 left two signals claimed (two instruments), orders
+    # booked, never sent.
     await db.execute("insert into pgleader.election (name, epoch) values ('gateway', 7)")
     cur = await db.execute(
         "insert into gateway.signals (fingerprint, type, instrument, position, lots, price,"
         " signal_at, payload, received_by, status, claimed_epoch, claimed_by, claimed_at)"
-        " select md5(random()::text), 'BASE_ENTRY', 'NIFTY', 'Long_' || g, 1, 100, now(), '{}',"
-        "        'old', 'executing', 7, 'old', now()"
+        " select md5(random()::text), 'BASE_ENTRY', 'I' || g, 'Long_1', 1, 100, now(), '{}',"
+        "        'old', 'executing', 7, 'old', now() - interval '1 min'"
         "   from generate_series(1, 2) g order by g returning id"
     )
     ids = [r[0] for r in await cur.fetchall()]
@@ -838,7 +847,8 @@ async def test_reconciliation_alerts_and_the_fence_work_under_the_role(db, role_
     for sid, coid in zip(ids, coids, strict=True):
         await db.execute(
             "insert into gateway.orders (signal_id, epoch, instance_id, broker, client_order_id,"
-            " action, quantity) values (%s, 7, 'old', 'paper', %s, 'BUY', 1)",
+            " action, quantity, side, lots, start_position, target_position)"
+            " values (%s, 7, 'old', 'paper', %s, 'BUY', 1, 'long', 1, 0, 1)",
             [sid, coid],
         )
     pool = AsyncConnectionPool(
@@ -847,10 +857,10 @@ async def test_reconciliation_alerts_and_the_fence_work_under_the_role(db, role_
     await pool.open()
     elector = Elector(role_dsn, "gateway", instance_id="role", timings=Timings(0.2, 0.6, 1.2))
     broker = HalfBlindBroker(pool, timeout=1.0)
-    broker.blind = frozenset({coids[1]})
+    broker.blind = frozenset({"I2"})
     executor = Executor(
         pool, elector, broker, max_age=timedelta(minutes=5), broker_timeout=0.5,
-        lookup_attempts=1,
+        settle=1.0, lookup_attempts=1,
     )  # fmt: skip
     try:
         await elector.start()

@@ -69,7 +69,7 @@ def test_each_rule_of_an_order_is_written_once():
     sources = [*schema_files(), *(ROOT / "service").rglob("*.py")]
     for rule, home in (
         ("'pgl-", "gateway.next_client_order_id"),
-        ("then 'SELL'", "gateway.order_action"),
+        ("else 'SELL'", "gateway.order_action"),
     ):
         found = [p for p in sources for _ in range(p.read_text().count(rule))]
         assert found == [sql_dir() / "gateway" / "functions.sql"], (rule, found)

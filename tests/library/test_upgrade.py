@@ -9,6 +9,7 @@ what 0.1's runner did with them, `pending_for_0_1` what it asked at every start.
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -178,6 +179,20 @@ def snapshot(dsn: str) -> dict[str, str]:
         }
 
 
+def parsed(snap: dict[str, str]) -> dict[str, list[dict[str, Any]]]:
+    return {table: json.loads(text) for table, text in snap.items()}
+
+
+def same_columns(after: dict[str, str], before: dict[str, str]) -> dict[str, list[dict[str, Any]]]:
+    """`after`'s rows with the columns `before` had: a migration may add a column (its
+    default then fills every old row), never change or lose a value."""
+    old = parsed(before)
+    return {
+        table: [{key: row[key] for key in (old[table][0] if old[table] else row)} for row in rows]
+        for table, rows in parsed(after).items()
+    }
+
+
 def one_text(conn: psycopg.Connection[Any], query: sql.Composable) -> str:
     row = conn.execute(query).fetchone()
     assert row is not None
@@ -250,10 +265,11 @@ async def test_a_database_of_0_1_upgrades_with_nothing_lost_to_a_fresh_install(b
         "pgleader/001_election.sql",
         "pgleader/functions.sql",
         "gateway/001_gateway.sql",
+        "gateway/002_targets.sql",
         "gateway/functions.sql",
     ]
     assert await migrate(old) == []
-    assert snapshot(old) == before
+    assert same_columns(snapshot(old), before) == parsed(before)
 
     await migrate(fresh)
     upgraded, installed = catalog(old), catalog(fresh)
@@ -284,11 +300,13 @@ async def test_an_upgraded_database_goes_on_where_0_1_left_off(bare):
                 " 'new') returning id"
             ).fetchone()[0]
             row = conn.execute(
-                "select status, client_order_id, action, quantity from gateway.claim_signals("
-                "'gateway', %s, %s, 'new', 'paper', '5 minutes')",
+                "select status, client_order_id, action, start_position, target_position"
+                " from gateway.claim_signals('gateway', %s, %s, 'new', 'paper', '5 minutes',"
+                " null, '0 s', 'wait')",
                 [epoch, [sid]],
             ).fetchone()
-            assert row == ("executing", f"pgl-{sid}-e3-1", "SELL", 1)
+            # 0.1's open long of 1 lot (side long by default), closed to flat
+            assert row == ("executing", f"pgl-{sid}-e3-1", "SELL", 1, 0)
     with psycopg.connect(old) as conn:
         reasons = conn.execute(
             "select epoch, release_reason from pgleader.leadership_history order by epoch"

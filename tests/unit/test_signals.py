@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 from service.intake.signals import (
     Parsed,
+    Side,
     Signal,
     SignalError,
     SignalType,
@@ -86,6 +87,7 @@ def test_payload_is_json_with_exact_prices_and_a_utc_timestamp() -> None:
         "type": "base_entry",
         "instrument": "NSE:NIFTY",
         "position": "Long_1",
+        "side": "long",
         "lots": 2,
         "price": "0.1",
         "stop": None,
@@ -357,7 +359,7 @@ def test_instrument_outside_the_allow_list_is_rejected() -> None:
 
     assert (error.field, error.message) == (
         "instrument",
-        "instrument NSE:SENSEX is not in the allowed list",
+        "instrument NSE:SENSEX is not traded here (not in the allow-list or the instruments file)",
     )
 
 
@@ -458,9 +460,7 @@ TIMES = st.datetimes(
 )
 SPELLINGS = st.sampled_from(["seconds", "milliseconds", "microseconds"])
 NAME_CHARS = st.characters(categories=["L", "N", "P", "S"], codec="utf-8")
-POSITIONS = st.text(NAME_CHARS, min_size=1, max_size=64).filter(
-    lambda name: not name.strip().lower().startswith("short")  # refused: no shorts yet
-)
+POSITIONS = st.text(NAME_CHARS, min_size=1, max_size=64)
 INSTRUMENTS = st.from_regex(r"[A-Za-z0-9_.:&-]{1,64}", fullmatch=True)
 PADDING = st.sampled_from(["", " ", "\t", "  \n"])
 
@@ -684,24 +684,61 @@ def test_any_change_of_the_four_fields_changes_the_fingerprint(
     assert fingerprint_raw(changed(body, part)) != fingerprint_raw(body)
 
 
-# --- a short is never traded as a long ---------------------------------------------
+# --- the side: long or short, never guessed the wrong way ----------------------------
 
 
 @pytest.mark.parametrize("kind", ["BASE_ENTRY", "PYRAMID", "EXIT"])
 @pytest.mark.parametrize("label", ["Short_1", "short_2", "SHORT", "Shorts"])
-def test_a_short_position_is_refused_rather_than_sent_as_a_buy(kind: str, label: str) -> None:
-    error = error_of(entry(type=kind, position=label))
-    assert error.field == "position" and "short" in error.message
+def test_a_position_label_beginning_with_short_is_a_short(kind: str, label: str) -> None:
+    assert parse(entry(type=kind, position=label)).signal.side is Side.SHORT
 
 
-@pytest.mark.parametrize("side", ["short", "SHORT", "sell", 1, ""])
-def test_a_side_other_than_long_is_refused(side: Any) -> None:
-    body = entry(position="Long_1")
+@pytest.mark.parametrize("kind", ["BASE_ENTRY", "PYRAMID", "EXIT"])
+@pytest.mark.parametrize("label", ["Long_1", "Base", "P1", "ſhort"])
+def test_any_other_label_is_a_long(kind: str, label: str) -> None:
+    assert parse(entry(type=kind, position=label)).signal.side is Side.LONG
+
+
+@pytest.mark.parametrize("kind", ["BASE_ENTRY", "PYRAMID", "EXIT"])
+@pytest.mark.parametrize(
+    ("value", "side"),
+    [("short", Side.SHORT), (" SHORT ", Side.SHORT), ("long", Side.LONG), ("Long", Side.LONG)],
+)
+def test_an_explicit_side_decides_for_a_neutral_label(kind: str, value: str, side: Side) -> None:
+    parsed = parse(entry(type=kind, position="Base", side=value))
+    assert parsed.signal.side is side
+    assert "side" not in parsed.signal.extra
+    assert parsed.signal.payload()["side"] == side.value
+
+
+@pytest.mark.parametrize(("label", "side"), [("Short_1", "long"), ("Long_1", "short")])
+def test_a_side_contradicting_the_label_is_refused(label: str, side: str) -> None:
+    error = error_of(entry(position=label, side=side))
+    assert error.field == "side" and "contradicts" in error.message
+
+
+@pytest.mark.parametrize("side", ["sell", "buy", 1, "", "ſhort", True])
+def test_a_side_other_than_long_or_short_is_refused(side: Any) -> None:
+    body = entry(position="Base")
     body["side"] = side
     error = error_of(body)
     assert error.field == "side", error.message
 
 
-def test_side_long_is_accepted_and_kept() -> None:
-    parsed = parse(entry(side="long"))
-    assert parsed.signal.extra == {"side": "long"}
+def test_a_short_and_a_long_of_one_label_are_two_signals() -> None:
+    long, short = entry(position="Base", side="long"), entry(position="Base", side="short")
+    assert fingerprint_raw(long) != fingerprint_raw(short)
+    assert fingerprint(parse(short).signal) == fingerprint_raw(short)
+
+
+def test_a_long_keeps_the_fingerprint_it_had_before_sides() -> None:
+    body = entry(position="Long_1")
+    second = parse(body).signal.timestamp.astimezone(UTC).replace(microsecond=0, tzinfo=None)
+    text = f"{body['instrument'].upper()}:base_entry:Long_1:{second.isoformat()}Z"
+    assert fingerprint_raw(body) == hashlib.sha256(text.encode()).hexdigest()
+
+
+@pytest.mark.parametrize("side", ["long", "short"])
+def test_the_side_survives_the_stored_payload(side: str) -> None:
+    signal = parse(entry(position="Base", side=side)).signal
+    assert Signal.from_payload(signal.payload()) == signal
