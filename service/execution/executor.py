@@ -331,9 +331,18 @@ class Executor:
         claimed = await self._check_positions(claimed, status, freed)
         if not claimed or not self.elector.is_leader:
             return
+        budget = self._send_budget(len(claimed))
+        if math.isinf(self.broker.order_rate):  # one request for the batch
+            await self._send(claimed, budget, status, freed)
+        else:  # paced: each order recorded (and answered inline) as soon as it is done
+            await asyncio.gather(*(self._send([c], budget, status, freed) for c in claimed))
+
+    async def _send(
+        self, claimed: list[_Claimed], budget: float, status: dict[int, str], freed: set[str]
+    ) -> None:
         orders = [c.order for c in claimed]
         try:
-            async with asyncio.timeout(self._send_budget(len(orders))):
+            async with asyncio.timeout(budget):
                 answers = await self.broker.place_many(orders)
         except TimeoutError:
             answers = [BrokerUnavailable("no answer within broker_timeout")] * len(orders)
@@ -359,6 +368,9 @@ class Executor:
                 status[c.signal_id] = final
                 freed.add(c.order.instrument.name)
                 self.counts[final if final in self.counts else "failed"] += 1
+                future = self._running.get(c.signal_id)
+                if future is not None and not future.done():
+                    future.set_result(final)
 
     def _send_budget(self, orders: int) -> float:
         rate = self.broker.order_rate
