@@ -143,7 +143,8 @@ class Executor:
         self._parked: set[int] = set()
         self._batches: set[asyncio.Task[None]] = set()
         self._timers: set[asyncio.TimerHandle] = set()
-        self._lookup_failures: dict[str, int] = {}
+        # client order id -> (failed questions, since when) while settling it
+        self._lookup_failures: dict[str, tuple[int, float]] = {}
         # Older epochs' claims may be settled only after their leader's lease ran out.
         self._reconcile_older_after = float("inf")
         self.counts = {
@@ -589,10 +590,16 @@ class Executor:
             if held == start:
                 ids = await self.broker.orders_since(instrument, claimed_at - _CLOCK_MARGIN)
                 placed = await self._unknown_orders(name, ids)
-        except (BrokerUnavailable, BrokerRefused, BrokerModeMismatch) as exc:
-            failures = self._lookup_failures.get(coid, 0) + 1
-            self._lookup_failures[coid] = failures
-            if failures < self.lookup_attempts:
+        except BrokerRefused as exc:  # rate limited, or a session to renew: ask later
+            self._pause(exc.retry_after)
+            return 0
+        except (BrokerUnavailable, BrokerModeMismatch) as exc:
+            # The broker may be down for a moment: give up only after it stayed silent
+            # for a settle time and `lookup_attempts` questions, not after a few sweeps.
+            now = time.monotonic()
+            failures, since = self._lookup_failures.get(coid, (0, now))
+            self._lookup_failures[coid] = (failures + 1, since)
+            if failures + 1 < self.lookup_attempts or now - since < self.settle:
                 return 0
             self._lookup_failures.pop(coid, None)
             detail = f"{name}: the broker cannot tell whether it got the order: {exc}"

@@ -1,6 +1,9 @@
 """`make chaos`: randomized campaigns. ROUNDS, SEED, DURATION (s per round), FAULTS (per round).
 
-make chaos ROUNDS=10 DURATION=180 FAULTS=20 SEED=1234
+make chaos ROUNDS=10 DURATION=180 FAULTS=24 SEED=1234
+
+Each round trades six instruments long and short on the fake OpenAlgo (a process
+of its own, tests.chaos.broker) and ends with its book compared with the ledger.
 
 The disk_full fault's small disk is a tmpfs mount as root, else (or with
 PGLEADER_TEST_DISK=rlimit) a file-size limit on the instance (tests/diskfull.py).
@@ -13,6 +16,7 @@ import json
 import os
 import random
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +27,7 @@ def main() -> int:
     rounds = int(os.environ.get("ROUNDS", "3"))
     seed = int(os.environ.get("SEED") or random.SystemRandom().randrange(1, 10**9))
     duration = float(os.environ.get("DURATION", "120"))
-    faults = int(os.environ.get("FAULTS", "12"))
+    faults = int(os.environ.get("FAULTS", "20"))
     print(f"chaos: ROUNDS={rounds} SEED={seed} DURATION={duration} FAULTS={faults}", flush=True)
     results = []
     for n in range(rounds):
@@ -32,11 +36,19 @@ def main() -> int:
         results.append(result)
     failed = [r["seed"] for r in results if r["violations"]]
     full = [r["disk_full"] for r in results]
+    kinds = Counter(kind for r in results for _, kind, _ in r["faults"])
+    in_doubt = Counter(name for r in results for _, name, _, _ in r["broker"]["in_doubt"])
     print(
         f"\nall rounds: {sum(len(r['faults']) for r in results)} faults"
-        f" ({sum(d['faults'] for d in full)} disk_full), {sum(r['accepted'] for r in results)}"
-        f" signals answered 2xx ({sum(r['spooled_answers'] for r in results)} spooled),"
-        f" {sum(r['executed'] for r in results)} executed;"
+        f" ({', '.join(f'{k} x{v}' for k, v in sorted(kinds.items()))});"
+        f" {sum(r['accepted'] for r in results)} signals answered 2xx"
+        f" ({sum(r['spooled_answers'] for r in results)} spooled),"
+        f" {sum(r['executed'] for r in results)} executed,"
+        f" {sum(r['terminal'] for r in results)} terminal with an alert;"
+        f" broker fills {sum(r['broker']['fills'] for r in results)};"
+        f" in_doubt {sum(in_doubt.values())}"
+        f" ({', '.join(f'{k} x{v}' for k, v in sorted(in_doubt.items())) or 'none'}), each"
+        " with an alert or named a violation;"
         f" on the full disk {_total(full, 'full', '503')} answered 503,"
         f" {_total(full, 'full', '202 spooled')} spooled, once freed"
         f" {_total(full, 'freed', '202 spooled')} spooled;"

@@ -1,9 +1,11 @@
-"""Reads a campaign's history and database and names every broken promise.
+"""Reads a campaign's history, database and broker book, and names every broken promise.
 
 Invariants:
-  once        no signal reached the broker more than once
-  no-loss     every signal answered 2xx is executed, or in an explicit terminal
-              state (rejected, expired, in_doubt) with an alert recorded; a
+  once        each signal executed at most once: at most one of its orders ended
+              filled or matched (the ledger moved once)
+  no-loss     every signal answered 2xx (counted once per fingerprint: TradingView's
+              re-sends carry the same body) is executed, or in an explicit terminal
+              state (rejected, expired, failed, in_doubt) with an alert recorded; a
               `202 spooled` answer counts like any other (a 503 promises nothing),
               so a signal spooled on a full disk and then lost is named here
   fenced      no order was claimed under an epoch older than the newest epoch
@@ -11,6 +13,32 @@ Invariants:
   epochs      epochs strictly increase and leadership intervals never overlap
               by the database clock
   spool       every instance's spool is empty at the end (the small disk's too)
+  soak        no instance's sessions or memory grew without bound
+  broker      the broker's book against the ledger, per instrument of the
+              instruments file (`broker_promise`; units are lots x lot size,
+              negative for short):
+    position    at the end, the broker's net position equals the ledger's open
+                net position (gateway.positions open lots x lot size, signed by
+                side). An instrument with a signal in_doubt may differ: it is
+                then reported (`in_doubt`), never counted as matched; an
+                in_doubt signal without an alert is a violation whatever else.
+    exposure    the largest |position| the broker ever held is at most the
+                largest |target| of the orders that moved the ledger (the
+                filled or matched order of each executed signal) and of every
+                order of an in_doubt signal: no fault made the broker hold more
+                than some signal asked for.
+    landing     every fill leaves the broker at the target of an order the
+                gateway booked for that instrument (any outcome: it may have
+                been sent), and a fill whose broker order id the ledger
+                recorded leaves it at that order's target. A target order sent
+                again after settling (the first try was refused, or got 5xx
+                before it was applied) is no duplicate: the broker sees the
+                same target twice and moves once. A duplicate that doubled the
+                exposure (a delta sent twice, a plain order of the quantity)
+                would land on a position no order targeted.
+    fills       the broker has no more fills of an instrument than the gateway
+                booked orders for it (one placesmartorder per order, never
+                retried by the adapter).
 """
 
 from __future__ import annotations
@@ -20,22 +48,40 @@ import contextlib
 import itertools
 import time
 from collections import Counter
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import psycopg
 
+from tests.chaos.broker import Traded
 from tests.chaos.harness import DISK_FULL_NODE, answer_of
 
 if TYPE_CHECKING:
     from tests.chaos.harness import Campaign
 
-INVARIANTS = ["once", "no-loss", "fenced", "epochs", "spool", "soak"]
+INVARIANTS = ["once", "no-loss", "fenced", "epochs", "spool", "soak", "broker"]
 # A gateway holds its pool (max 10), the election session, the listener, and briefly a
 # side session (blocker termination). More than that is a leak.
 MAX_SESSIONS = 13
 MAX_RSS_MB = 150
-TERMINAL_WITH_ALERT = ("rejected", "expired", "in_doubt")
+TERMINAL_WITH_ALERT = ("rejected", "expired", "failed", "in_doubt")
+MOVED_THE_LEDGER = ("filled", "matched")
+
+
+class SignalRow(NamedTuple):
+    instrument: str
+    status: str
+    detail: str | None
+
+
+class OrderRow(NamedTuple):
+    signal_id: int
+    client_order_id: str
+    outcome: str
+    broker_order_id: str | None
+    start: int | None
+    target: int | None
 
 
 async def _rows(conn: psycopg.AsyncConnection[Any], sql: str) -> list[tuple[Any, ...]]:
@@ -145,43 +191,186 @@ async def settle(c: Campaign, conn: psycopg.AsyncConnection[Any], quiet: float) 
         await asyncio.sleep(0.2)
 
 
+def broker_promise(
+    instruments: Mapping[str, Traded],
+    signals: Mapping[int, SignalRow],
+    orders: Sequence[OrderRow],
+    open_positions: Sequence[tuple[str, str, int]],
+    alerted: set[int],
+    book: Mapping[str, Any],
+) -> dict[str, Any]:
+    """The broker invariants (see the module's docstring) of one campaign's end state.
+
+    `orders` in the order they were booked; `open_positions` the ledger's open rows
+    (instrument, side, lots); `book` the fake OpenAlgo's /_fake/state, whose orders
+    are its fills in the order it made them. Returns the violations, a row per
+    instrument and every in_doubt signal."""
+    violations: list[str] = []
+    by_key = {i.key: i for i in instruments.values()}
+    ledger: Counter[str] = Counter()
+    for name, side, lots in open_positions:
+        unit = instruments[name].lot_size if name in instruments else 1
+        ledger[name] += (-1 if side == "short" else 1) * int(lots) * unit
+    held = {
+        (p["symbol"], p["exchange"], p["product"]): int(p["quantity"]) for p in book["positions"]
+    }
+    in_doubt = sorted(
+        (sid, row.instrument, sid in alerted, row.detail or "")
+        for sid, row in signals.items()
+        if row.status == "in_doubt"
+    )
+    for sid, name, has_alert, detail in in_doubt:
+        if not has_alert:
+            violations.append(f"broker: signal {sid} of {name} in_doubt without an alert: {detail}")
+    doubtful = {name for _, name, _, _ in in_doubt}
+
+    booked: dict[str, list[OrderRow]] = {name: [] for name in instruments}
+    for o in orders:
+        of = signals[o.signal_id].instrument if o.signal_id in signals else None
+        if of in booked:
+            booked[of].append(o)
+    fills: dict[str, list[dict[str, Any]]] = {name: [] for name in instruments}
+    for fill in book["orders"]:
+        traded = by_key.get((fill["symbol"], fill["exchange"], fill["product"]))
+        if traded is None:
+            violations.append(f"broker: a fill of {fill['symbol']}, which no instrument trades")
+            continue
+        fills[traded.name].append(fill)
+    unknown = set(held) - set(by_key)
+    for key in sorted(unknown):
+        if held[key]:
+            violations.append(
+                f"broker: holds {held[key]} of {':'.join(key)}, no instrument of ours"
+            )
+
+    rows: dict[str, dict[str, Any]] = {}
+    for name, traded in instruments.items():
+        mine = booked[name]
+        status_of = {o.client_order_id: signals[o.signal_id].status for o in mine}
+        counted = [
+            o.target
+            for o in mine
+            if o.target is not None
+            and (
+                (status_of[o.client_order_id] == "executed" and o.outcome in MOVED_THE_LEDGER)
+                or status_of[o.client_order_id] == "in_doubt"
+            )
+        ]
+        bound = max((abs(t) for t in counted), default=0)
+        targets = {o.target for o in mine if o.target is not None}
+        by_broker_id = {o.broker_order_id: o for o in mine if o.broker_order_id}
+        position = lowest = highest = 0
+        for fill in fills[name]:
+            position += (1 if fill["action"] == "BUY" else -1) * int(fill["quantity"])
+            lowest, highest = min(lowest, position), max(highest, position)
+            if position not in targets:
+                violations.append(
+                    f"broker: landing: fill {fill['orderid']} ({fill['action']} {fill['quantity']})"
+                    f" left {name} at {position}, which no order of it targeted"
+                    f" (targets {sorted(targets)}): a duplicate or a stale order"
+                )
+            ours = by_broker_id.get(fill["orderid"])
+            if ours is not None and ours.target != position:
+                violations.append(
+                    f"broker: landing: fill {fill['orderid']} left {name} at {position}, its"
+                    f" order {ours.client_order_id} targeted {ours.target}"
+                )
+        broker_now = held.get(traded.key, 0)
+        if broker_now != position:
+            violations.append(f"broker: {name} holds {broker_now}, its fills add up to {position}")
+        max_abs = int(book["max_abs_positions"].get(traded.symbol, 0))
+        if max_abs > bound:
+            violations.append(
+                f"broker: exposure: {name} reached |{max_abs}| at the broker, the executed"
+                f" and in_doubt signals allowed |{bound}| at most"
+            )
+        if len(fills[name]) > len(mine):
+            violations.append(
+                f"broker: fills: {len(fills[name])} fills of {name}, {len(mine)} orders booked"
+            )
+        matched = broker_now == ledger[name]
+        if not matched and name not in doubtful:
+            violations.append(
+                f"broker: position: {name} the broker holds {broker_now}, the ledger"
+                f" {ledger[name]}, and no signal of it is in_doubt"
+            )
+        rows[name] = {
+            "ledger": ledger[name],
+            "broker": broker_now,
+            "position": (
+                "matched" if matched else "differs, in_doubt" if name in doubtful else "DIFFERS"
+            ),
+            "max_abs": max_abs,
+            "bound": bound,
+            "fills": len(fills[name]),
+            "orders": len(mine),
+            "in_doubt": sum(n == name for _, n, _, _ in in_doubt),
+            "long_short": (highest > 0, lowest < 0),
+        }
+    return {
+        "violations": violations,
+        "instruments": rows,
+        "in_doubt": in_doubt,
+        "fills": sum(len(f) for f in fills.values()),
+        "both_ways": sum(r["long_short"] == (True, True) for r in rows.values()),
+        "answers": dict(book.get("answers", {})),
+    }
+
+
+async def _book(c: Campaign, attempts: int = 20) -> dict[str, Any]:
+    """The broker's state once its fills stop changing (a late order may still land)."""
+    state = await c.broker.state()
+    for _ in range(attempts):
+        await asyncio.sleep(0.5)
+        again = await c.broker.state()
+        if len(again["orders"]) == len(state["orders"]):
+            return again
+        state = again
+    return state
+
+
 async def check(c: Campaign, quiet: float) -> dict[str, Any]:
     violations: list[str] = []
     async with await psycopg.AsyncConnection.connect(c.server.dsn, autocommit=True) as conn:
         await settle(c, conn, quiet)
-        signals = {
-            fp: (sid, status)
-            for sid, fp, status in await _rows(
-                conn, "select id, fingerprint, status from gateway.signals"
-            )
-        }
+        rows = await _rows(
+            conn, "select id, fingerprint, status, instrument, detail from gateway.signals"
+        )
+        signals = {fp: (sid, status) for sid, fp, status, _, _ in rows}
+        by_id = {sid: SignalRow(name, status, detail) for sid, _, status, name, detail in rows}
         alerted = {
             sid
             for (sid,) in await _rows(
                 conn, "select signal_id from gateway.alerts where signal_id is not null"
             )
         }
+        orders = [
+            OrderRow(*row)
+            for row in await _rows(
+                conn,
+                "select signal_id, client_order_id, outcome, broker_order_id, start_position,"
+                " target_position from gateway.orders order by id",
+            )
+        ]
+        open_positions = await _rows(
+            conn, "select instrument, side, lots from gateway.positions where status = 'open'"
+        )
 
-        # once: count what the broker itself recorded, per signal
-        for sid, count in await _rows(
-            conn,
-            "select o.signal_id, count(p.id) from gateway.orders o"
-            " join gateway.paper_broker_requests p on p.client_order_id = o.client_order_id"
-            " group by o.signal_id having count(p.id) > 1",
-        ):
-            violations.append(f"once: signal {sid} reached the broker {count} times")
-        for coid, count in await _rows(
-            conn,
-            "select client_order_id, count(*) from gateway.paper_broker_requests"
-            " group by 1 having count(*) > 1",
-        ):
-            violations.append(f"once: client order id {coid} received {count} times")
+        # once: the ledger moved at most once per signal
+        moved = Counter(o.signal_id for o in orders if o.outcome in MOVED_THE_LEDGER)
+        for sid, count in sorted(moved.items()):
+            if count > 1:
+                violations.append(f"once: signal {sid} has {count} orders filled or matched")
 
-        # no-loss
+        # no-loss, once per fingerprint (a re-sent body is the same signal)
         accepted = [r for r in c.history.requests if r.status is not None and 200 <= r.status < 300]
         executed = terminal = 0
         lost: set[str] = set()
+        seen: set[str] = set()
         for r in accepted:
+            if r.fingerprint in seen:
+                continue
+            seen.add(r.fingerprint)
             found = signals.get(r.fingerprint)
             if found is None:
                 lost.add(r.fingerprint)
@@ -200,6 +389,12 @@ async def check(c: Campaign, quiet: float) -> dict[str, Any]:
                 violations.append(
                     f"no-loss: signal {sid} answered {r.status} ended {status!r} without an alert"
                 )
+
+        # broker: its book against the ledger
+        broker = broker_promise(
+            c.instruments, by_id, orders, open_positions, alerted, await _book(c)
+        )
+        violations += broker.pop("violations")
 
         # fenced: the epoch current when each claim committed
         for order_id, sid, epoch, newest in await _rows(
@@ -244,14 +439,29 @@ async def check(c: Campaign, quiet: float) -> dict[str, Any]:
         spooled = _spooled(c)
         if spooled:
             violations.append(f"spool: {spooled} signals still spooled")
-        (broker_requests,) = (
-            await _rows(conn, "select count(*) from gateway.paper_broker_requests")
-        )[0]
+        statuses = Counter(row.status for row in by_id.values())
+        # how orders ended, by outcome and the first words of their detail
+        # ("settled", "not placed", "not sent"): the settle path at work
+        outcomes = {
+            f"{outcome}{' (' + why + ')' if why else ''}": n
+            for outcome, why, n in await _rows(
+                conn,
+                "select outcome, split_part(coalesce(detail, ''), ':', 1), count(*)"
+                " from gateway.orders group by 1, 2 order by 3 desc",
+            )
+        }
+        refusals = await _rows(
+            conn,
+            "select status, regexp_replace(detail, '[0-9]+', 'N', 'g'), count(*)"
+            " from gateway.signals where status in ('rejected', 'expired', 'failed')"
+            " group by 1, 2 order by 3 desc limit 6",
+        )
 
     return {
         "seed": c.seed,
         "requests": len(c.history.requests),
-        "accepted": len(accepted),
+        "accepted": len(seen),
+        "answers_2xx": len(accepted),
         "unanswered": sum(r.status is None for r in c.history.requests),
         "answers": dict(Counter(answer_of(r) for r in c.history.requests if r.status)),
         "spooled_answers": sum(answer_of(r) == "202 spooled" for r in accepted),
@@ -262,7 +472,13 @@ async def check(c: Campaign, quiet: float) -> dict[str, Any]:
         "terminal": terminal,
         "epochs": len(history),
         "inbox": len(signals),
-        "broker_requests": broker_requests,
+        "statuses": dict(statuses),
+        "orders": len(orders),
+        "outcomes": outcomes,
+        "refusals": refusals,
+        "broker": broker,
+        "moves": dict(c.history.moves),
+        "resent": sum(r.resent > 0 for r in c.history.requests),
         "faults": c.history.faults,
         "invariants": INVARIANTS,
         "soak": soak,

@@ -3,13 +3,16 @@
     PostgreSQL (owned by the campaign: restarted, stopped)
       ^ ^ ^   one blackholing proxy per instance (partitions)
     gw1 gw2 gw3   real `pgleader serve` processes (SIGKILL, SIGSTOP, SIGTERM)
-      ^ ^ ^       gw3's data directory (its spool) on a small disk of its own (disk_full)
-    load generator: distinct signals round-robin at a steady rate, every
-    request and answer logged
+      | ^ ^ ^     gw3's data directory (its spool) on a small disk of its own (disk_full)
+      |  load generator: one strategy per instrument (tests.chaos.workload), long
+      |  and short, round-robin over the instances; every request and answer logged
+      v
+    the fake OpenAlgo, a process of its own (tests.chaos.broker): slow, 5xx,
+    applies then drops, 429, 403, SIGSTOP
 
 Faults come from a seeded schedule, so a failing seed replays. At the end the
 faults stop, everything is healed and restarted, the system gets a quiet
-period, and `checker.check` reads the log and the database.
+period, and `checker.check` reads the log, the database and the broker's book.
 """
 
 from __future__ import annotations
@@ -34,10 +37,20 @@ import aiohttp
 from pgleader.embedded import EmbeddedPostgres
 from pgleader.migrations import migrate
 from service.intake.signals import fingerprint_raw
+from tests.chaos.broker import API_KEY, INSTRUMENTS, FakeBroker, Traded, write_instruments_file
 from tests.chaos.proxy import BlackholeProxy
+from tests.chaos.workload import MOVES, SLOW, SLOW_EVERY, Trader
 from tests.support.diskfull import SmallDisk
-from tests.support.gateway import GatewayProcess, signal_body
+from tests.support.gateway import GatewayProcess
 
+BROKER_FAULTS = (
+    "broker_latency",  # answers after the client gave up, applied before settling
+    "broker_5xx",  # 5xx before applying
+    "broker_drop",  # applies, then drops the connection unanswered
+    "broker_429",  # a burst of 429 on every endpoint
+    "broker_403",  # the broker session expired, for a while
+    "broker_pause",  # SIGSTOP, then SIGCONT, of the fake's process
+)
 FAULTS = (
     "kill",
     "pause",
@@ -47,11 +60,32 @@ FAULTS = (
     "db_down",
     "sigterm",
     "disk_full",
+    *BROKER_FAULTS,
 )
 # Fast election timings so a campaign fits in minutes; the rules of Timings still hold.
 TIMINGS = ["--heartbeat", "0.2", "--lease", "0.6", "--evict-after", "1.2"]
-EXTRA = ["--sweep-interval", "0.2", "--broker-timeout", "1.0", "--startup-timeout", "120"]
+BROKER_TIMEOUT = 1.0
+BROKER_SETTLE = 2.5  # at least twice the timeout (the gateway refuses less)
+EXTRA = [
+    "--sweep-interval", "0.2", "--startup-timeout", "120",
+    "--broker-timeout", str(BROKER_TIMEOUT), "--broker-settle", str(BROKER_SETTLE),
+]  # fmt: skip
 EVICT_AFTER = 1.2
+# TradingView re-sends a 5xx answer after 5 s, up to 3 times, with the same body;
+# here sooner, the campaign's time being compressed.
+RESEND_AFTER = 1.0
+RESENDS = 2
+# At most this long after the faults for everything to settle: a 403 holds sends 10 s
+# and more (backoff), a 429 2 s, a broker outage its settle time, then the backlog drains.
+QUIET = 150.0
+# A broker fault of the next few calls lasts until they came, at most this long (a
+# seldom-traded instrument's next order may be 12 s away; others' come every second
+# unless an outage holds them).
+FAULT_CALLS_WAIT = 5.0
+SLOW_FAULT_CALLS_WAIT = 12.0
+# After a 403 the executor holds every send at least 10 s (service.brokers.openalgo:
+# a human must log in to the broker again), with a margin.
+AFTER_403 = 12.0
 # The instance whose data directory is on a small disk; big enough for every outage's spool.
 DISK_FULL_NODE = "gw3"
 SMALL_DISK_BYTES = 4 << 20
@@ -68,6 +102,7 @@ class Request:
     status: int | None  # None: no answer (refused, timed out)
     body: dict[str, Any] | None
     answered_at: float  # or given up on; the instance spooled or refused just before
+    resent: int = 0  # how many times this body was sent before (TradingView's re-sends)
 
 
 def answer_of(r: Request) -> str:
@@ -83,6 +118,7 @@ class History:
     started: float = field(default_factory=time.monotonic)
     requests: list[Request] = field(default_factory=list)
     faults: list[tuple[float, str, str]] = field(default_factory=list)  # (time, fault, target)
+    moves: Counter[str] = field(default_factory=Counter)  # the workload's, by kind (MOVES)
     # each disk_full fault's (database down, disk filled, disk freed, database back) times
     disk_full: list[tuple[float, float, float, float]] = field(default_factory=list)
 
@@ -91,31 +127,49 @@ class History:
     # the breakdown (application_name, state, count) of the most sessions one instance held
     session_peak: dict[str, Any] = field(default_factory=dict)
 
-    def fault(self, kind: str, target: str) -> None:
+    def fault(self, kind: str, target: str, detail: str = "") -> None:
         self.faults.append((time.monotonic(), kind, target))
         at = time.monotonic() - self.started
-        print(f"  fault {kind:18} {target:8} +{at:.1f} s", flush=True)
+        print(f"  fault {kind:18} {target:8} +{at:.1f} s {detail}".rstrip(), flush=True)
 
 
 class Campaign:
-    def __init__(self, seed: int, duration: float, rate: float, workdir: Path) -> None:
+    def __init__(
+        self, seed: int, duration: float, rate: float, workdir: Path, *, broker_rate: int = 10
+    ) -> None:
         self.seed = seed
         self.random = random.Random(seed)
+        self.broker_random = random.Random(seed + 10**9)  # its lane's: replays whatever the timing
         self.duration = duration
-        self.rate = rate
+        self.rate = rate  # signals per second, all instruments together (about)
         self.workdir = workdir
         self.history = History(seed)
         self.server = EmbeddedPostgres(workdir / "pg")
         self.proxies: dict[str, BlackholeProxy] = {}
         self.nodes: dict[str, GatewayProcess] = {}
         self.disk: SmallDisk | None = None
+        self.broker = FakeBroker(workdir / "openalgo.log", rate=broker_rate)
+        self.broker_rate = broker_rate
+        self.instruments: dict[str, Traded] = {i.name: i for i in INSTRUMENTS}
         self._load_stop = asyncio.Event()
+        self._turn = 0  # round-robin over the instances
+        # While a disk_full fault runs, every move's first signal goes to the small-disk
+        # instance: its spool must reach the full disk's edge within the fault.
+        self._focus: str | None = None
 
     # -- set-up ---------------------------------------------------------------
 
     async def start(self) -> None:
         await asyncio.to_thread(self.server.start)
         await migrate(self.server.dsn)
+        url = await self.broker.start()
+        instruments = write_instruments_file(self.workdir / "instruments.toml")
+        broker = [
+            "--broker", "openalgo", "--instruments-file", str(instruments),
+            "--openalgo-url", url, "--openalgo-api-key", API_KEY, "--openalgo-mode", "analyze",
+            # 10% under the fake's limit, which the gateway's pacer keeps 10% under again
+            "--openalgo-order-rate", f"{self.broker_rate * 0.9:g}",
+        ]  # fmt: skip
         self.disk = SmallDisk(SMALL_DISK_BYTES)
         for name in ("gw1", "gw2", "gw3"):
             proxy = BlackholeProxy(self.server.port)
@@ -124,7 +178,7 @@ class Campaign:
             dsn = f"host=127.0.0.1 port={proxy.port} user=postgres dbname=postgres"
             data_dir = self.disk.path if name == DISK_FULL_NODE else self.workdir
             self.nodes[name] = GatewayProcess(
-                dsn, name, data_dir, *TIMINGS, *EXTRA, log_dir=self.workdir
+                dsn, name, data_dir, *TIMINGS, *EXTRA, *broker, log_dir=self.workdir
             )
         await asyncio.gather(*(self.start_node(node) for node in self.nodes.values()))
 
@@ -141,6 +195,7 @@ class Campaign:
                 await node.stop()
             for proxy in self.proxies.values():
                 await proxy.stop()
+            await self.broker.stop()
             await asyncio.to_thread(self.server.stop, "immediate")
         finally:
             if self.disk is not None:  # whatever failed: a mount would outlive the campaign
@@ -149,26 +204,52 @@ class Campaign:
     # -- load -----------------------------------------------------------------
 
     async def load(self, http: aiohttp.ClientSession) -> None:
-        """Distinct signals, round-robin, at a steady rate; every answer is logged."""
-        names = list(self.nodes)
-        interval = 1.0 / self.rate
+        """One strategy per instrument (tests.chaos.workload): the busy ones share
+        `rate` moves per second (never two of one instrument in a second), the SLOW
+        ones move every SLOW_EVERY seconds; round-robin over the instances, a
+        reversal's two signals on two of them."""
+        traders = [Trader(i) for i in self.instruments.values()]
+        busy = sum(t.instrument.name not in SLOW for t in traders)
+        spacing = busy / self.rate
+        rnd = random.Random(self.seed * 7919)  # its own stream: the fault schedule stays put
+        now = time.monotonic()
+        due = {id(t): now + rnd.uniform(0, spacing) for t in traders}
         pending: set[asyncio.Task[None]] = set()
-        n = 0
-        next_at = time.monotonic()
         while not self._load_stop.is_set():
-            node = self.nodes[names[n % len(names)]]
-            body = signal_body(position=f"S{self.seed}_{n}")
-            task = asyncio.create_task(self._post(http, node, body))
-            pending.add(task)
-            task.add_done_callback(pending.discard)
-            n += 1
-            next_at += interval
+            trader = min(traders, key=lambda t: due[id(t)])
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._load_stop.wait(), max(0.0, next_at - time.monotonic()))
+                wait = max(0.0, due[id(trader)] - time.monotonic())
+                await asyncio.wait_for(self._load_stop.wait(), wait)
+            if self._load_stop.is_set():
+                break
+            at = await _next_second(trader.last_at)
+            move = trader.next(rnd, at)
+            self.history.moves[move.kind] += 1
+            first = len(move.bodies) > 1 and rnd.random() < 0.5  # a reversal's entry first
+            for n, body in enumerate(reversed(move.bodies) if first else move.bodies):
+                node = self.nodes[self._focus] if self._focus and not n else self._next_node()
+                if n:  # the second of a reversal: a few ms behind, on another instance
+                    await asyncio.sleep(rnd.uniform(0, 0.02))
+                task = asyncio.create_task(self._post(http, node, body))
+                pending.add(task)
+                task.add_done_callback(pending.discard)
+            if trader.instrument.name in SLOW:
+                due[id(trader)] += rnd.uniform(*SLOW_EVERY)
+            else:
+                due[id(trader)] += max(1.05, rnd.uniform(0.5, 1.5) * spacing)
         await asyncio.gather(*pending)
 
+    def _next_node(self) -> GatewayProcess:
+        names = list(self.nodes)
+        self._turn += 1
+        return self.nodes[names[self._turn % len(names)]]
+
     async def _post(
-        self, http: aiohttp.ClientSession, node: GatewayProcess, body: dict[str, Any]
+        self,
+        http: aiohttp.ClientSession,
+        node: GatewayProcess,
+        body: dict[str, Any],
+        resent: int = 0,
     ) -> None:
         sent = time.monotonic()
         status: int | None = None
@@ -180,8 +261,14 @@ class Campaign:
         except (aiohttp.ClientError, TimeoutError, json.JSONDecodeError):
             pass  # refused, reset or timed out: no answer, no promise made
         self.history.requests.append(
-            Request(sent, node.instance_id, fingerprint_raw(body), status, answer, time.monotonic())
-        )
+            Request(
+                sent, node.instance_id, fingerprint_raw(body), status, answer, time.monotonic(),
+                resent,
+            )
+        )  # fmt: skip
+        if status is not None and status >= 500 and resent < RESENDS:
+            await asyncio.sleep(RESEND_AFTER)  # TradingView's re-send, to whoever is next
+            await self._post(http, self._next_node(), body, resent + 1)
 
     # -- soak -----------------------------------------------------------------
 
@@ -258,7 +345,8 @@ class Campaign:
             await asyncio.sleep(0.1)
         return None
 
-    async def inject(self, kind: str) -> None:
+    async def inject(self, kind: str, *, last: bool = False) -> None:
+        """One fault; `last`: the last of its lane (nothing after it to wait for)."""
         rnd = self.random
         if kind in ("restart_fast", "restart_immediate"):
             mode = kind.split("_")[1]
@@ -273,6 +361,9 @@ class Campaign:
             return
         if kind == "disk_full":
             await self.disk_full()
+            return
+        if kind in BROKER_FAULTS:
+            await self.broker_fault(kind, last=last)
             return
         target = await self.leader()
         if target is None:
@@ -299,6 +390,70 @@ class Campaign:
             await asyncio.sleep(EVICT_AFTER + rnd.uniform(0.5, 3))
             proxy.heal()
 
+    async def broker_fault(self, kind: str, *, last: bool = False) -> None:
+        """The fake OpenAlgo misbehaves for a while, or for the next few calls (then
+        until those calls came, at most FAULT_CALLS_WAIT seconds, or
+        SLOW_FAULT_CALLS_WAIT for a seldom-traded instrument's).
+
+        Latency stays under the settle time (less the claim-to-send time): an order
+        answered after the client gave up is applied before the executor asks the
+        broker what became of it. Longer, no target order is safe (a late one could
+        undo the next order's move), and the executor's position check would put
+        every later signal of that instrument in doubt. A 5xx goes to one of the
+        seldom-traded instruments two times in three (workload.SLOW: settling finds
+        no other order near it), to any order otherwise. After a 403 the lane waits
+        out the executor's hold (AFTER_403) unless it is the lane's `last`, or the
+        next broker faults would meet no order."""
+        rnd = self.broker_random
+        broker = self.broker
+        calls = rnd.randint(1, 3)
+        symbol: str | None = None  # the 5xx's, when it aims at one instrument
+        if kind == "broker_pause":
+            seconds = rnd.uniform(1.0, 4.0)
+            self.history.fault(kind, "openalgo", f"SIGSTOP {seconds:.1f} s")
+            broker.pause()
+            await asyncio.sleep(seconds)
+            broker.resume()
+            return
+        if kind == "broker_403":
+            seconds = rnd.uniform(1.0, 3.0)
+            self.history.fault(kind, "openalgo", f"session expired {seconds:.1f} s")
+            await broker.faults(unauthorised=True)
+            await asyncio.sleep(seconds)
+            await broker.faults(clear=True)
+            if not last:
+                await asyncio.sleep(AFTER_403)
+            return
+        if kind == "broker_latency":
+            latency = rnd.uniform(BROKER_TIMEOUT + 0.1, BROKER_SETTLE - 0.6)
+            self.history.fault(kind, "openalgo", f"{latency:.1f} s on {calls} order call(s)")
+            await broker.faults(latency=latency, calls=calls)
+        elif kind == "broker_5xx":
+            status = rnd.choice((500, 502, 503))
+            seldom = [self.instruments[name] for name in SLOW if name in self.instruments]
+            target = rnd.choice(seldom) if seldom and rnd.random() < 2 / 3 else None
+            symbol = target.symbol if target else None
+            calls = 1 if target else calls
+            where = f"{target.name}'s next {calls}" if target else f"{calls}"
+            self.history.fault(kind, "openalgo", f"{status} on {where} order call(s)")
+            await broker.faults(error_status=status, calls=calls, symbol=symbol)
+        elif kind == "broker_drop":
+            self.history.fault(kind, "openalgo", f"apply then drop {calls} order call(s)")
+            await broker.faults(drop_after_apply=True, calls=calls)
+        elif kind == "broker_429":
+            burst = rnd.randint(5, 25)
+            self.history.fault(kind, "openalgo", f"429 on the next {burst} calls")
+            await broker.faults(rate_limited=burst)
+        wait = SLOW_FAULT_CALLS_WAIT if symbol is not None else FAULT_CALLS_WAIT
+        deadline = time.monotonic() + wait
+        await asyncio.sleep(1.0)
+        while time.monotonic() < deadline:
+            left = (await broker.state())["faults"]
+            if not left["rate_limited"] and not left["calls"]:
+                break
+            await asyncio.sleep(0.5)
+        await broker.faults(clear=True)
+
     async def disk_full(self) -> None:
         """PostgreSQL down while one instance's data directory fills up, then frees.
 
@@ -313,12 +468,20 @@ class Campaign:
         assert self.disk is not None
         rnd = self.random
         self.history.fault("disk_full", DISK_FULL_NODE)
+        self._focus = DISK_FULL_NODE
+        try:
+            await self._disk_full(rnd)
+        finally:
+            self._focus = None
+
+    async def _disk_full(self, rnd: random.Random) -> None:
+        assert self.disk is not None
         down = time.monotonic()
         await asyncio.to_thread(self.server.stop, "fast")
         await self._answered(down, "202 spooled", 1, at_least=rnd.uniform(0.3, 0.8), at_most=4)
         await asyncio.to_thread(self.disk.fill, DISK_FULL_LEAVE)
         filled = time.monotonic()
-        await self._answered(filled, "503", 1, at_least=rnd.uniform(1.5, 2.5), at_most=6)
+        await self._answered(filled, "503", 1, at_least=rnd.uniform(1.5, 2.5), at_most=8)
         await asyncio.to_thread(self.disk.free)
         freed = time.monotonic()
         await self._answered(freed, "202 spooled", 2, at_least=rnd.uniform(1.0, 2.0), at_most=6)
@@ -348,21 +511,36 @@ class Campaign:
             await asyncio.sleep(0.1)
 
     async def faults(self, kinds: list[str]) -> None:
-        for kind in kinds:
-            await asyncio.sleep(self.random.uniform(1.0, 2.5))
-            await self.inject(kind)
+        """Two lanes side by side, each one fault at a time: the instances' and the
+        database's, and the broker's (their faults combine, as they would)."""
+
+        async def lane(kinds: list[str], rnd: random.Random) -> None:
+            for n, kind in enumerate(kinds, 1):
+                await asyncio.sleep(rnd.uniform(1.0, 2.5))
+                await self.inject(kind, last=n == len(kinds))
+
+        await asyncio.gather(
+            lane([k for k in kinds if k not in BROKER_FAULTS], self.random),
+            lane([k for k in kinds if k in BROKER_FAULTS], self.broker_random),
+        )
 
     def schedule(self, count: int) -> list[str]:
-        """Every fault kind at least once when count allows, then random ones, shuffled."""
-        kinds = list(FAULTS)[:count] + [
+        """Every fault kind at least once when count allows (else `count` different
+        ones), then random ones, shuffled; one broker_403 last: the executor's hold of
+        every send after it (AFTER_403) then overlaps the other lane's faults instead
+        of delaying the broker faults after it, which would meet no order."""
+        kinds = self.random.sample(FAULTS, min(count, len(FAULTS))) + [
             self.random.choice(FAULTS) for _ in range(count - len(FAULTS))
         ]
         self.random.shuffle(kinds)
+        if "broker_403" in kinds:
+            kinds.remove("broker_403")
+            kinds.append("broker_403")
         return kinds
 
     # -- the run --------------------------------------------------------------
 
-    async def run(self, fault_count: int, quiet: float = 60) -> dict[str, Any]:
+    async def run(self, fault_count: int, quiet: float = QUIET) -> dict[str, Any]:
         from tests.chaos.checker import check
 
         kinds = self.schedule(fault_count)
@@ -384,6 +562,8 @@ class Campaign:
         return await check(self, quiet)
 
     async def heal_all(self) -> None:
+        self.broker.resume()
+        await self.broker.faults(clear=True)
         if self.disk is not None:
             await asyncio.to_thread(self.disk.free)
         for proxy in self.proxies.values():
@@ -394,6 +574,15 @@ class Campaign:
             node.signal(signal.SIGCONT)
             if node.proc is None or node.proc.returncode is not None:
                 await self.start_node(node)
+
+
+async def _next_second(last: datetime | None) -> datetime:
+    """Now, in a later second than `last` (waiting for it if need be)."""
+    while True:
+        now = datetime.now(UTC)
+        if last is None or now.replace(microsecond=0) > last.replace(microsecond=0):
+            return now
+        await asyncio.sleep(1.0 - now.microsecond / 1e6 + 0.01)
 
 
 def _rss_kb(pid: int) -> int:
@@ -418,17 +607,45 @@ def _disk_full_row(d: dict[str, Any]) -> str:
 
 def summary(result: dict[str, Any]) -> str:
     faults = Counter(kind for _, kind, _ in result["faults"])
+    broker = result["broker"]
+    moves = result["moves"]
     rows = [
         f"seed {result['seed']}: {'PASS' if not result['violations'] else 'FAIL'}",
-        f"  requests {result['requests']}, 2xx {result['accepted']}, no answer {result['unanswered']}",
+        f"  requests {result['requests']} ({result['resent']} re-sent after a 5xx),"
+        f" signals answered 2xx {result['accepted']}, no answer {result['unanswered']}",
         "  answers: " + ", ".join(f"{k} x{v}" for k, v in sorted(result["answers"].items())),
+        "  workload: " + ", ".join(f"{k} x{moves.get(k, 0)}" for k in MOVES),
         f"  2xx signals executed {result['executed']}, terminal with alert {result['terminal']};"
         f" inbox {result['inbox']} (a signal stored before its instance died unanswered still runs)",
-        f"  epochs {result['epochs']}, broker requests {result['broker_requests']}",
+        "  inbox by status: "
+        + ", ".join(f"{k} x{v}" for k, v in sorted(result["statuses"].items())),
+        *(f"    {status} x{n}: {why}" for status, why, n in result["refusals"]),
+        "  orders by outcome: " + ", ".join(f"{k} x{v}" for k, v in result["outcomes"].items()),
+        f"  epochs {result['epochs']}, orders booked {result['orders']}, broker fills"
+        f" {broker['fills']}, broker answers "
+        + ", ".join(f"{k} x{v}" for k, v in sorted(broker["answers"].items())),
         "  faults: " + ", ".join(f"{k} x{v}" for k, v in sorted(faults.items())),
         f"  202 spooled answers {result['spooled_answers']}, each checked in the inbox;"
         f" spool lines quarantined {result['quarantined']}",
         f"  {_disk_full_row(result['disk_full'])}",
+        f"  broker book vs ledger ({broker['both_ways']}/{len(broker['instruments'])} instruments"
+        " held both long and short at the broker):",
+    ]
+    for name, i in broker["instruments"].items():
+        rows.append(
+            f"    {name:10} ledger {i['ledger']:>6} broker {i['broker']:>6} {i['position']:18}"
+            f" max |position| {i['max_abs']:>5} <= {i['bound']:>5}; fills {i['fills']:>3}"
+            f" of {i['orders']:>3} orders; in_doubt {i['in_doubt']}"
+        )
+    in_doubt = broker["in_doubt"]
+    rows.append(
+        f"  in_doubt {len(in_doubt)} ({sum(a for _, _, a, _ in in_doubt)} with an alert)"
+        + (":" if in_doubt else "")
+    )
+    rows += [f"    signal {sid} {name}: {detail[:160]}" for sid, name, _, detail in in_doubt[:20]]
+    if len(in_doubt) > 20:
+        rows.append(f"    ... and {len(in_doubt) - 20} more")
+    rows += [
         "  invariants: " + ", ".join(result["invariants"]),
         f"  soak: RSS per instance {result['soak']['rss_mb']} MB (first -> last -> max of the"
         f" longest-lived process), sessions per instance max {result['soak']['max_sessions']}",
@@ -437,10 +654,14 @@ def summary(result: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
-async def campaign(seed: int, duration: float, faults: int, rate: float = 20.0) -> dict[str, Any]:
+async def campaign(
+    seed: int, duration: float, faults: int, rate: float = 5.0, *, broker_rate: int = 10
+) -> dict[str, Any]:
+    """One round: `rate` signals per second (about) for `duration` seconds, `faults`
+    faults; `broker_rate` the fake OpenAlgo's smart orders per second (its default)."""
     workdir = Path(tempfile.mkdtemp(prefix=f"pgleader-chaos-{seed}-"))
     os.chmod(workdir, 0o755)
-    c = Campaign(seed, duration, rate, workdir)
+    c = Campaign(seed, duration, rate, workdir, broker_rate=broker_rate)
     try:
         result = await c.run(faults)
         result["finished_at"] = datetime.now(UTC).isoformat()
