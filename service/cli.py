@@ -80,7 +80,7 @@ async def _set_halt(args: argparse.Namespace, mode: str, reason: str | None) -> 
 
 
 async def _halt(args: argparse.Namespace) -> int:
-    require_dsn(args)  # a missing database is named first, as by every verb
+    resolve_dsn(args.dsn)  # a bad database setting is named first, as by every verb
     if not args.reason:
         raise ConfigError("halt needs --reason: say why, for the alert and the log")
     return await _set_halt(args, "entries_only" if args.entries_only else "halted", args.reason)

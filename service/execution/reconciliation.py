@@ -18,7 +18,7 @@ per item not matched. Reconciliation reports; it never trades.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import psycopg
@@ -70,7 +70,7 @@ class Reconciler:
         pool: AsyncConnectionPool[Any],
         elector: Elector,
         broker: Broker,
-        instrument: Any,  # name -> Instrument (the executor's rule)
+        instrument: Callable[[str], Instrument],  # the executor's rule
         known: Mapping[str, Instrument] | None,
     ) -> None:
         self.pool = pool
