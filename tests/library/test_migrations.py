@@ -56,6 +56,7 @@ def test_the_gateway_plugs_its_stream_in_after_the_library():
         "pgleader/functions.sql",
         "gateway/001_gateway.sql",
         "gateway/002_targets.sql",
+        "gateway/003_paper_book_index.sql",
         "gateway/functions.sql",
     ]
     assert [s.name for s in installed_streams(only=["gateway"])] == ["gateway"]
@@ -81,11 +82,13 @@ async def test_only_applies_the_named_stream(empty_dsn):
         assert [m.label for m in await pending(conn)] == [
             "gateway/001_gateway.sql",
             "gateway/002_targets.sql",
+            "gateway/003_paper_book_index.sql",
             "gateway/functions.sql",
         ]
     assert await migrate(empty_dsn) == [
         "gateway/001_gateway.sql",
         "gateway/002_targets.sql",
+        "gateway/003_paper_book_index.sql",
         "gateway/functions.sql",
     ]
 
@@ -99,7 +102,12 @@ def test_the_cli_migrates_one_stream_with_only(empty_dsn, capsys):
     assert "no migration stream named nope" in capsys.readouterr().err
     assert main(["migrate", "--dsn", empty_dsn]) == 0
     assert json.loads(capsys.readouterr().out) == {
-        "applied": ["gateway/001_gateway.sql", "gateway/002_targets.sql", "gateway/functions.sql"]
+        "applied": [
+            "gateway/001_gateway.sql",
+            "gateway/002_targets.sql",
+            "gateway/003_paper_book_index.sql",
+            "gateway/functions.sql",
+        ]
     }
 
 

@@ -266,6 +266,7 @@ async def test_a_database_of_0_1_upgrades_with_nothing_lost_to_a_fresh_install(b
         "pgleader/functions.sql",
         "gateway/001_gateway.sql",
         "gateway/002_targets.sql",
+        "gateway/003_paper_book_index.sql",
         "gateway/functions.sql",
     ]
     assert await migrate(old) == []
