@@ -21,6 +21,7 @@ from pgleader.config import Number, Text, resolve_dsn
 from pgleader.connect import connect
 from pgleader.errors import ConfigError
 from service.config import add_arguments, from_args
+from service.execution.reconciliation import as_run
 from service.queries import QUERIES
 
 __all__ = ["register"]
@@ -91,8 +92,6 @@ async def _resume(args: argparse.Namespace) -> int:
 
 
 async def _reconcile(args: argparse.Namespace) -> int:
-    keys = ("id", "trigger", "requested_by", "requested_at", "epoch", "instance_id",
-            "finished_at", "outcome", "items", "detail")  # fmt: skip
     async with await connect(require_dsn(args), autocommit=True) as conn:
         await _require_schema(conn)
         cur = await conn.execute(QUERIES["request_reconciliation"], ["cli", _by()])
@@ -100,8 +99,9 @@ async def _reconcile(args: argparse.Namespace) -> int:
         deadline = time.monotonic() + args.timeout
         while True:
             cur = await conn.execute(QUERIES["reconciliation"], [request_id])
-            run = dict(zip(keys, await cur.fetchone() or (), strict=False))
-            if run.get("outcome") is not None:
+            row = await cur.fetchone()
+            run: dict[str, Any] = as_run(row) if row else {"outcome": None}
+            if run["outcome"] is not None:
                 break
             if time.monotonic() >= deadline:
                 print(

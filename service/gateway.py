@@ -27,7 +27,7 @@ from service.brokers.paper import PaperBroker
 from service.config import ServiceConfig
 from service.errors import DATABASE_UNAVAILABLE, SpoolError
 from service.execution.executor import Executor
-from service.execution.reconciliation import Reconciler
+from service.execution.reconciliation import Reconciler, as_run
 from service.intake.inbox import (
     NOTIFY_CHANNEL,
     Inbox,
@@ -60,7 +60,6 @@ _ANSWERED = frozenset({"executed", "failed", "expired", "rejected"})
 _RAISE_ALERT = QUERIES["raise_alert"]
 _REQUEST_RECONCILIATION = QUERIES["request_reconciliation"]
 _RECONCILIATION = QUERIES["reconciliation"]
-_LAST_RECONCILIATION = QUERIES["last_reconciliation"]
 _HALT = QUERIES["trading_halt"]
 _SET_HALT = QUERIES["set_trading_halt"]
 _RECORD_SETTINGS = QUERIES["record_settings"]
@@ -343,15 +342,10 @@ class Gateway:
         while True:
             async with self.pool.connection(timeout=1.0) as conn:
                 row = await (await conn.execute(_RECONCILIATION, [request_id])).fetchone()
-            run = _reconciliation(row)
+            run = as_run(row)
             if run["outcome"] is not None or time.monotonic() >= deadline:
                 return run
             await asyncio.sleep(0.05)
-
-    async def last_reconciliation(self) -> dict[str, Any] | None:
-        async with self.pool.connection(timeout=1.0) as conn:
-            row = await (await conn.execute(_LAST_RECONCILIATION)).fetchone()
-        return None if row is None else _reconciliation(row)
 
     # -- what the HTTP surface reports ----------------------------------------
 
@@ -446,12 +440,6 @@ def _broker(config: ServiceConfig, pool: AsyncConnectionPool[Any]) -> Broker:
             timeout=config.broker_timeout,
         )
     return PaperBroker(pool)
-
-
-def _reconciliation(row: Any) -> dict[str, Any]:
-    keys = ("id", "trigger", "requested_by", "requested_at", "epoch", "instance_id",
-            "finished_at", "outcome", "items", "detail")  # fmt: skip
-    return dict(zip(keys, row, strict=True))
 
 
 async def _require_migrated(dsn: str) -> None:

@@ -564,7 +564,10 @@ class Executor:
             rows = await cur.fetchall()
         settled = 0
         for signal_id, claimed_epoch, coid, name, start, target, claimed_at in rows:
-            if signal_id in self._running or claimed_epoch > epoch:
+            # Even one a batch of ours still holds: a claim older than the settle time
+            # (at least twice the send budget, by the settings' check) is past any send,
+            # and a batch stuck on a dead connection must not block its instrument.
+            if claimed_epoch > epoch:
                 continue
             if claimed_epoch < epoch and time.monotonic() < self._reconcile_older_after:
                 continue

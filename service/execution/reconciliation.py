@@ -18,7 +18,7 @@ per item not matched. Reconciliation reports; it never trades.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import psycopg
@@ -31,7 +31,7 @@ from service.brokers.base import Broker, Instrument
 from service.errors import BrokerError
 from service.queries import QUERIES
 
-__all__ = ["Reconciler", "compare"]
+__all__ = ["Reconciler", "as_run", "compare"]
 
 log = structlog.get_logger("service.execution.reconciliation")
 
@@ -39,6 +39,15 @@ _REQUESTED = QUERIES["requested_reconciliations"]
 _LEDGER = QUERIES["ledger_positions"]
 _FINISH = QUERIES["finish_reconciliation"]
 _IN_FLIGHT = QUERIES["instruments_in_flight"]
+
+
+_COLUMNS = ("id", "trigger", "requested_by", "requested_at", "epoch", "instance_id",
+            "finished_at", "outcome", "items", "detail")  # fmt: skip
+
+
+def as_run(row: Sequence[Any]) -> dict[str, Any]:
+    """A row of the `reconciliation` query as a dict (its outcome null: not run yet)."""
+    return dict(zip(_COLUMNS, row, strict=True))
 
 
 def compare(

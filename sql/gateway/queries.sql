@@ -145,12 +145,6 @@ select id, trigger, requested_by, requested_at, epoch, instance_id, finished_at,
        detail
   from gateway.reconciliations where id = %s;
 
--- name: last_reconciliation
--- The newest finished run.
-select id, trigger, requested_by, requested_at, epoch, instance_id, finished_at, outcome, items,
-       detail
-  from gateway.reconciliations where outcome is not null order by id desc limit 1;
-
 
 -- The paper broker (service/brokers/paper.py) ----------------------------------
 
