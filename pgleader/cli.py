@@ -12,7 +12,9 @@ import contextlib
 import json
 import signal
 import sys
-from collections.abc import Awaitable, Callable, Coroutine
+import time
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from datetime import datetime
 from importlib.metadata import entry_points
 from typing import Any, NoReturn, TypeVar
 
@@ -27,6 +29,7 @@ from pgleader.config import (
     Number,
     Text,
     Timings,
+    default_instance_id,
     env_setting,
     resolve_dsn,
 )
@@ -35,7 +38,9 @@ from pgleader.errors import ConfigError, PgLeaderError, first_line
 
 T = TypeVar("T")
 
-__all__ = ["add_common", "add_timings", "main", "require_dsn", "run", "timings_from"]
+__all__ = [
+    "add_common", "add_timings", "main", "print_rows", "require_dsn", "run", "timings_from",
+]  # fmt: skip
 
 Command = Callable[[argparse.Namespace], Awaitable[int]]
 
@@ -118,6 +123,93 @@ async def _status(args: argparse.Namespace) -> int:
         for row in await cur.fetchall():
             print(json.dumps(dict(zip(names, row, strict=True)), default=str))
     return 0
+
+
+def print_rows(names: Sequence[str], rows: Sequence[Sequence[Any]], as_json: bool) -> None:
+    """Rows for people: an aligned table on a terminal; JSON lines when piped or asked."""
+    if as_json or not sys.stdout.isatty():
+        for row in rows:
+            print(json.dumps(dict(zip(names, row, strict=True)), default=str), flush=True)
+        return
+    cells = [[_cell(value) for value in row] for row in rows]
+    widths = [max([len(name), *(len(r[i]) for r in cells)]) for i, name in enumerate(names)]
+    for line in ([n.upper() for n in names], *cells):
+        print("  ".join(text.ljust(w) for text, w in zip(line, widths, strict=True)).rstrip())
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.3f}".rstrip("0").rstrip(".") if value else "0"
+    if isinstance(value, datetime):
+        return value.astimezone().strftime("%Y-%m-%d %H:%M:%S")
+    return " ".join(str(value).split())
+
+
+def _election(args: argparse.Namespace) -> str:
+    return args.election or env_setting("PGLEADER_ELECTION", Text(200), "gateway")
+
+
+async def _jobs(args: argparse.Namespace) -> int:
+    """`pgleader jobs`: every job and its last run; `pgleader jobs run NAME`: one run now."""
+    from pgleader.queries import QUERIES
+
+    if args.action == "run":
+        return await _run_job(args)
+    conn = await connect(require_dsn(args), autocommit=True)
+    async with conn:
+        try:
+            cur = await conn.execute(QUERIES["job_list"], {"election": args.election})
+        except psycopg.errors.UndefinedTable:
+            raise ConfigError("pgleader schema missing: run `pgleader migrate` first") from None
+        names = [c.name for c in cur.description or []]
+        rows = await cur.fetchall()
+    if args.json or not sys.stdout.isatty():
+        print_rows(names, rows, True)
+    else:
+        shown = ("election", "job", "schedule", "due_in_s", "running", "outcome",
+                 "duration_s", "failures", "finished_at", "result")  # fmt: skip
+        picked = [[row[names.index(n)] for n in shown] for row in rows]
+        print_rows(shown, picked, False)
+    return 0
+
+
+async def _run_job(args: argparse.Namespace) -> int:
+    from pgleader.queries import QUERIES
+
+    election = _election(args)
+    conn = await connect(require_dsn(args), autocommit=True)
+    async with conn:
+        try:
+            cur = await conn.execute(
+                QUERIES["request_job"], [election, args.name, f"cli:{default_instance_id()}"]
+            )
+        except psycopg.errors.UndefinedFunction:
+            raise ConfigError("pgleader schema missing: run `pgleader migrate` first") from None
+        row = await cur.fetchone()
+        if row is None or row[0] is None:
+            cur = await conn.execute(QUERIES["job_list"], {"election": election})
+            known = ", ".join(r[1] for r in await cur.fetchall()) or "none yet: has a leader run?"
+            raise ConfigError(f"no job {args.name!r} in election {election!r} (known: {known})")
+        requested_at = row[0]
+        deadline = time.monotonic() + args.timeout
+        while True:
+            cur = await conn.execute(QUERIES["job_run_state"], [requested_at, election, args.name])
+            state = await cur.fetchone()
+            if state is not None and state[0]:
+                break
+            if time.monotonic() >= deadline:
+                print(json.dumps({"job": args.name, "election": election, "outcome": None,
+                                  "error": f"no result within {args.timeout:g} s (is there a"
+                                  " leader? the request stays: it runs when one leads)"}))  # fmt: skip
+                return 1
+            await asyncio.sleep(0.1)
+    _, outcome, result, duration, started, finished = state
+    print(json.dumps({"job": args.name, "election": election, "outcome": outcome,
+                      "result": result, "duration_s": duration, "started_at": started,
+                      "finished_at": finished}, default=str))  # fmt: skip
+    return 0 if outcome == "succeeded" else 1
 
 
 async def _watch(args: argparse.Namespace) -> int:
@@ -208,6 +300,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--election", default="default", type=Text(200))
     p.add_argument("--instance-id", default=None, type=Text(200))
     add_timings(p)
+    p = verb("jobs", _jobs, "list the leader's periodic jobs: schedule, next run, last outcome"
+             " (`pgleader jobs run NAME` runs one now)")  # fmt: skip
+    p.add_argument("action", nargs="?", choices=["list", "run"], default="list",
+                   help="list (default), or run NAME now")  # fmt: skip
+    p.add_argument("name", nargs="?", type=Text(63), help="the job to run (with `run`)")
+    p.add_argument("--election", type=Text(200), default=None,
+                   help="election (default: all to list; $PGLEADER_ELECTION, else gateway, to run)")  # fmt: skip
+    p.add_argument("--json", action="store_true", help="JSON lines even on a terminal")
+    p.add_argument("--timeout", type=Number(float, 1, 3600, "s"), default=60.0,
+                   help="with run: seconds to wait for the run's outcome (default 60)")  # fmt: skip
     p = verb("demo", _demo, "three electors, kill the leader, print the measured takeover")
     p.add_argument("--rounds", type=Number(int, 1, 1000), default=3)
     for ep in entry_points(group="pgleader.commands"):
@@ -232,7 +334,11 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.verb == "jobs" and (args.action == "run") != (args.name is not None):
+        parser.exit(2, "pgleader jobs: error: give a job to run as `pgleader jobs run NAME`"
+                    " (see pgleader jobs --help)\n")  # fmt: skip
     try:
         return int(run(args.func(args)))
     except PgLeaderError as exc:

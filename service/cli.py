@@ -14,10 +14,12 @@ import json
 import os
 import sys
 import time
+from datetime import datetime
+from pathlib import Path
 from typing import Any
 
-from pgleader.cli import add_common, add_timings, require_dsn, timings_from
-from pgleader.config import Number, Text, resolve_dsn
+from pgleader.cli import add_common, add_timings, print_rows, require_dsn, timings_from
+from pgleader.config import Number, Text, env_setting, resolve_dsn
 from pgleader.connect import connect
 from pgleader.errors import ConfigError
 from service.config import add_arguments, from_args
@@ -58,6 +60,15 @@ def register(verbs: Any) -> None:
         "--timeout", type=Number(float, 1, 3600, "s"), default=30.0,
         help="seconds to wait for the leader's result (default 30)",
     )  # fmt: skip
+    verb("stats", _stats, "print the leader's statistics (signals, orders, positions, P&L)")
+    p = verb("rollover", _rollover, "show which futures the leader rolls, to what, and when"
+             " (the roll itself is the leader's `rollover` job)")  # fmt: skip
+    p.add_argument("--dry-run", action="store_true", help="only show (the default and only mode)")
+    p.add_argument("--instruments-file", type=Text(), default=None,
+                   help="the instruments file (env PGLEADER_INSTRUMENTS_FILE)")  # fmt: skip
+    p.add_argument("--at", type=_instant, default=None,
+                   help="as at this ISO time (default now), e.g. 2026-12-24T10:00+05:30")  # fmt: skip
+    p.add_argument("--json", action="store_true", help="JSON lines even on a terminal")
 
 
 async def _serve(args: argparse.Namespace) -> int:
@@ -121,10 +132,77 @@ async def _reconcile(args: argparse.Namespace) -> int:
     return 0 if run["outcome"] == "matched" else 1
 
 
+async def _stats(args: argparse.Namespace) -> int:
+    async with await connect(require_dsn(args), autocommit=True) as conn:
+        await _require_schema(conn)
+        row = await (await conn.execute(QUERIES["statistics"])).fetchone()
+    statistics, refreshed_at, epoch, instance = row or ({}, None, None, None)
+    print(json.dumps({"refreshed_at": refreshed_at, "epoch": epoch, "by": instance,
+                      "statistics": statistics}, default=str,
+                     indent=2 if sys.stdout.isatty() else None))  # fmt: skip
+    if refreshed_at is None:
+        print("pgleader stats: no statistics yet: the leader's `statistics` job makes them"
+              " (pgleader jobs run statistics)", file=sys.stderr)  # fmt: skip
+    return 0
+
+
+async def _rollover(args: argparse.Namespace) -> int:
+    """What the leader's rollover job would do, and when: nothing is sent from here."""
+    from datetime import UTC
+
+    from service.instruments import load_instruments
+
+    path = args.instruments_file or env_setting("PGLEADER_INSTRUMENTS_FILE", Text(), "")
+    if not path:
+        raise ConfigError("rollover needs the instruments file: --instruments-file or"
+                          " PGLEADER_INSTRUMENTS_FILE")  # fmt: skip
+    futures = {n: i for n, i in load_instruments(Path(path)).items() if i.contract is not None}
+    at = args.at or datetime.now(UTC)
+    held: dict[str, Any] = {}
+    if futures:
+        async with await connect(require_dsn(args), autocommit=True) as conn:
+            await _require_schema(conn)
+            held = {
+                r[0]: r for r in await (await conn.execute(QUERIES["open_contracts"])).fetchall()
+            }
+    rows = []
+    for name, i in futures.items():
+        rule, calendar = i.contract, i.calendar
+        assert rule is not None and calendar is not None
+        today = calendar.local_date(at)
+        current = rule.contract_on(calendar, today)
+        position = held.get(name)
+        where = position[3] if position else None
+        symbol = i.with_symbol(where).symbol if where else None
+        if symbol is None:
+            plan = f"flat: new entries open {current.symbol}"
+        elif symbol == current.symbol:
+            plan = f"rolls from {rule.roll_start(calendar, current.expiry)} (in session)"
+        elif calendar.in_session(at):
+            plan = f"rolls now to {current.symbol}"
+        else:
+            plan = f"roll to {current.symbol} due: at the next session"
+        rows.append((name, f"{position[1]} {position[2]}" if position else "-", symbol or "-",
+                     current.symbol, current.expiry, plan))  # fmt: skip
+    names = ("instrument", "open", "contract", "current", "current_expiry", "plan")
+    print_rows(names, rows, args.json)
+    return 0
+
+
 async def _require_schema(conn: Any) -> None:
     cur = await conn.execute(QUERIES["schema_has_kill_switch"])
     if not (await cur.fetchone())[0]:
         raise ConfigError("the gateway's schema is missing or old: run `pgleader migrate` first")
+
+
+def _instant(text: str) -> datetime:
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an ISO time: {text!r}") from None
+    if value.tzinfo is None:
+        raise argparse.ArgumentTypeError(f"give a time zone: {text!r} (e.g. +05:30 or Z)")
+    return value
 
 
 def _print(row: dict[str, Any]) -> None:

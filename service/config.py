@@ -54,6 +54,10 @@ class ServiceConfig:
     reorder_window: float = 3.0
     halt_action: str = "wait"
     reconcile_interval: float = 3600.0
+    retention_days: int = 0
+    prune_instances_after: float = 86400.0
+    rollover_interval: float = 60.0
+    statistics_interval: float = 300.0
     election: str = "gateway"
     timings: Timings = field(default_factory=Timings)
     log_format: str = "json"
@@ -148,6 +152,10 @@ _OPTIONS: list[tuple[str, Setting, object, str]] = [
     ("reorder-window", Number(float, 0, 60, "s"), 3.0, "seconds an entry that would be refused waits for a signal of the same second that makes it valid (a reversal's exit)"),
     ("halt-action", Choice("wait", "reject"), "wait", "what halted trading does to new signals: wait (they expire by the max age) or reject"),
     ("reconcile-interval", Number(float, 10, 7 * 86400, "s"), 3600.0, "seconds between the leader's reconciliations of positions with the broker"),
+    ("retention-days", Number(int, 0, 36500, "days"), 0, "the leader deletes terminal signals older than this many days (0: keep everything); orders, positions and alerts are kept"),
+    ("prune-instances-after", Number(float, 60, 365 * 86400, "s"), 86400.0, "instances not seen for this long leave pgleader.instances (the leadership history keeps them)"),
+    ("rollover-interval", Number(float, 1, 3600, "s"), 60.0, "seconds between the leader's checks for futures to roll (instruments with a contract rule)"),
+    ("statistics-interval", Number(float, 1, 86400, "s"), 300.0, "seconds between refreshes of the leader's statistics (GET /statistics, pgleader stats)"),
     ("election", Text(200), "gateway", "election name"),
     ("log-format", Choice("json", "console"), None, "json or console (default: console on a terminal, else json)"),
     ("data-dir", Text(), "var", "the outage spool, and the embedded PostgreSQL (no DSN given) in DATA_DIR/pg; as root, when the postgres user cannot reach that, in /var/lib/pgleader/embedded/<hash of DATA_DIR>"),
@@ -265,6 +273,10 @@ def from_args(args: argparse.Namespace, dsn: str | None, timings: Timings) -> Se
         reorder_window=float(str(v["reorder-window"])),
         halt_action=str(v["halt-action"]),
         reconcile_interval=float(str(v["reconcile-interval"])),
+        retention_days=int(str(v["retention-days"])),
+        prune_instances_after=float(str(v["prune-instances-after"])),
+        rollover_interval=float(str(v["rollover-interval"])),
+        statistics_interval=float(str(v["statistics-interval"])),
         election=str(v["election"]),
         timings=timings,
         log_format=str(log_format),

@@ -20,7 +20,9 @@ from pgleader import DatabaseUnavailable, Elector, SchemaMissing, Transition, mi
 from pgleader.connect import connect, with_settings
 from pgleader.errors import backoff, first_line
 from pgleader.events import Reconnected, listen
+from pgleader.jobs import Job, JobRun, JobRunner
 from pgleader.migrations import pending
+from pgleader.queries import QUERIES as LIBRARY_QUERIES
 from service.brokers.base import Broker
 from service.brokers.openalgo import OpenAlgoBroker
 from service.brokers.paper import PaperBroker
@@ -37,6 +39,8 @@ from service.intake.inbox import (
 )
 from service.intake.signals import Signal
 from service.intake.spool import Spool, Spooled
+from service.jobs.maintenance import PruneInstances, Retention, Statistics
+from service.jobs.rollover import Rollover
 from service.queries import QUERIES
 
 __all__ = ["Gateway"]
@@ -65,6 +69,10 @@ _SET_HALT = QUERIES["set_trading_halt"]
 _RECORD_SETTINGS = QUERIES["record_settings"]
 _SETTINGS_OF_INSTANCES = QUERIES["settings_of_instances"]
 _ELECTION_LEADER = QUERIES["election_leader"]
+_STATISTICS = QUERIES["statistics"]
+_JOB_LIST = LIBRARY_QUERIES["job_list"]
+_REQUEST_JOB = LIBRARY_QUERIES["request_job"]
+_JOB_RUN_STATE = LIBRARY_QUERIES["job_run_state"]
 
 
 class Gateway:
@@ -102,11 +110,16 @@ class Gateway:
             batch_interval=config.batch_interval,
         )
         self.reconciler = Reconciler(
-            self.pool, self.elector, self.broker, self.executor.instrument, config.trading
+            self.pool, self.elector, self.broker, self.executor.resolve, config.trading
         )
         self.settings_fingerprint = config.settings_fingerprint
-        self._next_reconciliation = float("inf")
-        self._reconciliation_trigger = "elected"
+        self._reconcile_on_election = False
+        self.rollover = Rollover(
+            self.pool, self.broker, config.trading, settle=config.broker_settle,
+            broker_timeout=config.broker_timeout, on_rolled=lambda name: self._wake.set(),
+        )  # fmt: skip
+        self.jobs = JobRunner(self.pool, self.elector, self._jobs(), on_failure=self._job_failing)
+        self._jobs_read_at = 0.0
         self.halt_mode: str | None = None  # the kill switch as last read (None: not yet)
         self.spool = Spool(config.spool_path, max_bytes=config.spool_max_bytes)
         self.shutting_down = False
@@ -140,6 +153,7 @@ class Gateway:
         await self.inbox.close()
         await self.executor.drain(self.config.shutdown_timeout)
         await self.elector.stop("shutdown")  # resign + NOTIFY: a follower takes over at once
+        await self.jobs.stop()
         await self.executor.stop()
         self._stop_listening()
         for task in self._tasks:
@@ -155,8 +169,7 @@ class Gateway:
     def _on_transition(self, t: Transition) -> None:
         if t.kind == "elected":
             self._wake.set()  # sweep and settle at once
-            self._next_reconciliation = 0.0  # compare positions with the broker first
-            self._reconciliation_trigger = "elected"
+            self._reconcile_on_election = True  # compare positions with the broker first
             if self._listener is None and not self.shutting_down:
                 self._listener = asyncio.create_task(self._listen(), name="gateway-listen")
         else:
@@ -274,22 +287,54 @@ class Gateway:
                 await self.executor.sweep()
                 await self.executor.reconcile()
                 await self._reconcile_positions()
+                if not self.elector.is_leader and time.monotonic() - self._jobs_read_at > 10:
+                    self._jobs_read_at = time.monotonic()
+                    await self.jobs.refresh()  # a follower's figures of the leader's jobs
             except (*DATABASE_UNAVAILABLE, OSError) as exc:
                 log.warning("sweep failed; will retry", error=first_line(exc))
             except Exception:
                 log.exception("sweep crashed; will retry")
 
     async def _reconcile_positions(self) -> None:
-        """The leader's reconciliations: its own on schedule (and when elected), and
-        whatever an operator asked for."""
+        """The reconciliations an operator asked for, and the leader's own when it is
+        elected (its schedule is the `reconcile` job)."""
         if not self.elector.is_leader:
             return
-        if time.monotonic() >= self._next_reconciliation:
-            self._next_reconciliation = time.monotonic() + self.config.reconcile_interval
-            trigger, self._reconciliation_trigger = self._reconciliation_trigger, "schedule"
+        if self._reconcile_on_election:
             async with self.pool.connection() as conn:
-                await conn.execute(_REQUEST_RECONCILIATION, [trigger, self.config.instance_id])
+                await conn.execute(_REQUEST_RECONCILIATION, ["elected", self.config.instance_id])
+            self._reconcile_on_election = False
         await self.reconciler.run_requested()
+
+    # -- the leader's jobs ----------------------------------------------------------
+
+    def _jobs(self) -> list[Job]:
+        c = self.config
+        retention = Retention(self.pool, c.retention_days)
+        statistics = Statistics(self.pool, c.trading)
+        prune = PruneInstances(self.pool, c.prune_instances_after)
+        return [
+            Job("reconcile", self._scheduled_reconciliation, every=c.reconcile_interval,
+                timeout=max(60.0, 4 * c.broker_timeout)),
+            Job("rollover", self.rollover.run, every=c.rollover_interval, timeout=300.0),
+            Job("retention", retention.run, every=3600.0, timeout=1800.0),
+            Job("statistics", statistics.run, every=c.statistics_interval, timeout=120.0),
+            Job("prune-instances", prune.run, every=3600.0, timeout=60.0),
+        ]  # fmt: skip
+
+    async def _scheduled_reconciliation(self, run: JobRun) -> str:
+        async with self.pool.connection() as conn:
+            await conn.execute(_REQUEST_RECONCILIATION, ["schedule", self.config.instance_id])
+        ran = await self.reconciler.run_requested()
+        outcome = (self.reconciler.last or {}).get("outcome")
+        if outcome == "failed":
+            raise RuntimeError(f"reconciliation failed: {(self.reconciler.last or {})['detail']}")
+        return f"{ran} reconciliation(s) run, last {outcome}"
+
+    async def _job_failing(self, job: str, failures: int, error: str) -> None:
+        detail = f"job {job} failed {failures} times in a row; last error: {error}"
+        async with self.pool.connection(timeout=1.0) as conn:
+            await conn.execute(_RAISE_ALERT, ["job_failing", self.config.instance_id, detail])
 
     async def _record_settings(self) -> None:
         """Put this instance's trading-settings fingerprint in the registry, and alert
@@ -346,6 +391,43 @@ class Gateway:
             if run["outcome"] is not None or time.monotonic() >= deadline:
                 return run
             await asyncio.sleep(0.05)
+
+    # -- jobs and statistics -------------------------------------------------------
+
+    async def job_list(self) -> list[dict[str, Any]]:
+        async with self.pool.connection(timeout=1.0) as conn:
+            cur = await conn.execute(_JOB_LIST, {"election": self.config.election})
+            names = [c.name for c in cur.description or []]
+            return [dict(zip(names, row, strict=True)) for row in await cur.fetchall()]
+
+    async def run_job(self, name: str, timeout: float) -> dict[str, Any] | None:
+        """Ask the leader to run a job now and wait at most `timeout` s for its end:
+        the run (its outcome None if it has not ended), or None for an unknown job."""
+        by = f"admin via {self.config.instance_id}"
+        async with self.pool.connection(timeout=1.0) as conn:
+            row = await (
+                await conn.execute(_REQUEST_JOB, [self.config.election, name, by])
+            ).fetchone()
+        if row is None or row[0] is None:
+            return None
+        self.jobs.wake()
+        requested_at, deadline = row[0], time.monotonic() + timeout
+        keys = ("done", "outcome", "result", "duration_s", "started_at", "finished_at")
+        while True:
+            async with self.pool.connection(timeout=1.0) as conn:
+                cur = await conn.execute(_JOB_RUN_STATE, [requested_at, self.config.election, name])
+                state = dict(zip(keys, await cur.fetchone() or (), strict=False))
+            if state.get("done") or time.monotonic() >= deadline:
+                done = bool(state.pop("done", False))
+                return {"job": name, "requested_at": requested_at, **state,
+                        "outcome": state.get("outcome") if done else None}  # fmt: skip
+            await asyncio.sleep(0.05)
+
+    async def statistics(self) -> dict[str, Any]:
+        async with self.pool.connection(timeout=1.0) as conn:
+            row = await (await conn.execute(_STATISTICS)).fetchone()
+        keys = ("statistics", "refreshed_at", "epoch", "instance_id")
+        return dict(zip(keys, row, strict=True)) if row else {"statistics": {}}
 
     # -- what the HTTP surface reports ----------------------------------------
 
@@ -412,6 +494,7 @@ class Gateway:
             "inbox_write_seconds": self.inbox.write_seconds,
             "trading_halt": self.halt_mode,
             "last_reconciliation": (self.reconciler.last or {}).get("outcome"),
+            "jobs": self.jobs.stats(),
         }
 
     async def find_signal(self, signal_id: int) -> dict[str, Any] | None:

@@ -9,6 +9,19 @@
     lot_size = 75
     max_lots = 10                    # optional
 
+A future whose contract changes over time names its contract rule instead of
+`symbol` (`underlying`, `expiry` or `expiries`, `roll_days_before`), and its
+exchange's calendar is a table `[calendars.NFO]` (service/contracts.py):
+
+    [calendars.NFO]
+    holidays = [2026-12-25]
+    [instruments."NIFTY1!"]          # TradingView's continuous ticker
+    exchange = "NFO"
+    underlying = "NIFTY"
+    expiry = "last-tuesday"
+    roll_days_before = 2
+    lot_size = 75
+
 Table names are the webhook's instrument, case and all. Every problem is refused
 with one line naming the file, the instrument and the key: a typo must stop the
 gateway at start-up, never send an order to the wrong place.
@@ -26,13 +39,14 @@ import json
 import re
 import tomllib
 from collections.abc import Mapping
-from datetime import timedelta
+from datetime import date, time, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, Final
 
 from pgleader.errors import ConfigError, first_line
 from service.brokers.base import Instrument
+from service.contracts import Calendar, ContractRule, parse_calendar, parse_contract
 
 __all__ = ["EXCHANGES", "PRODUCTS", "load_instruments", "settings_fingerprint"]
 
@@ -41,7 +55,8 @@ PRODUCTS: Final = ("NRML", "MIS", "CNC")
 MAX_NAME_LENGTH: Final = 64
 
 _KEYS: Final = ("exchange", "symbol", "product", "lot_size", "max_lots")
-_REQUIRED: Final = ("exchange", "symbol", "lot_size")
+_CONTRACT_KEYS: Final = ("underlying", "expiry", "expiries", "roll_days_before")
+_REQUIRED: Final = ("exchange", "lot_size")
 _BARE_KEY: Final = re.compile(r"[A-Za-z0-9_-]+")
 _WEBHOOK_NAME: Final = re.compile(r"[A-Za-z0-9_.:&!-]+")  # service.intake.signals' rule
 
@@ -62,11 +77,13 @@ def load_instruments(path: Path) -> dict[str, Instrument]:
         raise ConfigError(f"{where}: is not valid TOML: {first_line(exc)}") from None
 
     for key in document:
-        if key != "instruments":
+        if key not in ("instruments", "calendars"):
             raise ConfigError(
                 f"{where}: unknown top-level key {_toml_key(key)}: "
-                "each instrument is a table [instruments.NAME]"
+                "each instrument is a table [instruments.NAME], each exchange's calendar"
+                " [calendars.EXCHANGE]"
             )
+    calendars = _calendars(where, document.get("calendars", {}))
     if "instruments" not in document:
         raise ConfigError(
             f"{where}: has no [instruments] table: add one [instruments.NAME] table "
@@ -83,7 +100,7 @@ def load_instruments(path: Path) -> dict[str, Instrument]:
     found: dict[str, Instrument] = {}
     traded: dict[tuple[str, str, str], str] = {}
     for name, table in tables.items():
-        instrument = _instrument(where, name, table)
+        instrument = _instrument(where, name, table, calendars)
         # The webhook upper-cases an instrument (TradingView's tickers are upper case),
         # so the file's names are matched the same way.
         if instrument.name in found:
@@ -116,7 +133,25 @@ def settings_fingerprint(**parts: object) -> str:
     return hashlib.sha256(canonical.encode("ascii")).hexdigest()[:16]
 
 
-def _instrument(where: str, name: str, table: object) -> Instrument:
+def _calendars(where: str, tables: object) -> dict[str, Calendar]:
+    if not isinstance(tables, dict):
+        raise ConfigError(
+            f"{where}: calendars must be a table of [calendars.EXCHANGE] tables, got {_show(tables)}"
+        )
+    found = {}
+    for exchange, table in tables.items():
+        if exchange not in EXCHANGES:
+            raise ConfigError(
+                f"{where}: [calendars.{_toml_key(exchange)}]: the exchange must be one of"
+                f" {' '.join(EXCHANGES)}"
+            )
+        found[exchange] = parse_calendar(where, exchange, table)
+    return found
+
+
+def _instrument(
+    where: str, name: str, table: object, calendars: Mapping[str, Calendar]
+) -> Instrument:
     if not name:
         raise ConfigError(f"{where}: {_table(name)}: the instrument name is empty")
     if not name.isprintable():
@@ -143,21 +178,43 @@ def _instrument(where: str, name: str, table: object) -> Instrument:
             f"{at}: must be a table with keys {', '.join(_REQUIRED)}, got {_show(table)}"
         )
     for key in table:
-        if key not in _KEYS:
+        if key not in _KEYS + _CONTRACT_KEYS:
             raise ConfigError(
-                f"{at}: unknown key {_toml_key(key)} (known keys: {', '.join(_KEYS)})"
+                f"{at}: unknown key {_toml_key(key)} (known keys:"
+                f" {', '.join(_KEYS + _CONTRACT_KEYS)})"
             )
     for key in _REQUIRED:
         if key not in table:
-            # A later version will also accept a futures contract rule instead of symbol.
-            hint = " (the broker's trading symbol, e.g. NIFTY29DEC26FUT)" if key == "symbol" else ""
-            raise ConfigError(f"{at}: {key} is required{hint}")
-
+            raise ConfigError(f"{at}: {key} is required")
+    if ("symbol" in table) == ("underlying" in table):
+        raise ConfigError(
+            f"{at}: give either symbol (the broker's trading symbol, e.g. NIFTY29DEC26FUT)"
+            " or a futures contract rule (underlying with expiry or expiries), not "
+            + ("both" if "symbol" in table else "neither")
+        )
     exchange = _text(at, table, "exchange")
     if exchange not in EXCHANGES:
         raise ConfigError(
             f"{at}: exchange must be one of {' '.join(EXCHANGES)}, got {_show(exchange)}"
         )
+    if "underlying" in table:
+        calendar = calendars.get(exchange)
+        rule = parse_contract(at, table, calendar, exchange=exchange)
+        return Instrument(
+            name=name.upper(),
+            exchange=exchange,
+            symbol=rule.underlying,
+            product=_product(at, table),
+            lot_size=_positive(at, table, "lot_size"),
+            max_lots=_positive(at, table, "max_lots") if "max_lots" in table else None,
+            contract=rule,
+            calendar=calendar,
+        )
+    for key in _CONTRACT_KEYS:
+        if key in table:
+            raise ConfigError(
+                f"{at}: {key} belongs to a contract rule: give underlying, not symbol"
+            )
     symbol = _text(at, table, "symbol")
     if not symbol:
         raise ConfigError(f"{at}: symbol is empty")
@@ -165,11 +222,7 @@ def _instrument(where: str, name: str, table: object) -> Instrument:
         raise ConfigError(f"{at}: symbol {_show(symbol)} has a non-printable character")
     if symbol != symbol.strip():
         raise ConfigError(f"{at}: symbol {_show(symbol)} starts or ends with a space")
-    product = _text(at, table, "product") if "product" in table else "NRML"
-    if product not in PRODUCTS:
-        raise ConfigError(
-            f"{at}: product must be one of {' '.join(PRODUCTS)}, got {_show(product)}"
-        )
+    product = _product(at, table)
     lot_size = _positive(at, table, "lot_size")
     max_lots = _positive(at, table, "max_lots") if "max_lots" in table else None
     return Instrument(
@@ -180,6 +233,15 @@ def _instrument(where: str, name: str, table: object) -> Instrument:
         lot_size=lot_size,
         max_lots=max_lots,
     )
+
+
+def _product(at: str, table: Mapping[str, object]) -> str:
+    product = _text(at, table, "product") if "product" in table else "NRML"
+    if product not in PRODUCTS:
+        raise ConfigError(
+            f"{at}: product must be one of {' '.join(PRODUCTS)}, got {_show(product)}"
+        )
+    return product
 
 
 def _text(at: str, table: Mapping[str, object], key: str) -> str:
@@ -215,10 +277,12 @@ def _canonical(where: str, value: object) -> Any:
         | ipaddress.IPv6Address,
     ):
         return str(value)
-    if isinstance(value, Instrument):
+    if isinstance(value, Instrument | ContractRule | Calendar):
         return {
             f.name: _canonical(where, getattr(value, f.name)) for f in dataclasses.fields(value)
         }
+    if isinstance(value, date | time):
+        return value.isoformat()
     if isinstance(value, Mapping):
         result = {}
         for key, item in value.items():

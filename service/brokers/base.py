@@ -25,11 +25,12 @@ Every answer to an order is one of:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from decimal import Decimal
 from typing import Literal, Protocol
 
+from service.contracts import Calendar, ContractRule
 from service.errors import BrokerModeMismatch, BrokerRefused, BrokerUnavailable
 
 __all__ = [
@@ -50,10 +51,22 @@ class Instrument:
 
     name: str  # the webhook's instrument
     exchange: str
-    symbol: str
+    symbol: str  # with a contract rule: the underlying until a contract is chosen
     product: str = "NRML"
     lot_size: int = 1
     max_lots: int | None = None
+    # Futures whose contract changes over time (service/contracts.py): the executor
+    # and the rollover job pick the contract, `with_symbol` makes the instrument of it.
+    contract: ContractRule | None = None
+    calendar: Calendar | None = None
+
+    def with_symbol(self, where: str | None) -> Instrument:
+        """This instrument traded at `where` (exchange:symbol:product, as recorded on
+        orders and positions); itself when `where` is None."""
+        if where is None:
+            return self
+        symbol = where.split(":")[1] if where.count(":") == 2 else where
+        return replace(self, symbol=symbol)
 
 
 @dataclass(frozen=True, slots=True)

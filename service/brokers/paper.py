@@ -42,7 +42,7 @@ class PaperBroker:
     async def place_many(self, orders: Sequence[OrderRequest]) -> list[OrderAnswer]:
         columns = [
             [o.client_order_id for o in orders],
-            [o.instrument.name for o in orders],
+            [_book_key(o.instrument) for o in orders],
             [o.target for o in orders],
             [o.price for o in orders],
             [o.epoch for o in orders],
@@ -68,15 +68,15 @@ class PaperBroker:
         return answers
 
     async def positions(self, instruments: Sequence[Instrument]) -> dict[str, int]:
-        names = [i.name for i in instruments]
+        keys = [_book_key(i) for i in instruments]
         async with self._connection() as conn:
-            cur = await conn.execute(_POSITIONS, [names])
+            cur = await conn.execute(_POSITIONS, [keys])
             held = dict(await cur.fetchall())
-        return {name: int(held.get(name, 0)) for name in names}
+        return {i.name: int(held.get(key, 0)) for i, key in zip(instruments, keys, strict=True)}
 
     async def orders_since(self, instrument: Instrument, since: datetime) -> list[str]:
         async with self._connection() as conn:
-            cur = await conn.execute(_ORDERS_SINCE, [instrument.name, since])
+            cur = await conn.execute(_ORDERS_SINCE, [_book_key(instrument), since])
             return [f"paper-{booking}" for (booking,) in await cur.fetchall()]
 
     @contextlib.asynccontextmanager
@@ -87,3 +87,9 @@ class PaperBroker:
                 yield conn
         except (psycopg.Error, TimeoutError) as exc:
             raise BrokerUnavailable(f"paper broker: {type(exc).__name__}: {exc}") from exc
+
+
+def _book_key(instrument: Instrument) -> str:
+    """The book's name of a position: the instrument's, or for a future with a
+    contract rule its contract's symbol (each contract is a position of its own)."""
+    return instrument.symbol if instrument.contract is not None else instrument.name

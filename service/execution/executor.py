@@ -40,7 +40,7 @@ import time
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 import psycopg
@@ -67,6 +67,7 @@ _REQUEUE = QUERIES["requeue_signal"]
 _RAISE_ALERT = QUERIES["raise_alert"]
 _UNKNOWN_ORDERS = QUERIES["unknown_broker_orders"]
 _HALT = QUERIES["set_trading_halt"]
+_OPEN_CONTRACTS = QUERIES["open_contracts"]
 
 # A broker's clock and ours differ: an order this long before the claim still
 # counts as "since the claim" when settling (an order we recorded is not counted;
@@ -105,16 +106,7 @@ class Executor:
         self.broker = broker
         self.max_age = max_age
         self.instruments = dict(instruments) if instruments is not None else None
-        self._limits = (
-            None
-            if self.instruments is None
-            else json.dumps(
-                {
-                    name: {"lot_size": i.lot_size, "max_lots": i.max_lots}
-                    for name, i in self.instruments.items()
-                }
-            )
-        )
+        self._limits_of: tuple[date, str | None] | None = None
         self.broker_timeout = broker_timeout
         self.settle = settle
         self.reorder_window = timedelta(seconds=reorder_window)
@@ -155,10 +147,49 @@ class Executor:
         elector.on_transition(self._on_transition)
 
     def instrument(self, name: str) -> Instrument:
-        """Where an instrument trades; without an instruments file, its own name."""
+        """Where an instrument trades; without an instruments file, its own name.
+        A future with a contract rule trades in the contract its position is in, or
+        today's (`resolve` picks it)."""
         if self.instruments is None:
             return Instrument(name=name, exchange="", symbol=name, product="")
         return self.instruments[name]
+
+    def contract_today(self, instrument: Instrument, now: datetime | None = None) -> str | None:
+        """Where a new position of a future with a contract rule opens now
+        (exchange:symbol:product), or None for an instrument of a fixed symbol."""
+        rule, calendar = instrument.contract, instrument.calendar
+        if rule is None or calendar is None:
+            return None
+        day = calendar.local_date(now or datetime.now(UTC))
+        return _where(instrument.with_symbol(rule.contract_on(calendar, day).symbol))
+
+    async def resolve(self, names: Iterable[str]) -> dict[str, Instrument]:
+        """Each instrument where it trades now: a future in the contract of its open
+        position, else today's contract."""
+        found = {name: self.instrument(name) for name in names}
+        if any(i.contract is not None for i in found.values()):
+            async with self.pool.connection() as conn:
+                cur = await conn.execute(_OPEN_CONTRACTS)
+                held = {row[0]: row[3] for row in await cur.fetchall()}
+            for name, i in found.items():
+                if i.contract is not None:
+                    found[name] = i.with_symbol(held.get(name) or self.contract_today(i))
+        return found
+
+    def _limits(self) -> str | None:
+        """The claim's {instrument: {lot_size, max_lots, contract}} (contract: where a
+        new position of a future opens today), made again when the day changes."""
+        if self.instruments is None:
+            return None
+        today = datetime.now(UTC).date()
+        if self._limits_of is None or self._limits_of[0] != today:
+            limits: dict[str, dict[str, Any]] = {}
+            for name, i in self.instruments.items():
+                limits[name] = {"lot_size": i.lot_size, "max_lots": i.max_lots}
+                if i.contract is not None:
+                    limits[name]["contract"] = self.contract_today(i)
+            self._limits_of = (today, json.dumps(limits))
+        return self._limits_of[1]
 
     # -- life cycle -----------------------------------------------------------
 
@@ -381,7 +412,7 @@ class Executor:
         """Claim the instruments of `ids`; raises NotLeader (Fenced) for a stale epoch."""
         epoch = self.elector.require_epoch()
         args = [self.elector.election, epoch, ids, self.instance_id, self.broker.name]
-        options = [self.max_age, self._limits, self.reorder_window, self.halt_action]
+        options = [self.max_age, self._limits(), self.reorder_window, self.halt_action]
         with fenced_statement(self.elector.election, epoch):
             async with self.pool.connection() as conn:
                 cur = await conn.execute(_CLAIM, [*args, *options])
@@ -390,7 +421,7 @@ class Executor:
         # our lease and twice the broker timeout have passed.
         valid_until = datetime.now(UTC) + timedelta(seconds=self._send_budget(len(rows)))
         claimed = []
-        for signal_id, acted, state, coid, name, _side, action, start, target, price in rows:
+        for signal_id, acted, state, coid, name, _side, action, start, target, price, where in rows:
             if not acted:  # not pending: nothing to do (null: no such signal)
                 status[signal_id] = state or "unknown"
                 continue
@@ -408,8 +439,8 @@ class Executor:
                 log.warning("signal not executed", signal_id=signal_id, status=state)
                 continue
             order = OrderRequest(
-                coid, self.instrument(name), action, start, target, price, epoch,
-                self.instance_id, valid_until,
+                coid, self.instrument(name).with_symbol(where), action, start, target, price,
+                epoch, self.instance_id, valid_until,
             )  # fmt: skip
             claimed.append(_Claimed(signal_id, order))
         return claimed
@@ -563,7 +594,7 @@ class Executor:
             cur = await conn.execute(_EXECUTING, {"epoch": epoch, "grace": grace, "limit": limit})
             rows = await cur.fetchall()
         settled = 0
-        for signal_id, claimed_epoch, coid, name, start, target, claimed_at in rows:
+        for signal_id, claimed_epoch, coid, name, start, target, claimed_at, where in rows:
             # Even one a batch of ours still holds: a claim older than the settle time
             # (at least twice the send budget, by the settings' check) is past any send,
             # and a batch stuck on a dead connection must not block its instrument.
@@ -571,18 +602,19 @@ class Executor:
                 continue
             if claimed_epoch < epoch and time.monotonic() < self._reconcile_older_after:
                 continue
-            settled += await self._settle(signal_id, coid, name, start, target, claimed_at)
+            settled += await self._settle(signal_id, coid, name, start, target, claimed_at, where)
         return settled
 
     async def _settle(
         self, signal_id: int, coid: str, name: str, start: int | None, target: int | None,
-        claimed_at: datetime,
+        claimed_at: datetime, where: str | None,
     ) -> int:  # fmt: skip
+        known = self._knows(name)
         order = OrderRequest(
-            coid, self.instrument(name) if self._knows(name) else Instrument(name, "", name),
+            coid, self.instrument(name).with_symbol(where) if known else Instrument(name, "", name),
             "BUY", start or 0, target or 0, None, 0, self.instance_id, claimed_at,
         )  # fmt: skip
-        if start is None or target is None or not self._knows(name):
+        if start is None or target is None or not known:
             detail = f"{name}: an order the broker cannot be asked about (no target recorded)"
             await self._in_doubt(signal_id, order, detail, sent=True)
             return 1

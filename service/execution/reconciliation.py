@@ -17,8 +17,9 @@ per item not matched. Reconciliation reports; it never trades.
 
 from __future__ import annotations
 
+import asyncio
 import json
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import psycopg
@@ -79,24 +80,26 @@ class Reconciler:
         pool: AsyncConnectionPool[Any],
         elector: Elector,
         broker: Broker,
-        instrument: Callable[[str], Instrument],  # the executor's rule
+        resolve: Callable[[Iterable[str]], Awaitable[dict[str, Instrument]]],  # the executor's
         known: Mapping[str, Instrument] | None,
     ) -> None:
         self.pool = pool
         self.elector = elector
         self.broker = broker
-        self.instrument = instrument
+        self.resolve = resolve
         self.known = known
         self.last: dict[str, Any] | None = None
+        self._running = asyncio.Lock()  # the sweep and the `reconcile` job both ask
 
     async def run_requested(self) -> int:
         """Run every reconciliation asked for. Leader only; returns how many ran."""
         if not self.elector.is_leader:
             return 0
-        async with self.pool.connection() as conn:
-            requested = await (await conn.execute(_REQUESTED)).fetchall()
-        for request_id, _trigger in requested:
-            await self.run(int(request_id))
+        async with self._running:
+            async with self.pool.connection() as conn:
+                requested = await (await conn.execute(_REQUESTED)).fetchall()
+            for request_id, _trigger in requested:
+                await self.run(int(request_id))
         return len(requested)
 
     async def run(self, request_id: int) -> str | None:
@@ -106,7 +109,7 @@ class Reconciler:
             ledger_lots = dict(await (await conn.execute(_LEDGER)).fetchall())
             in_flight = frozenset(r[0] for r in await (await conn.execute(_IN_FLIGHT)).fetchall())
         names = sorted({*ledger_lots, *(self.known or {})})
-        instruments = [self.instrument(name) for name in names]
+        instruments = list((await self.resolve(names)).values())
         ledger = {i.name: int(ledger_lots.get(i.name, 0)) * i.lot_size for i in instruments}
         try:
             broker = await self.broker.positions(instruments) if instruments else {}

@@ -85,6 +85,26 @@ def render(stats: dict[str, Any], rejections: Counter[tuple[str, int, str]]) -> 
             for outcome in ("matched", "mismatch", "failed")
             if stats["last_reconciliation"] is not None
         ),
+        # The leader's jobs: runs by this instance, and how long since each last
+        # succeeded (by the database's record, whoever ran it; no sample: never).
+        "# TYPE pgleader_job_runs_total counter",
+        *(
+            f'pgleader_job_runs_total{{job="{job}",outcome="{outcome}"}} {n}'
+            for job, figures in sorted(stats["jobs"].items())
+            for outcome, n in sorted(figures["runs"].items())
+        ),
+        "# TYPE pgleader_job_last_duration_seconds gauge",
+        *(
+            f'pgleader_job_last_duration_seconds{{job="{job}"}} {figures["last_duration"]:.6f}'
+            for job, figures in sorted(stats["jobs"].items())
+            if figures["last_duration"] is not None
+        ),
+        "# TYPE pgleader_job_seconds_since_success gauge",
+        *(
+            f'pgleader_job_seconds_since_success{{job="{job}"}} {figures["since_success"]:.3f}'
+            for job, figures in sorted(stats["jobs"].items())
+            if figures["since_success"] is not None
+        ),
     ]
     return "\n".join(lines) + "\n"
 

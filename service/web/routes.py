@@ -66,6 +66,9 @@ class Surface(Protocol):
     async def trading_halt(self) -> dict[str, Any]: ...
     async def set_trading_halt(self, mode: str, reason: str | None, by: str) -> dict[str, Any]: ...
     async def reconcile_now(self, trigger: str, timeout: float) -> dict[str, Any]: ...
+    async def job_list(self) -> list[dict[str, Any]]: ...
+    async def run_job(self, name: str, timeout: float) -> dict[str, Any] | None: ...
+    async def statistics(self) -> dict[str, Any]: ...
 
 
 GATEWAY = web.AppKey("gateway", Surface)
@@ -313,6 +316,41 @@ async def reconcile(request: web.Request) -> web.Response:
     return answer(200, status=run["outcome"], **run)
 
 
+async def jobs(request: web.Request) -> web.Response:
+    """The leader's periodic jobs: schedule, next run, last outcome."""
+    try:
+        found = await request.app[GATEWAY].job_list()
+    except DATABASE_UNAVAILABLE:
+        return error(503, "database_unreachable", "database unreachable; retry")
+    return answer(200, jobs=found)
+
+
+async def run_job(request: web.Request) -> web.Response:
+    """Run a job of the leader now; its outcome when it ends within 10 s."""
+    if (refused := _admin_refusal(request)) is not None:
+        return refused
+    gw, name = request.app[GATEWAY], request.match_info["name"]
+    try:
+        run = await gw.run_job(name, timeout=10.0)
+    except DATABASE_UNAVAILABLE:
+        return error(503, "database_unreachable", "database unreachable; nothing asked, retry")
+    if run is None:
+        known = ", ".join(j["job"] for j in await gw.job_list()) or "none registered yet"
+        return error(404, "unknown_job", f"no job {name!r} (known: {known})", field="name")
+    if run["outcome"] is None:
+        return answer(202, status="requested", **run)
+    return answer(200, status=run["outcome"], **run)
+
+
+async def statistics(request: web.Request) -> web.Response:
+    """The leader's statistics, as its `statistics` job last made them."""
+    try:
+        found = await request.app[GATEWAY].statistics()
+    except DATABASE_UNAVAILABLE:
+        return error(503, "database_unreachable", "database unreachable; retry")
+    return answer(200, **found)
+
+
 async def metrics(request: web.Request) -> web.Response:
     text = render(request.app[GATEWAY].stats(), request.app[REJECTIONS].counts)
     return web.Response(text=text, content_type="text/plain")
@@ -358,6 +396,9 @@ def build_operator_app(gateway: Surface, limits: Limits, rejections: Rejections)
     app.router.add_post("/admin/halt", halt)
     app.router.add_post("/admin/resume", resume)
     app.router.add_post("/admin/reconcile", reconcile)
+    app.router.add_post("/admin/jobs/{name}/run", run_job)
+    app.router.add_get("/jobs", jobs)
+    app.router.add_get("/statistics", statistics)
     app.router.add_get("/signals/{signal_id}", signal_by_id)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/openapi.yaml", openapi)

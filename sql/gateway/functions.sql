@@ -34,10 +34,16 @@ $$;
 
 -- The client order id of a signal's next order under an epoch,
 -- pgl-<signal id>-e<epoch>-<attempt>: the attempt counts the orders the signal had,
--- so a requeued signal's new order never reuses an id the broker has seen.
+-- so a requeued signal's new order never reuses an id the broker has seen. A
+-- rollover's orders: pgl-roll<rollover id>-<step>-e<epoch>-<attempt>.
+create or replace function gateway.client_order_id(p_of text, p_epoch bigint, p_attempt bigint)
+returns text language sql immutable as $$
+    select format('pgl-%s-e%s-%s', p_of, p_epoch, p_attempt)
+$$;
+
 create or replace function gateway.next_client_order_id(p_signal_id bigint, p_epoch bigint)
 returns text language sql stable as $$
-    select format('pgl-%s-e%s-%s', p_signal_id, p_epoch,
+    select gateway.client_order_id(p_signal_id::text, p_epoch,
                   (select count(*) + 1 from gateway.orders o where o.signal_id = p_signal_id))
 $$;
 
@@ -78,9 +84,9 @@ begin
              order by x.entry_at desc limit 1;
         end if;
         insert into gateway.positions (instrument, position, side, signal_id, is_base_position,
-                                       base_position_id, lots, entry_price, stop)
+                                       base_position_id, lots, entry_price, stop, contract)
         values (s.instrument, s.position, s.side, s.id, s.type = 'BASE_ENTRY', base_id, o.lots,
-                s.price, s.stop);
+                s.price, s.stop, o.symbol);
         return;
     end if;
     for p in select * from gateway.positions x
@@ -95,10 +101,11 @@ begin
             update gateway.positions set lots = p.lots - remaining where id = p.id;
             insert into gateway.positions (instrument, position, side, signal_id, is_base_position,
                                            base_position_id, lots, entry_price, stop, entry_at,
-                                           exit_signal_id, exit_at, status, expiry)
+                                           exit_signal_id, exit_at, status, expiry, contract,
+                                           rollover_status)
             values (p.instrument, p.position, p.side, p.signal_id, p.is_base_position,
                     p.base_position_id, remaining, p.entry_price, p.stop, p.entry_at, s.id, now(),
-                    'closed', p.expiry);
+                    'closed', p.expiry, p.contract, p.rollover_status);
             remaining := 0;
         end if;
     end loop;
@@ -158,13 +165,17 @@ $$;
 --               signal that makes it valid (an exit before a reversal's entry, the
 --               entry of a pyramid) may be on its way from another instance. It
 --               stays pending and the instrument waits behind it.
--- p_instruments: {instrument: {lot_size, max_lots}} of the leader's instruments
--- file, or null without one (any instrument, lot size 1).
+-- p_instruments: {instrument: {lot_size, max_lots, contract}} of the leader's
+-- instruments file, or null without one (any instrument, lot size 1). `contract`
+-- (futures with contract rules only): where a new position opens today
+-- (exchange:symbol:product); an open position trades in the contract it is in.
+-- While a rollover of the instrument is active, nothing is claimed.
 create or replace function gateway.claim_instrument(
     p_instrument text, p_epoch bigint, p_instance text, p_broker text, p_max_age interval,
     p_instruments jsonb, p_reorder interval, p_halt text, p_halt_action text,
     out signal_id bigint, out status text, out client_order_id text, out side text,
-    out action text, out start_position bigint, out target_position bigint, out price numeric
+    out action text, out start_position bigint, out target_position bigint, out price numeric,
+    out contract text
 ) returns setof record language plpgsql as $$
 declare
     s gateway.signals;
@@ -178,7 +189,10 @@ declare
     why text;
 begin
     if exists (select from gateway.signals x
-                where x.instrument = p_instrument and x.status = 'executing') then
+                where x.instrument = p_instrument and x.status = 'executing')
+       or exists (select from gateway.rollovers r
+                   where r.instrument = p_instrument and r.state in ('due', 'exiting', 'entering'))
+    then
         return;
     end if;
     if p_instruments is not null then
@@ -195,6 +209,7 @@ begin
         side := s.side;
         price := s.price;
         client_order_id := null;
+        contract := null;
         action := null;
         start_position := null;
         target_position := null;
@@ -265,14 +280,21 @@ begin
         target_position := case s.side when 'short' then -new_lots else new_lots end * lot_size;
         action := gateway.order_action(start_position, target_position);
         client_order_id := gateway.next_client_order_id(s.id, p_epoch);
+        if spec ? 'contract' then
+            contract := coalesce(
+                (select min(p.contract) from gateway.positions p
+                  where p.instrument = p_instrument and p.status = 'open'),
+                spec ->> 'contract');
+        end if;
         update gateway.signals set status = 'executing', claimed_epoch = p_epoch,
                claimed_by = p_instance, claimed_at = now(), updated_at = now(), detail = null
          where id = s.id;
         insert into gateway.orders (signal_id, epoch, instance_id, broker, client_order_id, action,
-                                    quantity, side, lots, start_position, target_position)
+                                    quantity, side, lots, start_position, target_position,
+                                    instrument, symbol)
         values (s.id, p_epoch, p_instance, p_broker, client_order_id, action,
                 abs(target_position - start_position), s.side, lots, start_position,
-                target_position);
+                target_position, p_instrument, contract);
         return next;
         return;
     end loop;
@@ -294,7 +316,8 @@ create or replace function gateway.claim_signals(
     p_max_age interval, p_instruments jsonb, p_reorder interval, p_halt_action text
 ) returns table (
     signal_id bigint, acted boolean, status text, client_order_id text, instrument text,
-    side text, action text, start_position bigint, target_position bigint, price numeric
+    side text, action text, start_position bigint, target_position bigint, price numeric,
+    contract text
 ) language plpgsql security definer
 set search_path = pg_catalog, pg_temp as $$
 declare
@@ -305,7 +328,7 @@ begin
     select h.mode into halt from gateway.trading_halt h;
     return query
     select t.id, false, s.status, null::text, s.instrument, s.side, null::text, null::bigint,
-           null::bigint, s.price
+           null::bigint, s.price, null::text
       from unnest(p_ids) as t (id) left join gateway.signals s on s.id = t.id
      where s.status is distinct from 'pending';
     for name in select distinct s.instrument from gateway.signals s
@@ -313,7 +336,7 @@ begin
         perform pg_advisory_xact_lock(1735815534, hashtext(name));  -- 'gwin', the instrument
         return query
         select c.signal_id, true, c.status, c.client_order_id, name, c.side, c.action,
-               c.start_position, c.target_position, c.price
+               c.start_position, c.target_position, c.price, c.contract
           from gateway.claim_instrument(name, p_epoch, p_instance, p_broker, p_max_age,
                                         p_instruments, p_reorder, coalesce(halt, 'running'),
                                         p_halt_action) c;
@@ -361,6 +384,7 @@ begin
            detail = p_detail
      where id = s.id;
     if final = 'executed' then
+        o.symbol := coalesce(p_symbol, o.symbol);
         perform gateway.book_fill(s, o);
     elsif final = 'awaiting_approval' then
         perform gateway.raise_alert('order_awaiting_approval', s.id, o.instance_id,
@@ -537,7 +561,249 @@ select status, count(*) as signals, min(received_at) as oldest_received, max(rec
 -- Signals left 'executing', with the order each was sent as: reconciliation's work list.
 create or replace view gateway.executing as
 select s.id as signal_id, s.claimed_epoch, s.claimed_by, s.claimed_at, o.client_order_id, o.outcome,
-       s.instrument, o.start_position, o.target_position
+       s.instrument, o.start_position, o.target_position, o.symbol
   from gateway.signals s
   join lateral (select * from gateway.orders o where o.signal_id = s.id order by o.id desc limit 1) o on true
  where s.status = 'executing';
+
+
+-- The leader's jobs (service/jobs/) -------------------------------------------------
+
+-- Retention: delete up to p_batch terminal signals that ended more than
+-- p_older_than ago, oldest first, never one an open position refers to. Orders,
+-- positions and alerts keep their rows (their reference becomes null). Fenced.
+-- Returns the number deleted (fewer than p_batch: nothing more to do).
+create or replace function gateway.delete_old_signals(
+    p_election text, p_epoch bigint, p_older_than interval, p_batch integer
+) returns integer language plpgsql security definer set search_path = pg_catalog, pg_temp as $$
+declare
+    deleted integer;
+begin
+    perform pgleader.check_epoch(p_election, p_epoch);
+    delete from gateway.signals d
+     where d.id in (
+        select s.id from gateway.signals s
+         where s.status in ('executed', 'failed', 'rejected', 'expired')
+           and s.finished_at < now() - p_older_than
+           and not exists (select from gateway.positions p
+                            where p.status = 'open' and p.signal_id = s.id)
+         order by s.finished_at
+         limit p_batch
+           for update skip locked);
+    get diagnostics deleted = row_count;
+    return deleted;
+end
+$$;
+revoke execute on function gateway.delete_old_signals(text, bigint, interval, integer) from public;
+
+-- Stale instances leave the gateway's settings registry with pgleader's. Fenced.
+create or replace function gateway.prune_instance_settings(
+    p_election text, p_epoch bigint, p_instances text[]
+) returns integer language plpgsql security definer set search_path = pg_catalog, pg_temp as $$
+declare
+    deleted integer;
+begin
+    perform pgleader.check_epoch(p_election, p_epoch);
+    delete from gateway.instance_settings
+     where election = p_election and instance_id = any(p_instances);
+    get diagnostics deleted = row_count;
+    return deleted;
+end
+$$;
+revoke execute on function gateway.prune_instance_settings(text, bigint, text[]) from public;
+
+-- Statistics: what the leader computes for GET /statistics and `pgleader stats`
+-- (realised P&L is added by the job, which knows the lot sizes), stored in the one
+-- row of gateway.portfolio_state. Fenced.
+create or replace function gateway.compute_statistics(p_election text, p_days integer)
+returns jsonb language sql stable as $$
+    select jsonb_build_object(
+        'signals_by_day', coalesce((
+            select jsonb_agg(jsonb_build_object('day', day, 'type', type, 'status', status,
+                                                'signals', n) order by day desc, type, status)
+              from (select (received_at at time zone 'UTC')::date as day, type, status,
+                           count(*) as n
+                      from gateway.signals
+                     where received_at >= now() - make_interval(days => p_days)
+                     group by 1, 2, 3) x), '[]'),
+        'orders_by_outcome', coalesce((
+            select jsonb_object_agg(outcome, n)
+              from (select outcome, count(*) as n from gateway.orders group by 1) x), '{}'),
+        'open_positions', coalesce((
+            select jsonb_agg(jsonb_build_object('instrument', instrument, 'side', side,
+                                                'lots', lots, 'entries', entries,
+                                                'contract', contract) order by instrument)
+              from (select instrument, side, sum(lots) as lots, count(*) as entries,
+                           min(contract) as contract
+                      from gateway.positions where status = 'open' group by 1, 2) x), '[]'),
+        'closed_by_instrument', coalesce((
+            select jsonb_agg(jsonb_build_object('instrument', instrument, 'side', side,
+                             'points_x_lots', points, 'priced', priced, 'unpriced', unpriced)
+                             order by instrument, side)
+              from (select p.instrument, p.side,
+                           sum(case when p.side = 'short' then -1 else 1 end
+                               * (x.price - p.entry_price) * p.lots) as points,
+                           count(*) filter (where x.price is not null
+                                            and p.entry_price is not null) as priced,
+                           count(*) filter (where x.price is null or p.entry_price is null)
+                               as unpriced
+                      from gateway.positions p
+                      left join gateway.signals x on x.id = p.exit_signal_id
+                     where p.status = 'closed' group by 1, 2) y), '[]'),
+        'leadership_changes_by_day', coalesce((
+            select jsonb_agg(jsonb_build_object('day', day, 'changes', n) order by day desc)
+              from (select (acquired_at at time zone 'UTC')::date as day, count(*) as n
+                      from pgleader.leadership_history
+                     where election = p_election
+                       and acquired_at >= now() - make_interval(days => p_days)
+                     group by 1) x), '[]'),
+        'last_reconciliation', (
+            select jsonb_build_object('id', id, 'outcome', outcome, 'finished_at', finished_at,
+                                      'trigger', trigger)
+              from gateway.reconciliations where outcome is not null
+             order by finished_at desc limit 1),
+        'in_doubt', (select count(*) from gateway.signals where status = 'in_doubt'),
+        'rollovers', coalesce((
+            select jsonb_object_agg(state, n)
+              from (select state, count(*) as n from gateway.rollovers group by 1) x), '{}'))
+$$;
+
+create or replace function gateway.store_statistics(
+    p_election text, p_epoch bigint, p_instance text, p_statistics jsonb
+) returns void language plpgsql security definer set search_path = pg_catalog, pg_temp as $$
+begin
+    perform pgleader.check_epoch(p_election, p_epoch);
+    update gateway.portfolio_state
+       set statistics = p_statistics, refreshed_at = now(), epoch = p_epoch,
+           instance_id = p_instance;
+end
+$$;
+revoke execute on function gateway.store_statistics(text, bigint, text, jsonb) from public;
+
+
+-- Futures rollover (service/jobs/rollover.py) -----------------------------------------
+
+-- Open a roll of an instrument's whole open position from its contract to the
+-- next: only with no order of it in flight (its claim lock is taken, as a claim's)
+-- and no other roll active. The job runs this in a SERIALIZABLE transaction.
+-- Returns the roll's id, or null when there is nothing to roll now. Fenced.
+create or replace function gateway.start_rollover(
+    p_election text, p_epoch bigint, p_instance text, p_instrument text,
+    p_from_contract text, p_from_expiry date, p_to_contract text, p_to_expiry date,
+    p_lot_size bigint
+) returns bigint language plpgsql security definer set search_path = pg_catalog, pg_temp as $$
+declare
+    open_side text;
+    open_lots bigint;
+    held text;
+    id bigint;
+begin
+    perform pgleader.check_epoch(p_election, p_epoch);
+    perform pg_advisory_xact_lock(1735815534, hashtext(p_instrument));  -- the claim's lock
+    if exists (select from gateway.signals s
+                where s.instrument = p_instrument and s.status = 'executing')
+       or exists (select from gateway.rollovers r
+                   where r.instrument = p_instrument and r.state in ('due', 'exiting', 'entering'))
+    then
+        return null;
+    end if;
+    select min(p.side), sum(p.lots), min(p.contract) into open_side, open_lots, held
+      from gateway.positions p where p.instrument = p_instrument and p.status = 'open';
+    if open_lots is null or open_lots = 0 or held is distinct from p_from_contract then
+        return null;
+    end if;
+    insert into gateway.rollovers as r (instrument, from_contract, from_expiry, to_contract,
+                                        to_expiry, side, lots, units, epoch, instance_id)
+    values (p_instrument, p_from_contract, p_from_expiry, p_to_contract, p_to_expiry, open_side,
+            open_lots, open_lots * p_lot_size, p_epoch, p_instance)
+    returning r.id into id;
+    update gateway.positions set rollover_status = 'due'
+     where instrument = p_instrument and status = 'open';
+    return id;
+end
+$$;
+revoke execute on function gateway.start_rollover(
+    text, bigint, text, text, text, date, text, date, bigint) from public;
+
+-- A roll's step: 'exiting' or 'entering' (with a detail). Fenced.
+create or replace function gateway.set_rollover_state(
+    p_election text, p_epoch bigint, p_id bigint, p_state text, p_detail text
+) returns void language plpgsql security definer set search_path = pg_catalog, pg_temp as $$
+begin
+    perform pgleader.check_epoch(p_election, p_epoch);
+    update gateway.rollovers set state = p_state, detail = p_detail, epoch = p_epoch,
+           updated_at = now()
+     where id = p_id and state in ('due', 'exiting', 'entering');
+end
+$$;
+revoke execute on function gateway.set_rollover_state(text, bigint, bigint, text, text) from public;
+
+-- The order of a roll's step, booked before it is sent (as every order). Fenced.
+-- Returns its client order id and action.
+create or replace function gateway.book_rollover_order(
+    p_election text, p_epoch bigint, p_instance text, p_broker text, p_id bigint,
+    p_step text, p_contract text, p_start bigint, p_target bigint,
+    out coid text, out action text
+) language plpgsql security definer set search_path = pg_catalog, pg_temp as $$
+declare
+    r gateway.rollovers;
+begin
+    perform pgleader.check_epoch(p_election, p_epoch);
+    select * into r from gateway.rollovers where id = p_id;
+    coid := gateway.client_order_id(format('roll%s-%s', p_id, p_step), p_epoch,
+                  (select count(*) + 1 from gateway.orders o where o.rollover_id = p_id));
+    action := gateway.order_action(p_start, p_target);
+    insert into gateway.orders (signal_id, rollover_id, epoch, instance_id, broker,
+                                client_order_id, action, quantity, side, lots, start_position,
+                                target_position, instrument, symbol)
+    values (null, p_id, p_epoch, p_instance, p_broker, coid, action, abs(p_target - p_start),
+            r.side, r.lots, p_start, p_target, r.instrument, p_contract);
+end
+$$;
+revoke execute on function gateway.book_rollover_order(
+    text, bigint, text, text, bigint, text, text, bigint, bigint) from public;
+
+-- What the broker said of a roll's order.
+create or replace function gateway.record_rollover_order(
+    p_client_order_id text, p_outcome text, p_broker_order_id text, p_detail text
+) returns void language sql security definer set search_path = pg_catalog, pg_temp as $$
+    update gateway.orders set outcome = p_outcome, broker_order_id = p_broker_order_id,
+           detail = p_detail, updated_at = now()
+     where client_order_id = p_client_order_id and rollover_id is not null
+$$;
+revoke execute on function gateway.record_rollover_order(text, text, text, text) from public;
+
+-- The roll is done at the broker: the ledger's open position moves to the new
+-- contract, the roll ends 'rolled', an alert says so. Run in a SERIALIZABLE
+-- transaction. Fenced.
+create or replace function gateway.finish_rollover(
+    p_election text, p_epoch bigint, p_instance text, p_id bigint
+) returns boolean language plpgsql security definer set search_path = pg_catalog, pg_temp as $$
+declare
+    r gateway.rollovers;
+begin
+    perform pgleader.check_epoch(p_election, p_epoch);
+    select * into r from gateway.rollovers where id = p_id for update;
+    if r.state not in ('due', 'exiting', 'entering') then
+        return false;
+    end if;
+    update gateway.positions
+       set contract = r.to_contract, expiry = r.to_expiry, rollover_status = 'rolled'
+     where instrument = r.instrument and status = 'open';
+    update gateway.rollovers set state = 'rolled', finished_at = now(), updated_at = now(),
+           epoch = p_epoch, detail = null
+     where id = p_id;
+    perform gateway.raise_alert('rollover_completed', null, p_instance,
+        format('%s: %s %s lots rolled from %s to %s', r.instrument, r.side, r.lots,
+               r.from_contract, r.to_contract));
+    return true;
+end
+$$;
+revoke execute on function gateway.finish_rollover(text, bigint, text, bigint) from public;
+
+-- Rolls of the instruments: every active one, and each instrument's open contract.
+create or replace view gateway.open_contracts as
+select instrument, min(side) as side, sum(lots) as lots, min(contract) as contract,
+       min(expiry) as expiry, count(distinct contract) as contracts
+  from gateway.positions where status = 'open'
+ group by instrument;

@@ -68,7 +68,7 @@ select id as signal_id, status, type, instrument, position, side, lots, price, s
 -- per instrument (election, epoch, ids, instance, broker, max_age, instruments,
 -- reorder window, halt action).
 select signal_id, acted, status, client_order_id, instrument, side, action, start_position,
-       target_position, price
+       target_position, price, contract
   from gateway.claim_signals(%s, %s, %s, %s, %s, %s, %s, %s, %s);
 
 -- name: complete_orders
@@ -84,7 +84,7 @@ select id from gateway.signals where status = 'pending' order by received_at lim
 -- settle time: a broker may finish a request after its client gave up), whatever
 -- the epoch (the executor also waits out an older leader's lease).
 select signal_id, claimed_epoch, client_order_id, instrument, start_position, target_position,
-       claimed_at
+       claimed_at, symbol
   from gateway.executing
  where claimed_at < now() - %(grace)s
  order by claimed_at limit %(limit)s;
@@ -103,8 +103,8 @@ select gateway.requeue_signal(%s, %s);
 -- ours recorded: placed by someone else, or ours whose answer never came.
 select id from unnest(%s::text[]) as t (id)
 except
-select o.broker_order_id from gateway.orders o join gateway.signals s on s.id = o.signal_id
- where s.instrument = %s and o.broker_order_id is not null;
+select o.broker_order_id from gateway.orders o
+ where o.instrument = %s and o.broker_order_id is not null;
 
 -- name: pending_of_instruments
 -- Pending signals of these instruments (what waited behind an order in flight).
@@ -124,8 +124,10 @@ select gateway.set_trading_halt(%s, %s, %s);
 select instrument, net_lots from gateway.net_positions;
 
 -- name: instruments_in_flight
--- Instruments with an order being executed.
-select distinct instrument from gateway.signals where status = 'executing';
+-- Instruments with an order being executed, or a rollover under way.
+select distinct instrument from gateway.signals where status = 'executing'
+union
+select instrument from gateway.rollovers where state in ('due', 'exiting', 'entering');
 
 -- name: request_reconciliation
 -- Ask the leader for a reconciliation run (trigger, by); returns its id.
@@ -218,3 +220,75 @@ select to_regclass('gateway.trading_halt') is not null;
 -- /coordinator/leader: the leader of one election by the database.
 select epoch, leader, host, lock_held,
        extract(epoch from heartbeat_age)::float8 from pgleader.leader where election = %s;
+
+
+-- The leader's jobs (service/jobs/) ---------------------------------------------
+
+-- name: delete_old_signals
+-- Retention: one batch of old terminal signals deleted (election, epoch, older
+-- than seconds, batch size); the number deleted.
+select gateway.delete_old_signals(%s, %s, make_interval(secs => %s), %s);
+
+-- name: prune_instance_settings
+-- Stale instances' trading-settings rows (election, epoch, instance ids).
+select gateway.prune_instance_settings(%s, %s, %s);
+
+-- name: compute_statistics
+-- The statistics document (election, days of history per day).
+select gateway.compute_statistics(%s, %s);
+
+-- name: store_statistics
+-- The leader stores the statistics (election, epoch, instance, document).
+select gateway.store_statistics(%s, %s, %s, %s);
+
+-- name: statistics
+-- GET /statistics, `pgleader stats`: the statistics and when they were made.
+select statistics, refreshed_at, epoch, instance_id from gateway.portfolio_state;
+
+-- name: open_contracts
+-- Each instrument's open position: side, lots, the contract it is in.
+select instrument, side, lots, contract, contracts from gateway.open_contracts;
+
+-- name: active_rollovers
+-- Rolls not finished, oldest first.
+select id, instrument, from_contract, from_expiry, to_contract, to_expiry, side, lots, units,
+       state, extract(epoch from now() - updated_at)::float8 as age_s
+  from gateway.rollovers where state in ('due', 'exiting', 'entering') order by id;
+
+-- name: start_rollover
+-- Open a roll (election, epoch, instance, instrument, from contract, from expiry,
+-- to contract, to expiry, lot size); its id, or null when there is nothing to roll.
+select gateway.start_rollover(%s, %s, %s, %s, %s, %s, %s, %s, %s);
+
+-- name: set_rollover_state
+-- A roll's step (election, epoch, id, state, detail).
+select gateway.set_rollover_state(%s, %s, %s, %s, %s);
+
+-- name: book_rollover_order
+-- Book a roll step's order before sending it; its client order id and action.
+select coid, action from gateway.book_rollover_order(%s, %s, %s, %s, %s, %s, %s, %s, %s);
+
+-- name: record_rollover_order
+-- The broker's answer to a roll's order (client order id, outcome, broker id, detail).
+select gateway.record_rollover_order(%s, %s, %s, %s);
+
+-- name: finish_rollover
+-- The roll is done at the broker: move the ledger (election, epoch, instance, id).
+select gateway.finish_rollover(%s, %s, %s, %s);
+
+-- name: rollover_history
+-- `pgleader rollover`: the latest rolls.
+select id, instrument, from_contract, to_contract, side, lots, state, created_at, finished_at,
+       detail
+  from gateway.rollovers order by id desc limit %s;
+
+-- name: serializable
+-- The first statement of a rollover's transaction: its ledger changes run
+-- SERIALIZABLE (retried on a serialization failure).
+set transaction isolation level serializable;
+
+-- name: rollover_last_order_age
+-- Seconds since a roll step's latest order was booked (roll, the step's target
+-- position: 0 for the exit); null when none was.
+select extract(epoch from now() - max(created_at))::float8 from gateway.orders
+ where rollover_id = %s and target_position = %s;

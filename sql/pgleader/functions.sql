@@ -293,3 +293,156 @@ select e.name                                                 as election,
        ) held on true;
 comment on view pgleader.leader is
     'Per election: epoch, and the leader only while its backend holds the advisory lock.';
+
+
+-- The leader's jobs (pgleader/jobs.py) -------------------------------------------
+
+-- When a job is due next after `p_after`: every N seconds, or daily at a local
+-- time of a time zone (by the database's clock, as every schedule here).
+create or replace function pgleader.job_next_due(
+    p_every_s double precision, p_daily_at time, p_timezone text, p_after timestamptz
+) returns timestamptz language plpgsql stable as $$
+declare
+    local_day date;
+    candidate timestamptz;
+begin
+    if p_every_s is not null then
+        return p_after + make_interval(secs => p_every_s);
+    end if;
+    local_day := (p_after at time zone p_timezone)::date;
+    candidate := (local_day + p_daily_at) at time zone p_timezone;
+    if candidate <= p_after then
+        candidate := (local_day + 1 + p_daily_at) at time zone p_timezone;
+    end if;
+    return candidate;
+end
+$$;
+
+-- The leader's registration of a job when elected. A new job is due at once (an
+-- interval job) or at its next daily time; a changed schedule counts from the
+-- last start. Fenced: only the current leader defines the schedule.
+create or replace function pgleader.register_job(
+    p_election text, p_epoch bigint, p_name text, p_every_s double precision,
+    p_daily_at time, p_timezone text, p_timeout_s double precision
+) returns void language plpgsql security definer set search_path = pg_catalog, pg_temp as $$
+declare
+    described text := case when p_every_s is not null then format('every %s s', p_every_s)
+                           else format('daily %s %s', to_char(p_daily_at, 'HH24:MI'), p_timezone) end;
+begin
+    perform pgleader.check_epoch(p_election, p_epoch);
+    insert into pgleader.jobs as j
+           (election, name, schedule, every_s, daily_at, timezone, timeout_s, next_due_at)
+    values (p_election, p_name, described, p_every_s, p_daily_at, p_timezone, p_timeout_s,
+            case when p_every_s is not null then now()
+                 else pgleader.job_next_due(null, p_daily_at, p_timezone, now()) end)
+    on conflict (election, name) do update
+       set schedule = excluded.schedule, every_s = excluded.every_s,
+           daily_at = excluded.daily_at, timezone = excluded.timezone,
+           timeout_s = excluded.timeout_s,
+           next_due_at = case when j.schedule = excluded.schedule then j.next_due_at
+                              else pgleader.job_next_due(excluded.every_s, excluded.daily_at,
+                                   excluded.timezone, coalesce(j.started_at, now())) end;
+end
+$$;
+revoke execute on function pgleader.register_job(text, bigint, text, double precision, time, text, double precision) from public;
+
+-- Start a job's run if it is due: its time has come, a run was asked for, or a
+-- run of an earlier epoch never finished (its leader died: run it again now).
+-- Moves the next due time past this start, so no leader runs it again within its
+-- interval. True when the caller must run it. Fenced.
+create or replace function pgleader.start_job(
+    p_election text, p_epoch bigint, p_instance text, p_name text
+) returns boolean language plpgsql security definer set search_path = pg_catalog, pg_temp as $$
+begin
+    perform pgleader.check_epoch(p_election, p_epoch);
+    update pgleader.jobs as j
+       set running_epoch = p_epoch, running_by = p_instance, started_at = now(),
+           requested_at = null,
+           next_due_at = pgleader.job_next_due(j.every_s, j.daily_at, j.timezone, now())
+     where j.election = p_election and j.name = p_name
+       and j.running_epoch is distinct from p_epoch
+       and (j.next_due_at <= now() or j.requested_at is not null or j.running_epoch is not null);
+    return found;
+end
+$$;
+revoke execute on function pgleader.start_job(text, bigint, text, text) from public;
+
+-- Record the end of a run. A failure is counted and due again after a backoff
+-- (p_retry_s doubled for each failure before it, at most an hour; never later
+-- than its regular time); a success clears the count. Fenced: a demoted leader's late result is not recorded (its successor
+-- runs the job again). Returns the consecutive failures.
+create or replace function pgleader.finish_job(
+    p_election text, p_epoch bigint, p_name text, p_outcome text, p_result text,
+    p_duration_s double precision, p_retry_s double precision
+) returns integer language plpgsql security definer set search_path = pg_catalog, pg_temp as $$
+declare
+    failed integer;
+begin
+    perform pgleader.check_epoch(p_election, p_epoch);
+    update pgleader.jobs as j
+       set running_epoch = null, finished_at = now(), outcome = p_outcome,
+           result = left(p_result, 500), duration_s = p_duration_s, runs = j.runs + 1,
+           failures = case when p_outcome = 'succeeded' then 0 else j.failures + 1 end,
+           last_success_at = case when p_outcome = 'succeeded' then now() else j.last_success_at end,
+           next_due_at = case when p_outcome = 'succeeded' then j.next_due_at
+                              else least(j.next_due_at, now() + make_interval(
+                                   secs => least(p_retry_s * power(2, least(j.failures, 20)), 3600))) end
+     where j.election = p_election and j.name = p_name and j.running_epoch = p_epoch
+    returning j.failures into failed;
+    if failed > 0 then
+        perform pg_notify('pgleader_events', json_build_object(
+            'event', 'job_failed', 'election', p_election, 'epoch', p_epoch, 'job', p_name,
+            'outcome', p_outcome, 'failures', failed, 'at', clock_timestamp())::text);
+    end if;
+    return coalesce(failed, 0);
+end
+$$;
+revoke execute on function pgleader.finish_job(text, bigint, text, text, text, double precision, double precision) from public;
+
+-- Ask for a run now (any instance, the CLI): the leader starts it within its
+-- poll interval. The time of the request, or null for an unknown job.
+create or replace function pgleader.request_job(p_election text, p_name text, p_by text)
+returns timestamptz language sql security definer set search_path = pg_catalog, pg_temp as $$
+    update pgleader.jobs set requested_at = coalesce(requested_at, now()), requested_by = p_by
+     where election = p_election and name = p_name
+    returning requested_at
+$$;
+revoke execute on function pgleader.request_job(text, text, text) from public;
+
+-- Remove instances not seen for p_older_than from the registry (never the
+-- leader); the leadership history keeps them. Fenced. Returns the removed ids.
+create or replace function pgleader.prune_instances(
+    p_election text, p_epoch bigint, p_older_than interval
+) returns setof text language plpgsql security definer set search_path = pg_catalog, pg_temp as $$
+begin
+    perform pgleader.check_epoch(p_election, p_epoch);
+    return query
+        delete from pgleader.instances i
+         where i.election = p_election and not i.is_leader
+           and i.last_heartbeat < now() - p_older_than
+        returning i.instance_id;
+end
+$$;
+revoke execute on function pgleader.prune_instances(text, bigint, interval) from public;
+
+-- What an operator reads: every job, when it runs next, how its last run went.
+create or replace view pgleader.job_status as
+select j.election,
+       j.name                                   as job,
+       j.schedule,
+       j.next_due_at,
+       greatest(j.next_due_at - now(), interval '0') as due_in,
+       j.running_epoch is not null              as running,
+       j.running_by,
+       j.started_at,
+       j.finished_at,
+       j.outcome,
+       j.duration_s,
+       j.failures,
+       j.last_success_at,
+       j.runs,
+       j.requested_at,
+       j.result
+  from pgleader.jobs j;
+comment on view pgleader.job_status is
+    'The leader''s periodic jobs: schedule, next due time, the last run and its outcome.';

@@ -72,3 +72,52 @@ select 1;
 select election, epoch, leader, host, backend_pid, lock_held, acquired_at,
        extract(epoch from heartbeat_age)::float8 as heartbeat_age_s
   from pgleader.leader order by election;
+
+-- name: job_list
+-- `pgleader jobs`: every job of an election (all elections when null).
+select election, job, schedule, next_due_at,
+       extract(epoch from due_in)::float8 as due_in_s, running, running_by, started_at,
+       finished_at, outcome, duration_s, failures, last_success_at, runs, requested_at, result
+  from pgleader.job_status
+ where %(election)s::text is null or election = %(election)s
+ order by election, job;
+
+-- name: request_job
+-- `pgleader jobs run`: ask the leader for a run now; null for an unknown job.
+select pgleader.request_job(%s, %s, %s);
+
+-- name: job_run_state
+-- Whether a run asked for at a time has finished: its outcome then.
+select requested_at is null and running_epoch is null and finished_at >= %s as done,
+       outcome, result, duration_s, started_at, finished_at
+  from pgleader.jobs where election = %s and name = %s;
+
+
+-- The job runner (pgleader/jobs.py) ----------------------------------------------
+
+-- name: register_job
+-- The leader's registration of one job (fenced).
+select pgleader.register_job(%s, %s, %s, %s, %s, %s, %s);
+
+-- name: due_jobs
+-- The runner's poll: each job of the list, whether it is due now (as start_job
+-- decides), and seconds until it is due otherwise.
+select name,
+       next_due_at <= now() or requested_at is not null
+           or (running_epoch is not null and running_epoch <> %(epoch)s) as due,
+       greatest(extract(epoch from next_due_at - now()), 0)::float8 as due_in_s,
+       extract(epoch from now() - last_success_at)::float8 as since_success_s
+  from pgleader.jobs
+ where election = %(election)s and name = any(%(names)s);
+
+-- name: start_job
+-- Start a due job's run; false when it is not due (or already running).
+select pgleader.start_job(%s, %s, %s, %s);
+
+-- name: finish_job
+-- Record a run's end; returns the consecutive failures.
+select pgleader.finish_job(%s, %s, %s, %s, %s, %s, %s);
+
+-- name: prune_instances
+-- Drop instances not seen for a while from the registry; their ids.
+select pgleader.prune_instances(%s, %s, make_interval(secs => %s));

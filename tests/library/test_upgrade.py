@@ -263,10 +263,12 @@ async def test_a_database_of_0_1_upgrades_with_nothing_lost_to_a_fresh_install(b
     applied = await migrate(old)
     assert applied == [
         "pgleader/001_election.sql",
+        "pgleader/002_jobs.sql",
         "pgleader/functions.sql",
         "gateway/001_gateway.sql",
         "gateway/002_targets.sql",
         "gateway/003_paper_book_index.sql",
+        "gateway/004_leader_jobs.sql",
         "gateway/functions.sql",
     ]
     assert await migrate(old) == []

@@ -10,13 +10,14 @@ import ipaddress
 import os
 import subprocess
 import sys
-from datetime import timedelta
+from datetime import date, timedelta
 from pathlib import Path
 
 import pytest
 
 from pgleader.errors import ConfigError
 from service.brokers.base import Instrument
+from service.contracts import Calendar, ContractRule
 from service.instruments import load_instruments, settings_fingerprint
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -214,7 +215,7 @@ def test_an_unknown_top_level_key_is_refused_by_name(tmp_path, text, key):
         (base_with("contract = { month = 'near' }"), "contract", "unknown key contract"),
         # missing keys
         (base_without("exchange"), "exchange", "exchange is required"),
-        (base_without("symbol"), "symbol", "symbol is required"),
+        (base_without("symbol"), "symbol", "give either symbol"),
         (base_without("lot_size"), "lot_size", "lot_size is required"),
         # wrong types
         (base_with("exchange = 1"), "exchange", "must be a string"),
@@ -263,10 +264,54 @@ def test_an_instrument_that_is_not_a_table_is_refused(tmp_path):
     assert "must be a table" in message
 
 
-def test_a_missing_symbol_says_it_is_required(tmp_path):
+def test_a_missing_symbol_asks_for_a_symbol_or_a_contract_rule(tmp_path):
     message = refusal(write(tmp_path, base_without("symbol")))
 
-    assert "symbol is required" in message
+    assert "give either symbol" in message
+    assert "underlying" in message
+
+
+CONTRACT = """
+[calendars.NFO]
+holidays = [2026-12-29]
+
+[instruments."NIFTY1!"]
+exchange = "NFO"
+underlying = "NIFTY"
+expiry = "last-tuesday"
+roll_days_before = 2
+lot_size = 75
+"""
+
+
+def test_a_future_names_its_contract_rule_and_its_exchange_calendar(tmp_path):
+    (instrument,) = load_instruments(write(tmp_path, CONTRACT)).values()
+
+    assert instrument.name == "NIFTY1!"
+    assert instrument.contract is not None and instrument.calendar is not None
+    # 2026-12-29, the last Tuesday, is a holiday here: the contract expires on the 28th
+    contract = instrument.contract.contract_on(instrument.calendar, date(2026, 12, 1))
+    assert contract.symbol == "NIFTY28DEC26FUT"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            CONTRACT.replace('underlying = "NIFTY"', 'underlying = "NIFTY"\nsymbol = "X"'),
+            "not both",
+        ),
+        (CONTRACT.replace("[calendars.NFO]", "[calendars.NFOX]"), "[calendars.NFOX]"),
+        (CONTRACT.replace('expiry = "last-tuesday"', ""), "expiry"),
+        (CONTRACT.replace("[calendars.NFO]\nholidays = [2026-12-29]", ""), "[calendars.NFO]"),
+        (BASE + "roll_days_before = 1\n", "belongs to a contract rule"),
+    ],
+)
+def test_a_bad_contract_rule_is_one_line_naming_it(tmp_path, text, expected):
+    message = refusal(write(tmp_path, text))
+
+    assert expected in message
+    assert "\n" not in message
 
 
 def test_the_first_bad_instrument_is_named_not_the_good_ones(tmp_path):
@@ -399,6 +444,10 @@ def test_the_fingerprint_is_the_same_in_another_process():
         {"lot_size": 65},
         {"max_lots": 11},
         {"max_lots": None},
+        {"contract": ContractRule("NIFTY", expiry="last-tuesday")},
+        {"contract": ContractRule("NIFTY", expiry="last-tuesday", roll_days_before=1)},
+        {"calendar": Calendar("NFO")},
+        {"calendar": Calendar("NFO", holidays=frozenset({date(2026, 12, 25)}))},
     ],
 )
 def test_any_change_to_an_instrument_changes_the_fingerprint(change):
@@ -419,6 +468,8 @@ def test_every_instrument_field_is_covered_by_the_changes_above():
         "exchange",
         "symbol",
         "product",
+        "contract",
+        "calendar",
         "lot_size",
         "max_lots",
     }
