@@ -104,6 +104,7 @@ class Rollover:
         self.clock = clock
         self.on_rolled = on_rolled
         self._paged: set[tuple[str, str, date]] = set()
+        self.conflicts = 0  # SERIALIZABLE transactions retried
 
     async def run(self, run: JobRun) -> str:
         if not self.futures:
@@ -277,6 +278,7 @@ class Rollover:
                     with run.fenced():
                         return await (await conn.execute(query, args)).fetchone()
             except psycopg.errors.SerializationFailure:
+                self.conflicts += 1
                 if attempt == _ATTEMPTS:
                     raise
                 log.info("rollover transaction conflicted; retrying", attempt=attempt)
