@@ -157,10 +157,11 @@ async def _jobs(args: argparse.Namespace) -> int:
 
     if args.action == "run":
         return await _run_job(args)
+    election = args.election or env_setting("PGLEADER_ELECTION", Text(200), None)
     conn = await connect(require_dsn(args), autocommit=True)
     async with conn:
         try:
-            cur = await conn.execute(QUERIES["job_list"], {"election": args.election})
+            cur = await conn.execute(QUERIES["job_list"], {"election": election})
         except psycopg.errors.UndefinedTable:
             raise ConfigError("pgleader schema missing: run `pgleader migrate` first") from None
         names = [c.name for c in cur.description or []]
@@ -306,7 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="list (default), or run NAME now")  # fmt: skip
     p.add_argument("name", nargs="?", type=Text(63), help="the job to run (with `run`)")
     p.add_argument("--election", type=Text(200), default=None,
-                   help="election (default: all to list; $PGLEADER_ELECTION, else gateway, to run)")  # fmt: skip
+                   help="election (env PGLEADER_ELECTION; without either: all to list, gateway to run)")  # fmt: skip
     p.add_argument("--json", action="store_true", help="JSON lines even on a terminal")
     p.add_argument("--timeout", type=Number(float, 1, 3600, "s"), default=60.0,
                    help="with run: seconds to wait for the run's outcome (default 60)")  # fmt: skip

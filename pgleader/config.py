@@ -13,6 +13,7 @@ import os
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, TypeVar
 
 import psycopg
@@ -254,6 +255,21 @@ class Networks(Setting):
         if not networks:
             raise argparse.ArgumentTypeError(f"must name at least one network, got {text[:40]!r}")
         return networks
+
+
+class Instant(Setting):
+    """An ISO 8601 time with its time zone (2026-12-24T10:00+05:30, or Z for UTC)."""
+
+    def __call__(self, text: str) -> datetime:
+        try:
+            value = datetime.fromisoformat(text.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"must be an ISO time such as 2026-12-24T10:00+05:30, got {text!r}"
+            ) from None
+        if value.tzinfo is None:
+            raise argparse.ArgumentTypeError(f"give its time zone (+05:30, Z), got {text!r}")
+        return value
 
 
 class Dsn(Setting):

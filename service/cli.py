@@ -14,12 +14,11 @@ import json
 import os
 import sys
 import time
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from pgleader.cli import add_common, add_timings, print_rows, require_dsn, timings_from
-from pgleader.config import Number, Text, env_setting, resolve_dsn
+from pgleader.config import Instant, Number, Text, env_setting, resolve_dsn
 from pgleader.connect import connect
 from pgleader.errors import ConfigError
 from service.config import add_arguments, from_args
@@ -66,7 +65,7 @@ def register(verbs: Any) -> None:
     p.add_argument("--dry-run", action="store_true", help="only show (the default and only mode)")
     p.add_argument("--instruments-file", type=Text(), default=None,
                    help="the instruments file (env PGLEADER_INSTRUMENTS_FILE)")  # fmt: skip
-    p.add_argument("--at", type=_instant, default=None,
+    p.add_argument("--at", type=Instant(), default=None,
                    help="as at this ISO time (default now), e.g. 2026-12-24T10:00+05:30")  # fmt: skip
     p.add_argument("--json", action="store_true", help="JSON lines even on a terminal")
 
@@ -148,10 +147,11 @@ async def _stats(args: argparse.Namespace) -> int:
 
 async def _rollover(args: argparse.Namespace) -> int:
     """What the leader's rollover job would do, and when: nothing is sent from here."""
-    from datetime import UTC
+    from datetime import UTC, datetime
 
     from service.instruments import load_instruments
 
+    resolve_dsn(args.dsn)  # a bad database setting is named first, as by every verb
     path = args.instruments_file or env_setting("PGLEADER_INSTRUMENTS_FILE", Text(), "")
     if not path:
         raise ConfigError("rollover needs the instruments file: --instruments-file or"
@@ -193,16 +193,6 @@ async def _require_schema(conn: Any) -> None:
     cur = await conn.execute(QUERIES["schema_has_kill_switch"])
     if not (await cur.fetchone())[0]:
         raise ConfigError("the gateway's schema is missing or old: run `pgleader migrate` first")
-
-
-def _instant(text: str) -> datetime:
-    try:
-        value = datetime.fromisoformat(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an ISO time: {text!r}") from None
-    if value.tzinfo is None:
-        raise argparse.ArgumentTypeError(f"give a time zone: {text!r} (e.g. +05:30 or Z)")
-    return value
 
 
 def _print(row: dict[str, Any]) -> None:

@@ -24,7 +24,17 @@ import pytest
 import pgleader.demo
 import service.process
 from pgleader.cli import build_parser, main
-from pgleader.config import Choice, Dsn, Names, Networks, Number, Setting, Switch, Text
+from pgleader.config import (
+    Choice,
+    Dsn,
+    Instant,
+    Names,
+    Networks,
+    Number,
+    Setting,
+    Switch,
+    Text,
+)
 from pgleader.embedded import free_port
 
 UNREACHABLE = "host=127.0.0.1 port=1 dbname=x connect_timeout=2"
@@ -55,6 +65,8 @@ def options() -> list[Option]:
     for verb, parser in verb_parsers().items():
         for action in parser._actions:
             if isinstance(action, argparse._HelpAction | argparse._VersionAction):
+                continue
+            if not action.option_strings:  # a positional (`jobs run NAME`): not a setting
                 continue
             flag = max(action.option_strings, key=len)
             envs = ENV.findall(action.help or "")
@@ -113,13 +125,15 @@ def bad_values(kind: Setting) -> list[str]:
         return ["", ",", " , "]
     if isinstance(kind, Networks):
         return ["", ",", "300.1.2.3", "10.0.0.0/33", "not-an-ip"]
+    if isinstance(kind, Instant):
+        return ["", "yesterday", "2026-12-24T10:00", "2026-13-01T10:00Z"]
     raise AssertionError(f"no bad values known for {kind!r}: add them here")
 
 
 def representative(kind: Setting) -> str:
     """The one bad value the subprocess run tries."""
     preferred = {Number: "nan", Text: "", Choice: "garbage", Switch: "maybe", Names: ",",
-                 Networks: "300.1.2.3", Dsn: "garbage"}  # fmt: skip
+                 Networks: "300.1.2.3", Dsn: "garbage", Instant: "yesterday"}  # fmt: skip
     value = preferred[type(kind)]
     return value if value in bad_values(kind) else bad_values(kind)[0]
 
