@@ -267,10 +267,10 @@ class JobRunner:
             outcome, text = "timed_out", f"did not finish within {job.timeout:g} s"
         except (Fenced, NotLeader) as exc:
             self._log.warning("job fenced: a newer leader runs it", job=job.name, error=str(exc))
-            self._runs.pop(job.name, None)
+            self._forget(job.name)
             return
         except asyncio.CancelledError:
-            self._runs.pop(job.name, None)
+            self._forget(job.name)
             raise
         except Exception as exc:  # a job's bug must not reach the runner
             outcome, text = "failed", first_line(exc) or type(exc).__name__
@@ -284,8 +284,13 @@ class JobRunner:
         try:
             await self._finish(run, outcome, text, duration)
         finally:
-            self._runs.pop(job.name, None)
+            self._forget(job.name)
             self._wake.set()  # a failure's retry time, or a request that came meanwhile
+
+    def _forget(self, name: str) -> None:
+        """This task's run is over (a newer leadership's run of the job may be on)."""
+        if self._runs.get(name) is asyncio.current_task():
+            del self._runs[name]
 
     async def _finish(self, run: JobRun, outcome: Outcome, text: str, duration: float) -> None:
         """Record the run (retrying through a short outage while still leading)."""

@@ -40,7 +40,7 @@ import time
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import psycopg
@@ -106,7 +106,7 @@ class Executor:
         self.broker = broker
         self.max_age = max_age
         self.instruments = dict(instruments) if instruments is not None else None
-        self._limits_of: tuple[date, str | None] | None = None
+        self._limits_of: tuple[datetime, str | None] | None = None
         self.broker_timeout = broker_timeout
         self.settle = settle
         self.reorder_window = timedelta(seconds=reorder_window)
@@ -178,17 +178,18 @@ class Executor:
 
     def _limits(self) -> str | None:
         """The claim's {instrument: {lot_size, max_lots, contract}} (contract: where a
-        new position of a future opens today), made again when the day changes."""
+        new position of a future opens today)."""
         if self.instruments is None:
             return None
-        today = datetime.now(UTC).date()
-        if self._limits_of is None or self._limits_of[0] != today:
+        # The day that picks a future's contract is the exchange's: look again each minute.
+        minute = datetime.now(UTC).replace(second=0, microsecond=0)
+        if self._limits_of is None or self._limits_of[0] != minute:
             limits: dict[str, dict[str, Any]] = {}
             for name, i in self.instruments.items():
                 limits[name] = {"lot_size": i.lot_size, "max_lots": i.max_lots}
                 if i.contract is not None:
                     limits[name]["contract"] = self.contract_today(i)
-            self._limits_of = (today, json.dumps(limits))
+            self._limits_of = (minute, json.dumps(limits))
         return self._limits_of[1]
 
     # -- life cycle -----------------------------------------------------------

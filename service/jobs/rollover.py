@@ -122,6 +122,11 @@ class Rollover:
         for name, instrument in self.futures.items():
             if name in rolling or name not in held or held[name][3] is None:
                 continue
+            if held[name][4] > 1:  # never made by the executor or a roll: a human's doing
+                await self._page(run, "rollover_stuck", name, now.date(),
+                                 f"{name}: open positions in {held[name][4]} contracts at once:"
+                                 " roll it by hand")  # fmt: skip
+                continue
             note = await self._maybe_start(run, instrument, held[name][3], mode, now)
             if note:
                 notes.append(note)
