@@ -140,6 +140,8 @@ def print_rows(names: Sequence[str], rows: Sequence[Sequence[Any]], as_json: boo
 def _cell(value: Any) -> str:
     if value is None:
         return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
     if isinstance(value, float):
         return f"{value:.3f}".rstrip("0").rstrip(".") if value else "0"
     if isinstance(value, datetime):
