@@ -103,6 +103,10 @@ class Job:
             raise ValueError(f"job {self.name}: unknown time zone {self.timezone!r}") from None
 
 
+class _JobTimeout(Exception):
+    """A TimeoutError the job raised itself: a failure, not the runner's timeout."""
+
+
 @dataclass(slots=True)
 class _JobStats:
     runs: dict[str, int] = field(default_factory=dict)  # outcome -> runs by this instance
@@ -207,7 +211,9 @@ class JobRunner:
                         registered = True
                     due, wait = await self._read_due(conn, epoch)
                     for name in due:
-                        if name not in self._runs and await self._start(conn, epoch, name):
+                        running = self._runs.get(name)
+                        idle = running is None or running.done()
+                        if idle and await self._start(conn, epoch, name):
                             self._runs[name] = asyncio.create_task(
                                 self._run(self.jobs[name], epoch), name=f"pgleader-job:{name}"
                             )
@@ -260,8 +266,13 @@ class JobRunner:
         started = time.monotonic()
         outcome: Outcome
         try:
-            async with asyncio.timeout(job.timeout):
-                result = await job.func(run)
+            async with asyncio.timeout(job.timeout) as deadline:
+                try:
+                    result = await job.func(run)
+                except TimeoutError as exc:  # the job's own (ours cancels it instead)
+                    if deadline.expired():
+                        raise
+                    raise _JobTimeout(first_line(exc) or "TimeoutError") from None
             outcome, text = "succeeded", result or ""
         except TimeoutError:
             outcome, text = "timed_out", f"did not finish within {job.timeout:g} s"
@@ -327,7 +338,7 @@ class JobRunner:
             self._log.info("job ran", result=text, **log_fields)
             return
         self._log.error("job did not succeed", failures=failures, error=text, **log_fields)
-        if self.on_failure is not None and failures % self.alert_after == 0:
+        if self.on_failure is not None and failures and failures % self.alert_after == 0:
             try:
                 await self.on_failure(run.job, failures, text)
             except Exception:  # user code: reported, never trusted

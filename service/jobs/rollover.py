@@ -166,7 +166,7 @@ class Rollover:
         to_where = _where(instrument, current.symbol)
         args = [run.election, run.epoch, run.instance_id, name, where, from_expiry, to_where,
                 current.expiry, instrument.lot_size]  # fmt: skip
-        row = await self._serializable(run, _START, args)
+        row = await self._serializable(run, "start", args)
         if row is None or row[0] is None:
             return f"{name}: roll not started (an order in flight)"
         log.warning("rollover started", instrument=name, to=to_where, roll=row[0])
@@ -215,7 +215,7 @@ class Rollover:
         step = await self._step(run, roll, far, "entry", 0, roll.signed, today)
         if step != "done":
             return f"{name}: roll {roll.id} entry {step}"
-        row = await self._serializable(run, _FINISH, [run.election, run.epoch, run.instance_id,
+        row = await self._serializable(run, "finish", [run.election, run.epoch, run.instance_id,
                                                       roll.id])  # fmt: skip
         log.warning("rollover done", instrument=name, roll=roll.id, to=roll.to_contract)
         self.on_rolled(name)
@@ -273,7 +273,7 @@ class Rollover:
 
     # -- the database ------------------------------------------------------------------
 
-    async def _serializable(self, run: JobRun, query: Any, args: list[Any]) -> Any:
+    async def _serializable(self, run: JobRun, what: str, args: list[Any]) -> Any:
         """Run one fenced function in a SERIALIZABLE transaction, retried when it
         conflicts with another (a claim of the same instrument, say)."""
         for attempt in range(1, _ATTEMPTS + 1):
@@ -281,7 +281,11 @@ class Rollover:
                 async with self.pool.connection() as conn, conn.transaction():
                     await conn.execute(_SERIALIZABLE)
                     with run.fenced():
-                        return await (await conn.execute(query, args)).fetchone()
+                        if what == "start":
+                            cur = await conn.execute(_START, args)
+                        else:
+                            cur = await conn.execute(_FINISH, args)
+                        return await cur.fetchone()
             except psycopg.errors.SerializationFailure:
                 self.conflicts += 1
                 if attempt == _ATTEMPTS:

@@ -2,8 +2,9 @@
 
 make chaos ROUNDS=10 DURATION=180 FAULTS=24 SEED=1234
 
-Each round trades six instruments long and short on the fake OpenAlgo (a process
-of its own, tests.chaos.broker) and ends with its book compared with the ledger.
+Each round trades eight instruments long and short on the fake OpenAlgo (a process
+of its own, tests.chaos.broker), two of them futures rolled to their next contract
+(the rollover fault), and ends with its book compared with the ledger.
 
 The disk_full fault's small disk is a tmpfs mount as root, else (or with
 PGLEADER_TEST_DISK=rlimit) a file-size limit on the instance (tests/diskfull.py).
@@ -38,6 +39,7 @@ def main() -> int:
     full = [r["disk_full"] for r in results]
     kinds = Counter(kind for r in results for _, kind, _ in r["faults"])
     in_doubt = Counter(name for r in results for _, name, _, _ in r["broker"]["in_doubt"])
+    rolls = Counter(roll["state"] for r in results for roll in r["rollovers"]["rolls"])
     print(
         f"\nall rounds: {sum(len(r['faults']) for r in results)} faults"
         f" ({', '.join(f'{k} x{v}' for k, v in sorted(kinds.items()))});"
@@ -49,6 +51,8 @@ def main() -> int:
         f" in_doubt {sum(in_doubt.values())}"
         f" ({', '.join(f'{k} x{v}' for k, v in sorted(in_doubt.items())) or 'none'}), each"
         " with an alert or named a violation;"
+        f" rolls {sum(rolls.values())}"
+        f" ({', '.join(f'{k} x{v}' for k, v in sorted(rolls.items())) or 'none'});"
         f" on the full disk {_total(full, 'full', '503')} answered 503,"
         f" {_total(full, 'full', '202 spooled')} spooled, once freed"
         f" {_total(full, 'freed', '202 spooled')} spooled;"

@@ -1,6 +1,12 @@
 """The campaign's broker: the fake OpenAlgo (tests.support.openalgo) as a process of its
 own, and the instruments the gateways trade on it.
 
+Two of them are futures with a contract rule (service/contracts.py) on a calendar of
+the suite's own: every day trades, all day in UTC, and the contracts expire 3, 33 and
+63 days after the campaign's day. With roll_days_before 0 they trade the near
+contract; the `rollover` fault rewrites the file with ROLL_DAYS_BEFORE, which puts
+the day inside the near contract's roll window: the leader rolls them to the next.
+
 The fake runs in analyze (sandbox) mode, as the gateways are configured, with
 OpenAlgo's default limits unless told otherwise. It is never killed (its book is in
 memory: a restart would forget the positions the checker compares), only paused
@@ -10,15 +16,28 @@ memory: a restart would forget the positions the checker compares), only paused
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import signal
 import sys
 from dataclasses import dataclass
+from datetime import date, timedelta
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 
-__all__ = ["API_KEY", "INSTRUMENTS", "FakeBroker", "Traded", "write_instruments_file"]
+from service.contracts import contract_symbol
+
+__all__ = [
+    "API_KEY",
+    "INSTRUMENTS",
+    "ROLL_DAYS_BEFORE",
+    "FakeBroker",
+    "Traded",
+    "futures",
+    "write_instruments_file",
+]
 
 API_KEY = "chaos-openalgo-key-3f9a"
 ROOT = Path(__file__).resolve().parents[2]
@@ -34,11 +53,18 @@ class Traded:
     product: str
     lot_size: int
     max_lots: int
+    # A future with a contract rule: `symbol` is its underlying, these its expiries.
+    expiries: tuple[date, ...] = ()
 
     @property
-    def key(self) -> tuple[str, str, str]:
-        """Where the fake books it: symbol, exchange, product."""
-        return (self.symbol, self.exchange, self.product)
+    def contracts(self) -> list[str]:
+        """Its symbols at the broker: one per contract (by expiry), or its symbol."""
+        return [contract_symbol(self.symbol, day) for day in self.expiries] or [self.symbol]
+
+    @property
+    def keys(self) -> list[tuple[str, str, str]]:
+        """Where the fake books it: symbol, exchange, product (of each contract)."""
+        return [(symbol, self.exchange, self.product) for symbol in self.contracts]
 
 
 # Several exchanges and products, lot sizes 1 to 1000; the sandbox refuses NRML on
@@ -51,15 +77,42 @@ INSTRUMENTS = (
     Traded("RELIANCE", "NSE", "RELIANCE", "MIS", 1, 6),
     Traded("GOLDM", "MCX", "GOLDM05FEB27FUT", "NRML", 1, 6),
 )
+ROLL_DAYS_BEFORE = 5  # trading days: the near contract, 3 days away, is in its roll window
 
 
-def write_instruments_file(path: Path, instruments: tuple[Traded, ...] = INSTRUMENTS) -> Path:
+def futures(today: date) -> tuple[Traded, ...]:
+    """The futures with a contract rule of a campaign started on `today` (UTC)."""
+    expiries = tuple(today + timedelta(days=days) for days in (3, 33, 63))
+    return (
+        Traded("FINNIFTY1!", "NFO", "FINNIFTY", "NRML", 65, 6, expiries),
+        Traded("MIDCPNIFTY1!", "NFO", "MIDCPNIFTY", "NRML", 140, 6, expiries),
+    )
+
+
+def write_instruments_file(
+    path: Path, instruments: tuple[Traded, ...] = INSTRUMENTS, *, roll_days_before: int = 0
+) -> Path:
+    """The instruments file, replaced whole (a starting instance never reads half of it)."""
+    calendars = [
+        f'[calendars.{exchange}]\ntimezone = "UTC"\nsession = "00:00-23:59"\n'
+        'weekdays = ["Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun"]\n'
+        for exchange in sorted({i.exchange for i in instruments if i.expiries})
+    ]
     tables = [
-        f'[instruments.{i.name}]\nexchange = "{i.exchange}"\nsymbol = "{i.symbol}"\n'
-        f'product = "{i.product}"\nlot_size = {i.lot_size}\nmax_lots = {i.max_lots}\n'
+        f"[instruments.{json.dumps(i.name)}]\n"
+        f'exchange = "{i.exchange}"\nproduct = "{i.product}"\n'
+        f"lot_size = {i.lot_size}\nmax_lots = {i.max_lots}\n"
+        + (
+            f'underlying = "{i.symbol}"\nroll_days_before = {roll_days_before}\n'
+            f"expiries = [{', '.join(day.isoformat() for day in i.expiries)}]\n"
+            if i.expiries
+            else f'symbol = "{i.symbol}"\n'
+        )
         for i in instruments
     ]
-    path.write_text("\n".join(tables))
+    written = path.with_name(f".{path.name}.new")
+    written.write_text("\n".join(calendars + tables))
+    os.replace(written, path)
     return path
 
 

@@ -16,7 +16,8 @@ Invariants:
   soak        no instance's sessions or memory grew without bound
   broker      the broker's book against the ledger, per instrument of the
               instruments file (`broker_promise`; units are lots x lot size,
-              negative for short):
+              negative for short; a future with a contract rule is the sum
+              over its contracts, its |position| the sum of theirs):
     position    at the end, the broker's net position equals the ledger's open
                 net position (gateway.positions open lots x lot size, signed by
                 side). An instrument with a signal in_doubt may differ: it is
@@ -39,6 +40,19 @@ Invariants:
     fills       the broker has no more fills of an instrument than the gateway
                 booked orders for it (one placesmartorder per order, never
                 retried by the adapter).
+  rollover    each futures roll (gateway.rollovers, `rollover_promise`):
+    done        no roll is left active after the quiet period, and once rolled
+                the broker holds nothing of the contract it left (no double
+                exposure; the exposure rule above bounds it while it rolls)
+    orders      at most one exit fill at the broker in the contract it left and
+                one entry fill in the next, and no more than it booked: a fill
+                is the roll's when its broker order id is one of the roll's
+                orders, or no signal order's and stamped (the fake's whole
+                seconds) from the roll's start to its end
+    waits       no signal order of its instrument was claimed while the roll was
+                active (the claim's commit between the roll's created_at and
+                its finish's commit: one clock, the database's); those claimed
+                after it trade the next contract
 """
 
 from __future__ import annotations
@@ -49,8 +63,10 @@ import itertools
 import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
+from zoneinfo import ZoneInfo
 
 import psycopg
 
@@ -60,28 +76,47 @@ from tests.chaos.harness import DISK_FULL_NODE, answer_of
 if TYPE_CHECKING:
     from tests.chaos.harness import Campaign
 
-INVARIANTS = ["once", "no-loss", "fenced", "epochs", "spool", "soak", "broker"]
+INVARIANTS = ["once", "no-loss", "fenced", "epochs", "spool", "soak", "broker", "rollover"]
 # A gateway holds its pool (max 10), the election session, the listener, and briefly a
 # side session (blocker termination). More than that is a leak.
 MAX_SESSIONS = 13
 MAX_RSS_MB = 150
 TERMINAL_WITH_ALERT = ("rejected", "expired", "failed", "in_doubt")
 MOVED_THE_LEDGER = ("filled", "matched")
+FAKE_TIME = ZoneInfo("Asia/Kolkata")  # the fake OpenAlgo's order stamps
 
 
 class SignalRow(NamedTuple):
     instrument: str
     status: str
     detail: str | None
+    received_at: datetime | None = None
 
 
 class OrderRow(NamedTuple):
-    signal_id: int
+    signal_id: int | None  # None: a roll's order
     client_order_id: str
     outcome: str
     broker_order_id: str | None
     start: int | None
     target: int | None
+    instrument: str | None = None  # else its signal's
+    symbol: str | None = None  # a future's contract, exchange:symbol:product
+    rollover_id: int | None = None
+    claimed: datetime | None = None  # when the transaction that booked it committed
+
+
+class RollRow(NamedTuple):
+    id: int
+    instrument: str
+    from_contract: str  # exchange:symbol:product
+    to_contract: str
+    side: str
+    lots: int
+    state: str
+    detail: str | None
+    created_at: datetime
+    finished_at: datetime | None  # when its finish committed; None while active
 
 
 async def _rows(conn: psycopg.AsyncConnection[Any], sql: str) -> list[tuple[Any, ...]]:
@@ -177,13 +212,17 @@ def _soak(c: Campaign) -> dict[str, Any]:
 
 
 async def settle(c: Campaign, conn: psycopg.AsyncConnection[Any], quiet: float) -> None:
-    """Wait until nothing is pending, executing or spooled (bounded by `quiet` seconds)."""
+    """Wait until nothing is pending, executing, rolling or spooled (bounded by `quiet`
+    seconds)."""
     deadline = time.monotonic() + quiet
     while time.monotonic() < deadline:
         (busy,) = (
             await _rows(
                 conn,
-                "select count(*) from gateway.signals where status in ('pending', 'executing')",
+                "select (select count(*) from gateway.signals"
+                "         where status in ('pending', 'executing'))"
+                "     + (select count(*) from gateway.rollovers"
+                "         where state in ('due', 'exiting', 'entering'))",
             )
         )[0]
         if busy == 0 and _spooled(c) == 0:
@@ -206,7 +245,7 @@ def broker_promise(
     are its fills in the order it made them. Returns the violations, a row per
     instrument and every in_doubt signal."""
     violations: list[str] = []
-    by_key = {i.key: i for i in instruments.values()}
+    by_key = {key: i for i in instruments.values() for key in i.keys}
     ledger: Counter[str] = Counter()
     for name, side, lots in open_positions:
         unit = instruments[name].lot_size if name in instruments else 1
@@ -226,8 +265,7 @@ def broker_promise(
 
     booked: dict[str, list[OrderRow]] = {name: [] for name in instruments}
     for o in orders:
-        of = signals[o.signal_id].instrument if o.signal_id in signals else None
-        if of in booked:
+        if (of := _of(signals, o)) in booked:
             booked[of].append(o)
     fills: dict[str, list[dict[str, Any]]] = {name: [] for name in instruments}
     for fill in book["orders"]:
@@ -246,7 +284,8 @@ def broker_promise(
     rows: dict[str, dict[str, Any]] = {}
     for name, traded in instruments.items():
         mine = booked[name]
-        status_of = {o.client_order_id: signals[o.signal_id].status for o in mine}
+        status_of = {o.client_order_id: _status(signals, o) for o in mine}
+        # A roll's target is the position the ledger held (its entry) or flat (its exit).
         counted = [
             o.target
             for o in mine
@@ -254,15 +293,20 @@ def broker_promise(
             and (
                 (status_of[o.client_order_id] == "executed" and o.outcome in MOVED_THE_LEDGER)
                 or status_of[o.client_order_id] == "in_doubt"
+                or o.rollover_id is not None
             )
         ]
         bound = max((abs(t) for t in counted), default=0)
         targets = {o.target for o in mine if o.target is not None}
         by_broker_id = {o.broker_order_id: o for o in mine if o.broker_order_id}
-        position = lowest = highest = 0
+        position = lowest = highest = gross = 0
+        contracts: Counter[str] = Counter()  # a future's position in each contract
         for fill in fills[name]:
-            position += (1 if fill["action"] == "BUY" else -1) * int(fill["quantity"])
+            signed = (1 if fill["action"] == "BUY" else -1) * int(fill["quantity"])
+            position += signed
+            contracts[fill["symbol"]] += signed
             lowest, highest = min(lowest, position), max(highest, position)
+            gross = max(gross, sum(abs(n) for n in contracts.values()))
             if position not in targets:
                 violations.append(
                     f"broker: landing: fill {fill['orderid']} ({fill['action']} {fill['quantity']})"
@@ -275,14 +319,16 @@ def broker_promise(
                     f"broker: landing: fill {fill['orderid']} left {name} at {position}, its"
                     f" order {ours.client_order_id} targeted {ours.target}"
                 )
-        broker_now = held.get(traded.key, 0)
+        broker_now = sum(held.get(key, 0) for key in traded.keys)
         if broker_now != position:
             violations.append(f"broker: {name} holds {broker_now}, its fills add up to {position}")
-        max_abs = int(book["max_abs_positions"].get(traded.symbol, 0))
+        max_abs = max(
+            [gross] + [int(book["max_abs_positions"].get(s, 0)) for s in traded.contracts]
+        )
         if max_abs > bound:
             violations.append(
                 f"broker: exposure: {name} reached |{max_abs}| at the broker, the executed"
-                f" and in_doubt signals allowed |{bound}| at most"
+                f" and in_doubt signals (and rolls) allowed |{bound}| at most"
             )
         if len(fills[name]) > len(mine):
             violations.append(
@@ -317,6 +363,122 @@ def broker_promise(
     }
 
 
+def rollover_promise(
+    signals: Mapping[int, SignalRow],
+    orders: Sequence[OrderRow],
+    rolls: Sequence[RollRow],
+    book: Mapping[str, Any],
+) -> dict[str, Any]:
+    """The rollover invariants (see the module's docstring) of one campaign's end
+    state: the violations, and a row per roll (its orders, booked and filled; how
+    many signals waited behind it)."""
+    violations: list[str] = []
+    held = {
+        (p["symbol"], p["exchange"], p["product"]): int(p["quantity"]) for p in book["positions"]
+    }
+    by_signals = {o.broker_order_id for o in orders if o.rollover_id is None and o.broker_order_id}
+    rows = []
+    for r in rolls:
+        name = r.instrument
+        until = r.finished_at or datetime.max.replace(tzinfo=UTC)
+        since = r.created_at.replace(microsecond=0)  # the fake stamps whole seconds
+        steps: dict[str, dict[str, Any]] = {}
+        for step, where in (("exit", r.from_contract), ("entry", r.to_contract)):
+            booked = [o for o in orders if o.rollover_id == r.id and o.symbol == where]
+            ours = {o.broker_order_id for o in booked if o.broker_order_id}
+            fills = [
+                f
+                for f in book["orders"]
+                if (f["symbol"], f["exchange"], f["product"]) == _place(where)
+                and (
+                    f["orderid"] in ours
+                    or (f["orderid"] not in by_signals and since <= _stamp(f) <= until)
+                )
+            ]
+            steps[step] = {
+                "booked": dict(Counter(o.outcome for o in booked)),
+                "fills": len(fills),
+            }
+            if len(fills) > min(1, len(booked)):
+                violations.append(
+                    f"rollover: roll {r.id} of {name} placed {len(fills)} {step} orders at the"
+                    f" broker in {where}, {len(booked)} booked"
+                )
+        if r.finished_at is None:
+            violations.append(
+                f"rollover: roll {r.id} of {name} is still {r.state!r} after the quiet period:"
+                f" {r.detail or 'no detail'}"
+            )
+        elif left := held.get(_place(r.from_contract), 0):
+            violations.append(
+                f"rollover: roll {r.id} of {name} rolled, yet the broker still holds {left} of"
+                f" {r.from_contract}"
+            )
+        theirs = [o for o in orders if o.rollover_id is None and _of(signals, o) == name]
+        during = [o for o in theirs if o.claimed and r.created_at <= o.claimed <= until]
+        violations += [
+            f"rollover: signal {o.signal_id} of {name} claimed at {o.claimed:%H:%M:%S.%f}"
+            f" while roll {r.id} was active ({r.created_at:%H:%M:%S.%f} to"
+            f" {r.finished_at and f'{r.finished_at:%H:%M:%S.%f}'})"
+            for o in during
+        ]
+        after = [o for o in theirs if o.claimed and o.claimed > until]
+        violations += [
+            f"rollover: signal {o.signal_id} of {name} claimed after roll {r.id} traded"
+            f" {o.symbol}, not {r.to_contract}"
+            for o in after
+            if o.symbol != r.to_contract
+        ]
+        waited = {
+            o.signal_id
+            for o in after
+            if o.signal_id in signals
+            and (received := signals[o.signal_id].received_at) is not None
+            and received < until
+        }
+        took = (r.finished_at - r.created_at).total_seconds() if r.finished_at else None
+        rows.append(
+            {
+                "id": r.id,
+                "instrument": name,
+                "from": r.from_contract,
+                "to": r.to_contract,
+                "side": r.side,
+                "lots": r.lots,
+                "state": r.state,
+                "seconds": took,
+                **steps,
+                "waited": len(waited),
+                "claimed_during": len(during),
+            }
+        )
+    return {
+        "violations": violations,
+        "rolls": rows,
+        "states": dict(Counter(r.state for r in rolls)),
+    }
+
+
+def _of(signals: Mapping[int, SignalRow], o: OrderRow) -> str | None:
+    """The instrument of an order."""
+    return o.instrument or (signals[o.signal_id].instrument if o.signal_id in signals else None)
+
+
+def _status(signals: Mapping[int, SignalRow], o: OrderRow) -> str | None:
+    """The status of an order's signal (None: a roll's order)."""
+    return signals[o.signal_id].status if o.signal_id in signals else None
+
+
+def _place(where: str) -> tuple[str, str, str]:
+    """A contract as orders record it (exchange:symbol:product), as the fake books it."""
+    exchange, symbol, product = where.split(":")
+    return symbol, exchange, product
+
+
+def _stamp(fill: Mapping[str, Any]) -> datetime:
+    return datetime.strptime(fill["timestamp"], "%Y-%m-%d %H:%M:%S").replace(tzinfo=FAKE_TIME)
+
+
 async def _book(c: Campaign, attempts: int = 20) -> dict[str, Any]:
     """The broker's state once its fills stop changing (a late order may still land)."""
     state = await c.broker.state()
@@ -334,10 +496,11 @@ async def check(c: Campaign, quiet: float) -> dict[str, Any]:
     async with await psycopg.AsyncConnection.connect(c.server.dsn, autocommit=True) as conn:
         await settle(c, conn, quiet)
         rows = await _rows(
-            conn, "select id, fingerprint, status, instrument, detail from gateway.signals"
+            conn,
+            "select id, fingerprint, status, instrument, detail, received_at from gateway.signals",
         )
-        signals = {fp: (sid, status) for sid, fp, status, _, _ in rows}
-        by_id = {sid: SignalRow(name, status, detail) for sid, _, status, name, detail in rows}
+        signals = {fp: (sid, status) for sid, fp, status, *_ in rows}
+        by_id = {sid: SignalRow(name, status, *rest) for sid, _, status, name, *rest in rows}
         alerted = {
             sid
             for (sid,) in await _rows(
@@ -349,7 +512,19 @@ async def check(c: Campaign, quiet: float) -> dict[str, Any]:
             for row in await _rows(
                 conn,
                 "select signal_id, client_order_id, outcome, broker_order_id, start_position,"
-                " target_position from gateway.orders order by id",
+                " target_position, instrument, symbol, rollover_id,"
+                " pg_xact_commit_timestamp((claim_txid % 4294967296)::text::xid)"
+                " from gateway.orders order by id",
+            )
+        ]
+        # A roll's row is last written by its finish (or by its latest step, while active).
+        rolls = [
+            RollRow(*row)
+            for row in await _rows(
+                conn,
+                "select id, instrument, from_contract, to_contract, side, lots, state, detail,"
+                " created_at, case when state = 'rolled' then pg_xact_commit_timestamp(xmin) end"
+                " from gateway.rollovers order by id",
             )
         ]
         open_positions = await _rows(
@@ -357,7 +532,9 @@ async def check(c: Campaign, quiet: float) -> dict[str, Any]:
         )
 
         # once: the ledger moved at most once per signal
-        moved = Counter(o.signal_id for o in orders if o.outcome in MOVED_THE_LEDGER)
+        moved = Counter(
+            o.signal_id for o in orders if o.signal_id is not None and o.outcome in MOVED_THE_LEDGER
+        )
         for sid, count in sorted(moved.items()):
             if count > 1:
                 violations.append(f"once: signal {sid} has {count} orders filled or matched")
@@ -390,11 +567,12 @@ async def check(c: Campaign, quiet: float) -> dict[str, Any]:
                     f"no-loss: signal {sid} answered {r.status} ended {status!r} without an alert"
                 )
 
-        # broker: its book against the ledger
-        broker = broker_promise(
-            c.instruments, by_id, orders, open_positions, alerted, await _book(c)
-        )
+        # broker: its book against the ledger; rollover: each roll's orders and timing
+        book = await _book(c)
+        broker = broker_promise(c.instruments, by_id, orders, open_positions, alerted, book)
         violations += broker.pop("violations")
+        rollovers = rollover_promise(by_id, orders, rolls, book)
+        violations += rollovers.pop("violations")
 
         # fenced: the epoch current when each claim committed
         for order_id, sid, epoch, newest in await _rows(
@@ -477,6 +655,7 @@ async def check(c: Campaign, quiet: float) -> dict[str, Any]:
         "outcomes": outcomes,
         "refusals": refusals,
         "broker": broker,
+        "rollovers": rollovers,
         "moves": dict(c.history.moves),
         "resent": sum(r.resent > 0 for r in c.history.requests),
         "faults": c.history.faults,

@@ -4,6 +4,7 @@
       ^ ^ ^   one blackholing proxy per instance (partitions)
     gw1 gw2 gw3   real `pgleader serve` processes (SIGKILL, SIGSTOP, SIGTERM)
       | ^ ^ ^     gw3's data directory (its spool) on a small disk of its own (disk_full)
+      |  ^        their instruments file, rewritten once: a futures roll falls due (rollover)
       |  load generator: one strategy per instrument (tests.chaos.workload), long
       |  and short, round-robin over the instances; every request and answer logged
       v
@@ -27,6 +28,7 @@ import signal
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -37,7 +39,15 @@ import aiohttp
 from pgleader.embedded import EmbeddedPostgres
 from pgleader.migrations import migrate
 from service.intake.signals import fingerprint_raw
-from tests.chaos.broker import API_KEY, INSTRUMENTS, FakeBroker, Traded, write_instruments_file
+from tests.chaos.broker import (
+    API_KEY,
+    INSTRUMENTS,
+    ROLL_DAYS_BEFORE,
+    FakeBroker,
+    Traded,
+    futures,
+    write_instruments_file,
+)
 from tests.chaos.proxy import BlackholeProxy
 from tests.chaos.workload import MOVES, SLOW, SLOW_EVERY, Trader
 from tests.support.diskfull import SmallDisk
@@ -60,6 +70,7 @@ FAULTS = (
     "db_down",
     "sigterm",
     "disk_full",
+    "rollover",  # at most once a round: the futures' roll falls due (Campaign.rollover)
     *BROKER_FAULTS,
 )
 # Fast election timings so a campaign fits in minutes; the rules of Timings still hold.
@@ -92,6 +103,13 @@ SMALL_DISK_BYTES = 4 << 20
 # Less room than one spooled record (~310 bytes here): an append that does not fit must be
 # refused whole (503), never half-written and answered 202.
 DISK_FULL_LEAVE = 200
+# The leader's rollover job every second (the default is a minute).
+ENV = {"PGLEADER_ROLLOVER_INTERVAL": "1"}
+# How long the rollover fault waits, at most, for the futures to be open in their near
+# contract with no signal of theirs from before the hold waiting (before it rewrites the
+# file: a backlog after a broker_403 takes 20 s and more), and for the new leader to roll.
+HOLD_WAIT = 30.0
+ROLL_WAIT = 10.0
 
 
 @dataclass
@@ -150,8 +168,11 @@ class Campaign:
         self.disk: SmallDisk | None = None
         self.broker = FakeBroker(workdir / "openalgo.log", rate=broker_rate)
         self.broker_rate = broker_rate
-        self.instruments: dict[str, Traded] = {i.name: i for i in INSTRUMENTS}
+        traded = INSTRUMENTS + futures(datetime.now(UTC).date())
+        self.instruments: dict[str, Traded] = {i.name: i for i in traded}
+        self.instruments_file = workdir / "instruments.toml"
         self._load_stop = asyncio.Event()
+        self._hold = False  # the futures' strategies keep a position open (rollover)
         self._turn = 0  # round-robin over the instances
         # While a disk_full fault runs, every move's first signal goes to the small-disk
         # instance: its spool must reach the full disk's edge within the fault.
@@ -163,9 +184,9 @@ class Campaign:
         await asyncio.to_thread(self.server.start)
         await migrate(self.server.dsn)
         url = await self.broker.start()
-        instruments = write_instruments_file(self.workdir / "instruments.toml")
+        write_instruments_file(self.instruments_file, tuple(self.instruments.values()))
         broker = [
-            "--broker", "openalgo", "--instruments-file", str(instruments),
+            "--broker", "openalgo", "--instruments-file", str(self.instruments_file),
             "--openalgo-url", url, "--openalgo-api-key", API_KEY, "--openalgo-mode", "analyze",
             # 10% under the fake's limit, which the gateway's pacer keeps 10% under again
             "--openalgo-order-rate", f"{self.broker_rate * 0.9:g}",
@@ -178,7 +199,7 @@ class Campaign:
             dsn = f"host=127.0.0.1 port={proxy.port} user=postgres dbname=postgres"
             data_dir = self.disk.path if name == DISK_FULL_NODE else self.workdir
             self.nodes[name] = GatewayProcess(
-                dsn, name, data_dir, *TIMINGS, *EXTRA, *broker, log_dir=self.workdir
+                dsn, name, data_dir, *TIMINGS, *EXTRA, *broker, log_dir=self.workdir, env=ENV
             )
         await asyncio.gather(*(self.start_node(node) for node in self.nodes.values()))
 
@@ -223,7 +244,7 @@ class Campaign:
             if self._load_stop.is_set():
                 break
             at = await _next_second(trader.last_at)
-            move = trader.next(rnd, at)
+            move = trader.next(rnd, at, hold=self._hold and bool(trader.instrument.expiries))
             self.history.moves[move.kind] += 1
             first = len(move.bodies) > 1 and rnd.random() < 0.5  # a reversal's entry first
             for n, body in enumerate(reversed(move.bodies) if first else move.bodies):
@@ -362,6 +383,9 @@ class Campaign:
         if kind == "disk_full":
             await self.disk_full()
             return
+        if kind == "rollover":
+            await self.rollover()
+            return
         if kind in BROKER_FAULTS:
             await self.broker_fault(kind, last=last)
             return
@@ -454,6 +478,73 @@ class Campaign:
             await asyncio.sleep(0.5)
         await broker.faults(clear=True)
 
+    async def rollover(self) -> None:
+        """The futures' roll falls due: their instruments file is rewritten with
+        ROLL_DAYS_BEFORE (today inside the near contract's roll window) and the
+        instances restart on it one by one, the leader last, as a deploy would: the
+        leadership passes to an instance that reads the new file, whose rollover job
+        rolls the open positions while the other faults go on.
+
+        A flat future has nothing to roll, and one the new leader finds flat opens
+        again in the next contract: so the futures' strategies hold (only enter) from
+        before the file changes, until each future is open in its near contract with
+        no signal of it from before the hold waiting (an exit), at most HOLD_WAIT, and
+        after the restarts until none is left in its near contract, at most ROLL_WAIT."""
+        self._hold = True
+        since = datetime.now(UTC)  # the host's clock, as the database's received_at
+        try:
+            everyone = len(self._futures())
+            held = await self._until_futures(
+                lambda near, waiting: near == everyone and waiting == 0, since, HOLD_WAIT
+            )
+            write_instruments_file(
+                self.instruments_file,
+                tuple(self.instruments.values()),
+                roll_days_before=ROLL_DAYS_BEFORE,
+            )
+            leader = await self.leader(timeout=5)
+            followers = [node for node in self.nodes.values() if node is not leader]
+            late = "" if held else f" (the futures not all held after {HOLD_WAIT:g} s)"
+            self.history.fault("rollover", "all", f"roll_days_before = {ROLL_DAYS_BEFORE}{late}")
+            for node in followers + ([leader] if leader else []):
+                await node.stop()
+                await self.start_node(node)
+            await self._until_futures(lambda near, waiting: near == 0, since, ROLL_WAIT)
+        finally:
+            self._hold = False
+
+    def _futures(self) -> list[Traded]:
+        return [i for i in self.instruments.values() if i.expiries]
+
+    async def _until_futures(
+        self, done: Callable[[int, int], bool], since: datetime, at_most: float
+    ) -> bool:
+        """Wait until `done(near, waiting)` (whether it came): how many futures are open
+        in their near contract, how many of their signals received before `since` are
+        pending or executing."""
+        import psycopg
+
+        futures = self._futures()
+        near = [f"{i.exchange}:{i.contracts[0]}:{i.product}" for i in futures]
+        query = (
+            "select (select count(*) from gateway.open_contracts where contract = any(%s)),"
+            " (select count(*) from gateway.signals"
+            "   where instrument = any(%s) and status in ('pending', 'executing')"
+            "     and received_at < %s)"
+        )
+        deadline = time.monotonic() + at_most
+        while time.monotonic() < deadline:
+            with contextlib.suppress(Exception):
+                async with await psycopg.AsyncConnection.connect(
+                    self.server.dsn, autocommit=True
+                ) as c:
+                    cur = await c.execute(query, [near, [i.name for i in futures], since])
+                    row = await cur.fetchone()
+                    if row and done(*row):
+                        return True
+            await asyncio.sleep(0.2)
+        return False
+
     async def disk_full(self) -> None:
         """PostgreSQL down while one instance's data directory fills up, then frees.
 
@@ -526,11 +617,13 @@ class Campaign:
 
     def schedule(self, count: int) -> list[str]:
         """Every fault kind at least once when count allows (else `count` different
-        ones), then random ones, shuffled; one broker_403 last: the executor's hold of
-        every send after it (AFTER_403) then overlaps the other lane's faults instead
-        of delaying the broker faults after it, which would meet no order."""
+        ones), then random ones but rollover (one roll a round), shuffled; one
+        broker_403 last: the executor's hold of every send after it (AFTER_403) then
+        overlaps the other lane's faults instead of delaying the broker faults after
+        it, which would meet no order."""
+        again = [kind for kind in FAULTS if kind != "rollover"]
         kinds = self.random.sample(FAULTS, min(count, len(FAULTS))) + [
-            self.random.choice(FAULTS) for _ in range(count - len(FAULTS))
+            self.random.choice(again) for _ in range(count - len(FAULTS))
         ]
         self.random.shuffle(kinds)
         if "broker_403" in kinds:
@@ -605,6 +698,24 @@ def _disk_full_row(d: dict[str, Any]) -> str:
     )
 
 
+def _rollover_rows(rollovers: dict[str, Any]) -> list[str]:
+    def step(s: dict[str, Any]) -> str:
+        booked = ", ".join(f"{k} x{v}" for k, v in sorted(s["booked"].items())) or "none"
+        return f"booked {booked}, broker fills {s['fills']}"
+
+    states = ", ".join(f"{k} x{v}" for k, v in sorted(rollovers["states"].items()))
+    rows = [f"  rollovers {len(rollovers['rolls'])}" + (f" ({states}):" if states else "")]
+    for r in rollovers["rolls"]:
+        took = f" in {r['seconds']:.1f} s" if r["seconds"] is not None else ""
+        rows += [
+            f"    roll {r['id']} {r['instrument']} {r['side']} {r['lots']} lots {r['from']} ->"
+            f" {r['to']}: {r['state']}{took}; signals waited behind it {r['waited']},"
+            f" claimed during it {r['claimed_during']}",
+            f"      exit {step(r['exit'])}; entry {step(r['entry'])}",
+        ]
+    return rows
+
+
 def summary(result: dict[str, Any]) -> str:
     faults = Counter(kind for _, kind, _ in result["faults"])
     broker = result["broker"]
@@ -633,7 +744,7 @@ def summary(result: dict[str, Any]) -> str:
     ]
     for name, i in broker["instruments"].items():
         rows.append(
-            f"    {name:10} ledger {i['ledger']:>6} broker {i['broker']:>6} {i['position']:18}"
+            f"    {name:12} ledger {i['ledger']:>6} broker {i['broker']:>6} {i['position']:18}"
             f" max |position| {i['max_abs']:>5} <= {i['bound']:>5}; fills {i['fills']:>3}"
             f" of {i['orders']:>3} orders; in_doubt {i['in_doubt']}"
         )
@@ -645,6 +756,7 @@ def summary(result: dict[str, Any]) -> str:
     rows += [f"    signal {sid} {name}: {detail[:160]}" for sid, name, _, detail in in_doubt[:20]]
     if len(in_doubt) > 20:
         rows.append(f"    ... and {len(in_doubt) - 20} more")
+    rows += _rollover_rows(result["rollovers"])
     rows += [
         "  invariants: " + ", ".join(result["invariants"]),
         f"  soak: RSS per instance {result['soak']['rss_mb']} MB (first -> last -> max of the"

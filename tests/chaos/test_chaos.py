@@ -4,12 +4,21 @@ and the checker's rules on made-up histories."""
 from __future__ import annotations
 
 import time
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 from tests.chaos.broker import Traded
-from tests.chaos.checker import OrderRow, SignalRow, broker_promise, check
+from tests.chaos.checker import (
+    FAKE_TIME,
+    OrderRow,
+    RollRow,
+    SignalRow,
+    broker_promise,
+    check,
+    rollover_promise,
+)
 from tests.chaos.harness import DISK_FULL_NODE, FAULTS, History, Request, campaign, summary
 
 LEADER_FAULTS = {"kill", "pause", "partition", "sigterm"}  # skipped when no leader is alive
@@ -26,6 +35,7 @@ async def test_short_campaign_keeps_every_promise_under_every_fault_kind():
     broker = result["broker"]
     assert result["moves"].get("reversal") and result["moves"].get("partial_exit")
     assert broker["fills"] > 30 and broker["both_ways"] >= 2, "the book did not move both ways"
+    assert result["rollovers"]["states"].get("rolled"), "no future was rolled"
     assert result["violations"] == [], summary(result)
 
 
@@ -152,3 +162,97 @@ def test_a_position_that_differs_passes_only_with_an_alerted_in_doubt_signal():
     orders[1] = OrderRow(2, "pgl-2-e1-1", "rejected", None, 75, 225)
     named = _promise(signals, orders, fills, open_lots=1, alerted={1, 2})["violations"]
     assert any("no signal of it is in_doubt" in v for v in named), named
+
+
+# -- the rollover promise, on made-up rolls -------------------------------------------
+
+FUTURE = Traded(
+    "FINNIFTY1!", "NFO", "FINNIFTY", "NRML", 65, 6, (date(2026, 12, 5), date(2027, 1, 4))
+)
+NAME = FUTURE.name
+NEAR, NEXT = (f"NFO:{symbol}:NRML" for symbol in FUTURE.contracts)
+T0 = datetime(2026, 12, 2, 10, 0, tzinfo=UTC)
+
+
+def _at(seconds: float) -> datetime:
+    return T0 + timedelta(seconds=seconds)
+
+
+def _contract_fill(
+    orderid: str, where: str, action: str, quantity: int, at: float
+) -> dict[str, Any]:
+    stamp = _at(at).astimezone(FAKE_TIME).strftime("%Y-%m-%d %H:%M:%S")
+    return {
+        "orderid": orderid, "symbol": where.split(":")[1], "exchange": "NFO", "product": "NRML",
+        "action": action, "quantity": quantity, "timestamp": stamp,
+    }  # fmt: skip
+
+
+def _book(fills: list[dict[str, Any]]) -> dict[str, Any]:
+    held: dict[str, int] = {}
+    for f in fills:
+        held[f["symbol"]] = (
+            held.get(f["symbol"], 0) + (1 if f["action"] == "BUY" else -1) * f["quantity"]
+        )
+    positions = [
+        {"symbol": symbol, "exchange": "NFO", "product": "NRML", "quantity": n}
+        for symbol, n in held.items()
+    ]
+    return {"positions": positions, "max_abs_positions": {}, "orders": fills}
+
+
+def test_a_roll_that_exits_twice_or_lets_a_signal_through_is_named():
+    """A long of 2 lots (130) rolled from NEAR to NEXT between +0 s and +2 s: its exit's
+    answer was lost (its fill has no id on record), then a pyramid that waited behind
+    the roll went to NEXT."""
+    roll = RollRow(1, NAME, NEAR, NEXT, "long", 2, "rolled", None, _at(0), _at(2))
+    signals = {
+        1: SignalRow(NAME, "executed", None, _at(-5)),
+        2: SignalRow(NAME, "executed", None, _at(1)),
+    }
+    orders = [
+        OrderRow(1, "pgl-1-e1-1", "filled", "B1", 0, 130, NAME, NEAR, None, _at(-4)),
+        OrderRow(None, "pgl-roll1-exit-e1-1", "unknown", None, 130, 0, NAME, NEAR, 1, _at(0.1)),
+        OrderRow(None, "pgl-roll1-entry-e1-2", "filled", "B3", 0, 130, NAME, NEXT, 1, _at(1)),
+        OrderRow(2, "pgl-2-e1-1", "filled", "B4", 130, 195, NAME, NEXT, None, _at(3)),
+    ]  # fmt: skip
+    fills = [
+        _contract_fill("B1", NEAR, "BUY", 130, -4),
+        _contract_fill("B2", NEAR, "SELL", 130, 0.2),
+        _contract_fill("B3", NEXT, "BUY", 130, 1),
+        _contract_fill("B4", NEXT, "BUY", 65, 3),
+    ]
+    clean = rollover_promise(signals, orders, [roll], _book(fills))
+    assert clean["violations"] == []
+    (row,) = clean["rolls"]
+    assert (row["exit"]["fills"], row["entry"]["fills"], row["waited"]) == (1, 1, 1)
+
+    # The exit sent again on a flat NEAR: the sandbox's quirk makes it a plain order.
+    again = [*fills[:2], _contract_fill("B5", NEAR, "SELL", 130, 0.5), *fills[2:]]
+    named = rollover_promise(signals, orders, [roll], _book(again))["violations"]
+    assert any("placed 2 exit orders" in v for v in named), named
+    assert any(f"still holds -130 of {NEAR}" in v for v in named), named
+
+    # The pyramid claimed while the roll was still active.
+    orders[3] = orders[3]._replace(claimed=_at(1.5))
+    named = rollover_promise(signals, orders, [roll], _book(fills))["violations"]
+    assert any(f"signal 2 of {NAME} claimed at" in v for v in named), named
+
+
+def test_a_roll_that_enters_before_it_exits_is_double_exposure():
+    """The book of a future is the sum over its contracts: 130 in each at once is |260|."""
+    signals = {1: SignalRow(NAME, "executed", None)}
+    orders = [
+        OrderRow(1, "pgl-1-e1-1", "filled", "B1", 0, 130, NAME, NEAR),
+        OrderRow(None, "pgl-roll1-entry-e1-1", "filled", "B2", 0, 130, NAME, NEXT, 1),
+        OrderRow(None, "pgl-roll1-exit-e1-2", "filled", "B3", 130, 0, NAME, NEAR, 1),
+    ]
+    fills = [
+        _contract_fill("B1", NEAR, "BUY", 130, -4),
+        _contract_fill("B2", NEXT, "BUY", 130, 0.2),
+        _contract_fill("B3", NEAR, "SELL", 130, 0.5),
+    ]
+    result = broker_promise({NAME: FUTURE}, signals, orders, [(NAME, "long", 2)], set(),
+                            _book(fills))  # fmt: skip
+    assert result["instruments"][NAME]["position"] == "matched"
+    assert any("exposure" in v and "|260|" in v for v in result["violations"]), result

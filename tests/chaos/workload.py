@@ -14,6 +14,10 @@ the plainest case for settling to tell that it was never placed and send it agai
 the busy ones have orders of their own around every claim, the case where settling
 must tell its own earlier orders from the one in doubt.
 
+While a roll of the futures falls due (the harness's `rollover` fault) their
+strategies hold: they only enter on the side they hold, which adds to the position
+or opens it again where the ledger went flat, so there is a position to roll.
+
 A signal that was lost or refused makes the belief wrong for a while (a pyramid
 with nothing open, an exit of the other side): the gateway refuses those with an
 alert, and the next exit or entry brings the belief back in line, as it would for
@@ -51,12 +55,16 @@ class Trader:
     trades: int = 0  # for the position labels
     last_at: datetime | None = None  # the time of its last move (one move per second)
 
-    def next(self, rnd: random.Random, at: datetime) -> Move:
-        """The next move at `at`, its belief updated as if every signal executes."""
+    def next(self, rnd: random.Random, at: datetime, *, hold: bool = False) -> Move:
+        """The next move at `at`, its belief updated as if every signal executes;
+        `hold`: an entry, of one lot on the side it holds."""
         self.last_at = at
         if self.side is None:
             return Move("entry", [self._entry(rnd.choice(("long", "short")), rnd, at)])
         room = self.instrument.max_lots - self.lots
+        if hold:
+            self.lots += min(1, room)
+            return Move("entry", [self._body("BASE_ENTRY", self.side, 1, at)])
         choices = {"exit": 2, "reversal": 2}
         if room > 0:
             choices["pyramid"] = 3

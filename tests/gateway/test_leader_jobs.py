@@ -18,7 +18,9 @@ from tests.support.gateway import (
     cluster,
     distinct_time,
     pgleader_cli,
+    query_true,
     signal_body,
+    until,
 )
 
 pytestmark = pytest.mark.asyncio(loop_scope="function")
@@ -112,6 +114,9 @@ async def test_statistics_count_signals_orders_and_positions_with_realised_pnl(o
 
 async def test_stale_instances_leave_the_registry_but_not_the_history(one):
     gw, node = one
+    first_run = ("select runs > 0 and not running from pgleader.job_status"
+                 " where job = 'prune-instances'")  # fmt: skip
+    await until(query_true(gw, first_run))  # the run at election is over
     await gw.query(
         "insert into pgleader.instances (election, instance_id, last_heartbeat)"
         " values ('gateway', 'gone-for-days', now() - interval '3 days')"

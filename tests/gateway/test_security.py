@@ -780,7 +780,20 @@ SECURITY_DEFINER = {
     "gateway.set_trading_halt(text,text,text)",
     "gateway.request_reconciliation(text,text)",
     "gateway.finish_reconciliation(bigint,bigint,text,text,jsonb,text)",
-    "gateway.record_settings(text,text,text)",
+    "gateway.record_settings(text,text,text)",  # the leader's jobs (pgleader.jobs, service/jobs/)
+    "gateway.book_rollover_order(text,bigint,text,text,bigint,text,text,bigint,bigint)",
+    "gateway.delete_old_signals(text,bigint,interval,integer)",
+    "gateway.finish_rollover(text,bigint,text,bigint)",
+    "gateway.prune_instance_settings(text,bigint,text[])",
+    "gateway.record_rollover_order(text,text,text,text)",
+    "gateway.set_rollover_state(text,bigint,bigint,text,text)",
+    "gateway.start_rollover(text,bigint,text,text,text,date,text,date,bigint)",
+    "gateway.store_statistics(text,bigint,text,jsonb)",
+    "pgleader.finish_job(text,bigint,text,text,text,double precision,double precision)",
+    "pgleader.prune_instances(text,bigint,interval)",
+    "pgleader.register_job(text,bigint,text,double precision,time without time zone,text,double precision)",
+    "pgleader.request_job(text,text,text)",
+    "pgleader.start_job(text,bigint,text,text)",
 }
 
 
