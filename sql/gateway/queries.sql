@@ -276,12 +276,6 @@ select gateway.record_rollover_order(%s, %s, %s, %s);
 -- The roll is done at the broker: move the ledger (election, epoch, instance, id).
 select gateway.finish_rollover(%s, %s, %s, %s);
 
--- name: rollover_history
--- `pgleader rollover`: the latest rolls.
-select id, instrument, from_contract, to_contract, side, lots, state, created_at, finished_at,
-       detail
-  from gateway.rollovers order by id desc limit %s;
-
 -- name: serializable
 -- The first statement of a rollover's transaction: its ledger changes run
 -- SERIALIZABLE (retried on a serialization failure).

@@ -151,6 +151,7 @@ async def test_a_leader_killed_after_the_entry_was_placed_leaves_the_roll_to_the
         assert fake.position(FAR, "NFO", "NRML") == 150
         (successor,) = await gw.start(1, env=env(fake, late))
         dying.signal(signal.SIGKILL)
+        await dying.wait()
         assert await gw.leader() is successor
 
         rolled = "select count(*) = 1 from gateway.rollovers where state = 'rolled'"
