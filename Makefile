@@ -11,9 +11,10 @@ FAULTS   ?= 20
 
 .PHONY: install debs run test lint format chaos bench clean
 
-# Debian packages the tests run for real: HAProxy in front of a gateway. Installed
+# Debian packages the tests run for real: HAProxy in front of a gateway, Prometheus
+# (and its promtool) scraping a cluster and checking the alert rules. Installed
 # here when missing and running as root; otherwise one line names them.
-DEBS := haproxy
+DEBS := haproxy prometheus
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

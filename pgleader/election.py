@@ -42,6 +42,7 @@ from pgleader.errors import (
     first_line,
 )
 from pgleader.fencing import check_epoch
+from pgleader.metrics import Histogram
 from pgleader.queries import QUERIES
 
 __all__ = ["Elector", "Transition"]
@@ -57,6 +58,8 @@ _TAKE = QUERIES["take_leadership"]
 _TERMINATE_BLOCKERS = QUERIES["terminate_blockers"]
 _HEARTBEAT = QUERIES["heartbeat"]
 _RESIGN = QUERIES["resign"]
+# Heartbeat round trips, s: a healthy one is about a millisecond; one near the lease is trouble.
+_HEARTBEAT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 # How often an elector whose database lost pgleader's schema looks again.
 _SCHEMA_RETRY = 5.0
 
@@ -124,8 +127,13 @@ class Elector:
         self._callback_tasks: set[asyncio.Future[Any]] = set()
         self._failure: PgLeaderError | None = None
         self._leader_changed = asyncio.Condition()
-        self.stats = {"heartbeats_ok": 0, "heartbeats_failed": 0, "elected": 0, "demoted": 0}
+        self.stats = {
+            "heartbeats_ok": 0, "heartbeats_failed": 0, "elected": 0, "demoted": 0,
+            "resigned": 0, "evictions": 0,
+        }  # fmt: skip
         self.last_heartbeat_latency: float | None = None
+        self.last_heartbeat_ok: float | None = None  # time.monotonic() of the last good beat
+        self.heartbeat_seconds = Histogram(_HEARTBEAT_BUCKETS)
         self._log = log.bind(election=election, instance=self.instance_id)
 
     # -- public state ---------------------------------------------------------
@@ -306,11 +314,18 @@ class Elector:
                 await conn.execute(_LOCK, [self._lock_id])
                 return
             except psycopg.errors.LockNotAvailable:
-                cur = await conn.execute(
-                    _FOLLOWER_BEAT, [self.election, self.instance_id, self.timings.evict_after]
-                )
-                row = await cur.fetchone()
+                sent = time.monotonic()
+                try:
+                    cur = await conn.execute(
+                        _FOLLOWER_BEAT, [self.election, self.instance_id, self.timings.evict_after]
+                    )
+                    row = await cur.fetchone()
+                except psycopg.Error:
+                    self.stats["heartbeats_failed"] += 1
+                    raise
+                self._beat_ok(sent)
                 if row is not None and row[0] is not None:
+                    self.stats["evictions"] += 1
                     self._log.warning("evicted a hung leader", backend_pid=row[0])
 
     async def _lead(self, conn: AsyncConnection[Any]) -> float:
@@ -330,6 +345,7 @@ class Elector:
             if beat is None or not beat[0]:
                 raise _Demoted("lock lost right after the epoch bump")
         self._lease_deadline = sent + self.timings.lease
+        self.last_heartbeat_ok = time.monotonic()  # the bump proved the lock, as a beat does
         self._epoch = epoch
         self.stats["elected"] += 1
         self._log.log(self.log_levels.gained, "leadership gained", epoch=epoch, previous=previous)
@@ -433,9 +449,15 @@ class Elector:
         if row is None or not row[0]:
             self.stats["heartbeats_failed"] += 1
             raise _Demoted("lock not held by this session or epoch superseded")
-        self.stats["heartbeats_ok"] += 1
-        self.last_heartbeat_latency = time.monotonic() - sent
+        self._beat_ok(sent)
         self._lease_deadline = sent + self.timings.lease
+
+    def _beat_ok(self, sent: float) -> None:
+        now = time.monotonic()
+        self.stats["heartbeats_ok"] += 1
+        self.last_heartbeat_ok = now
+        self.last_heartbeat_latency = now - sent
+        self.heartbeat_seconds.observe(now - sent)
 
     async def _step_down(self, conn: AsyncConnection[Any], epoch: int) -> float:
         reason = self._resign_reason or "resigned"
@@ -448,7 +470,7 @@ class Elector:
         finally:
             self._resign_requested.clear()
             self._resigned.set()
-        self.stats["demoted"] += 1
+        self.stats["resigned"] += 1
         self._log.log(self.log_levels.resigned, "leadership resigned", epoch=epoch, reason=reason)
         await self._announce(Transition("resigned", epoch, reason))
         return self.resign_cooldown

@@ -1,6 +1,7 @@
 """The gateway's verbs, plugged into the pgleader CLI by entry point.
 
-`serve` runs one instance. `halt`, `resume` and `reconcile` act through the
+`serve` runs one instance. `sinks` shows what the alert sinks got from the
+database, and `sinks test` sends each configured sink a test message. `halt`, `resume` and `reconcile` act through the
 database, so they work from any machine that reaches it, whichever instance
 leads: the kill switch is a row every claim reads; a reconciliation is a request
 the leader runs (it holds the broker session) and this command waits for.
@@ -21,7 +22,7 @@ from pgleader.cli import add_common, add_timings, print_rows, require_dsn, timin
 from pgleader.config import Instant, Number, Text, env_setting, resolve_dsn
 from pgleader.connect import connect
 from pgleader.errors import ConfigError
-from service.config import add_arguments, from_args
+from service.config import add_arguments, add_sink_arguments, from_args, sink_settings
 from service.execution.reconciliation import as_run
 from service.queries import QUERIES
 
@@ -67,6 +68,13 @@ def register(verbs: Any) -> None:
                    help="the instruments file (env PGLEADER_INSTRUMENTS_FILE)")  # fmt: skip
     p.add_argument("--at", type=Instant(), default=None,
                    help="as at this ISO time (default now), e.g. 2026-12-24T10:00+05:30")  # fmt: skip
+    p.add_argument("--json", action="store_true", help="JSON lines even on a terminal")
+    p = verb("sinks", _sinks, "the alert sinks (Telegram, Slack, a JSON webhook): what each"
+             " got, waits for and gave up; `pgleader sinks test` sends each configured sink a"
+             " test message (exit 1 when one fails)")  # fmt: skip
+    p.add_argument("action", nargs="?", choices=["list", "test"], default="list",
+                   help="list (default), or test: send a test message to every sink")  # fmt: skip
+    add_sink_arguments(p)
     p.add_argument("--json", action="store_true", help="JSON lines even on a terminal")
 
 
@@ -187,6 +195,38 @@ async def _rollover(args: argparse.Namespace) -> int:
     names = ("instrument", "open", "contract", "current", "current_expiry", "plan")
     print_rows(names, rows, args.json)
     return 0
+
+
+async def _sinks(args: argparse.Namespace) -> int:
+    import aiohttp
+
+    from service.alerts.messages import probe_message
+    from service.alerts.sinks import build_sinks
+
+    settings = sink_settings(args)  # a bad setting is named first, whatever the action
+    if args.action == "list":
+        async with await connect(require_dsn(args), autocommit=True) as conn:
+            await _require_schema(conn)
+            cur = await conn.execute(QUERIES["alert_delivery_status"])
+            names = [c.name for c in cur.description or []]
+            rows = await cur.fetchall()
+        print_rows(names, rows, args.json)
+        return 0
+    sinks = build_sinks(settings)
+    if not sinks:
+        raise ConfigError(
+            "no alert sink configured: set PGLEADER_TELEGRAM_TOKEN and"
+            " PGLEADER_TELEGRAM_CHAT_ID, PGLEADER_SLACK_WEBHOOK_URL or PGLEADER_ALERT_WEBHOOK_URL"
+        )
+    message = probe_message(_by())
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
+        sent = await asyncio.gather(*(sink.send(session, message) for sink in sinks))
+    rows = [
+        (sink.name, result.outcome, result.detail.removeprefix(f"{sink.name}: "))
+        for sink, result in zip(sinks, sent, strict=True)
+    ]
+    print_rows(("sink", "outcome", "detail"), rows, args.json)
+    return 0 if all(result.outcome == "delivered" for result in sent) else 1
 
 
 async def _require_schema(conn: Any) -> None:

@@ -8,6 +8,7 @@ import os
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from pgleader.config import (
     Choice,
@@ -25,7 +26,35 @@ from pgleader.errors import ConfigError
 from service.brokers.base import Instrument
 from service.instruments import load_instruments, settings_fingerprint
 
-__all__ = ["ServiceConfig", "add_arguments", "from_args"]
+__all__ = [
+    "ServiceConfig", "SinkSettings", "add_arguments", "add_sink_arguments", "from_args",
+    "sink_settings",
+]  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class SinkSettings:
+    """Where the leader delivers alerts and leadership transitions (service/alerts/).
+    The token and the webhook URLs are secrets: never logged, never in an error."""
+
+    telegram_token: str = field(default="", repr=False)
+    telegram_chat_id: str = ""
+    telegram_url: str = "https://api.telegram.org"
+    slack_webhook_url: str = field(default="", repr=False)
+    alert_webhook_url: str = field(default="", repr=False)
+
+    @property
+    def configured(self) -> list[str]:
+        """The names of the sinks set: telegram, slack, webhook."""
+        return [
+            name
+            for name, value in (
+                ("telegram", self.telegram_token),
+                ("slack", self.slack_webhook_url),
+                ("webhook", self.alert_webhook_url),
+            )
+            if value
+        ]
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +105,9 @@ class ServiceConfig:
     batch_interval: float = 0.005
     startup_timeout: float = 60.0
     migrate: bool = True
+    sinks: SinkSettings = field(default_factory=SinkSettings)
+    alert_group_interval: float = 10.0
+    alert_timeout: float = 10.0
 
     @property
     def accepted_instruments(self) -> frozenset[str] | None:
@@ -170,6 +202,8 @@ _OPTIONS: list[tuple[str, Setting, object, str]] = [
     ("sweep-interval", Number(float, 0.01, 60, "s"), 1.0, "seconds between sweeps for pending signals"),
     ("broker-timeout", Number(float, 0, 600, "s", above=True), 5.0, "seconds a broker call may take before its outcome is unknown"),
     ("startup-timeout", Number(float, 0, 86400, "s", above=True), 60.0, "seconds to keep retrying an unreachable database at start"),
+    ("alert-group-interval", Number(float, 0, 3600, "s"), 10.0, "seconds an alert sink waits after a message before the next; alerts and transitions due meanwhile go out as one grouped message"),
+    ("alert-timeout", Number(float, 0, 300, "s", above=True), 10.0, "seconds an alert sink gets to answer; without an answer the message is sent again, marked as a repeat"),
     (
         "batch-interval",
         Number(float, 0, 1, "s"),
@@ -178,6 +212,15 @@ _OPTIONS: list[tuple[str, Setting, object, str]] = [
         " more: bigger batches, less CPU per signal, that much more latency)",
     ),
 ]
+# Where alerts go: read by `serve` and by `pgleader sinks`.
+_SINK_OPTIONS: list[tuple[str, Setting, object, str]] = [
+    ("telegram-token", Text(200, secret=True, empty_means_unset=True), None, "Telegram bot token the leader sends alerts and leadership changes with (with the chat id; never logged)"),
+    ("telegram-chat-id", Text(100, empty_means_unset=True), None, "the Telegram chat alerts go to: a chat id (-1001234567890) or @channel"),
+    ("telegram-url", Text(), "https://api.telegram.org", "Telegram Bot API's address"),
+    ("slack-webhook-url", Text(secret=True, empty_means_unset=True), None, "a Slack-compatible incoming webhook the leader posts alerts to (a secret: never logged)"),
+    ("alert-webhook-url", Text(secret=True, empty_means_unset=True), None, "a URL the leader POSTs each alert to as JSON (never logged)"),
+]
+_OPTIONS += _SINK_OPTIONS
 # fmt: on
 
 
@@ -187,7 +230,21 @@ def _env(flag: str) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the serve flags; each defaults to its PGLEADER_* environment variable."""
-    for flag, kind, default, text in _OPTIONS:
+    _add(parser, _OPTIONS)
+    parser.add_argument(
+        "--no-migrate",
+        action="store_true",
+        help="do not apply missing migrations at start [env PGLEADER_MIGRATE=false]",
+    )
+
+
+def add_sink_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the alert sinks' flags (`pgleader sinks`), as `serve` has them."""
+    _add(parser, _SINK_OPTIONS)
+
+
+def _add(parser: argparse.ArgumentParser, options: list[tuple[str, Setting, object, str]]) -> None:
+    for flag, kind, default, text in options:
         extra = f"; {kind.describe()}" if isinstance(kind, Number) else ""
         parser.add_argument(
             f"--{flag}",
@@ -197,17 +254,44 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             + (f", default {default}" if default is not None else "")
             + f"{extra}]",
         )
-    parser.add_argument(
-        "--no-migrate",
-        action="store_true",
-        help="do not apply missing migrations at start [env PGLEADER_MIGRATE=false]",
-    )
 
 
 def _pick(args: argparse.Namespace, flag: str, kind: Setting, default: object) -> object:
     """The flag's value (argparse parsed it), else its variable's, else the default."""
     value = getattr(args, flag.replace("-", "_"), None)
     return env_setting(_env(flag), kind, default) if value is None else value
+
+
+def sink_settings(args: argparse.Namespace) -> SinkSettings:
+    """The alert sinks of the flags and environment; ConfigError names what is wrong
+    (never echoing a token or a URL: both may carry secrets)."""
+    v = {flag: _pick(args, flag, kind, default) for flag, kind, default, _ in _SINK_OPTIONS}
+    token, chat = str(v["telegram-token"] or ""), str(v["telegram-chat-id"] or "")
+    if bool(token) != bool(chat):
+        raise ConfigError(
+            "Telegram needs both its bot token and its chat id: set PGLEADER_TELEGRAM_TOKEN"
+            " and PGLEADER_TELEGRAM_CHAT_ID (or --telegram-token and --telegram-chat-id)"
+        )
+    for flag in ("telegram-url", "slack-webhook-url", "alert-webhook-url"):
+        url = str(v[flag] or "")
+        if url and not _http_url(url):
+            raise ConfigError(f"{_env(flag)} (or --{flag}) must be an http:// or https:// URL")
+    return SinkSettings(
+        telegram_token=token,
+        telegram_chat_id=chat,
+        telegram_url=str(v["telegram-url"]).rstrip("/"),
+        slack_webhook_url=str(v["slack-webhook-url"] or ""),
+        alert_webhook_url=str(v["alert-webhook-url"] or ""),
+    )
+
+
+def _http_url(url: str) -> bool:
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 (raises ValueError on a port that is not a number)
+    except ValueError:
+        return False
+    return parts.scheme in ("http", "https") and bool(parts.hostname)
 
 
 def from_args(args: argparse.Namespace, dsn: str | None, timings: Timings) -> ServiceConfig:
@@ -294,4 +378,7 @@ def from_args(args: argparse.Namespace, dsn: str | None, timings: Timings) -> Se
         startup_timeout=float(str(v["startup-timeout"])),
         batch_interval=float(str(v["batch-interval"])),
         migrate=migrate,
+        sinks=sink_settings(args),
+        alert_group_interval=float(str(v["alert-group-interval"])),
+        alert_timeout=float(str(v["alert-timeout"])),
     )

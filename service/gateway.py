@@ -19,11 +19,14 @@ from psycopg_pool import AsyncConnectionPool
 from pgleader import DatabaseUnavailable, Elector, SchemaMissing, Transition, migrate
 from pgleader.connect import connect, with_settings
 from pgleader.errors import backoff, first_line
-from pgleader.events import Reconnected, listen
+from pgleader.events import EVENTS_CHANNEL, Reconnected, listen
 from pgleader.jobs import Job, JobRun, JobRunner
 from pgleader.migrations import pending
 from pgleader.queries import QUERIES as LIBRARY_QUERIES
+from service.alerts.delivery import AlertDelivery
+from service.alerts.sinks import build_sinks
 from service.brokers.base import Broker
+from service.brokers.metered import MeteredBroker
 from service.brokers.openalgo import OpenAlgoBroker
 from service.brokers.paper import PaperBroker
 from service.config import ServiceConfig
@@ -73,6 +76,10 @@ _STATISTICS = QUERIES["statistics"]
 _JOB_LIST = LIBRARY_QUERIES["job_list"]
 _REQUEST_JOB = LIBRARY_QUERIES["request_job"]
 _JOB_RUN_STATE = LIBRARY_QUERIES["job_run_state"]
+_OPEN_SIGNALS = QUERIES["open_signals"]
+# Signals not yet ended, by status, as /metrics shows them (counted this often).
+OPEN_STATUSES = ("pending", "executing", "in_doubt", "awaiting_approval")
+_COUNT_EVERY = 5.0
 
 
 class Gateway:
@@ -96,11 +103,13 @@ class Gateway:
             dsn, config.election, instance_id=config.instance_id, timings=config.timings
         )
         self.broker = _broker(config, self.pool)
+        # What the gateway's parts call: the broker, counted and timed for /metrics.
+        self.metered_broker = MeteredBroker(self.broker)
         self.inbox = Inbox(self.pool, config.instance_id)
         self.executor = Executor(
             self.pool,
             self.elector,
-            self.broker,
+            self.metered_broker,
             max_age=config.max_signal_age,
             instruments=config.trading,
             broker_timeout=config.broker_timeout,
@@ -110,21 +119,27 @@ class Gateway:
             batch_interval=config.batch_interval,
         )
         self.reconciler = Reconciler(
-            self.pool, self.elector, self.broker, self.executor.resolve, config.trading
+            self.pool, self.elector, self.metered_broker, self.executor.resolve, config.trading
         )
         self.settings_fingerprint = config.settings_fingerprint
         self._reconcile_on_election = False
         self.rollover = Rollover(
-            self.pool, self.broker, config.trading, settle=config.broker_settle,
+            self.pool, self.metered_broker, config.trading, settle=config.broker_settle,
             broker_timeout=config.broker_timeout, on_rolled=lambda name: self._wake.set(),
         )  # fmt: skip
         self.jobs = JobRunner(self.pool, self.elector, self._jobs(), on_failure=self._job_failing)
+        self.alerts = AlertDelivery(
+            self.pool, self.elector, build_sinks(config.sinks),
+            group_interval=config.alert_group_interval, send_timeout=config.alert_timeout,
+        )  # fmt: skip
         self._jobs_read_at = 0.0
         self.halt_mode: str | None = None  # the kill switch as last read (None: not yet)
         self.spool = Spool(config.spool_path, max_bytes=config.spool_max_bytes)
         self.shutting_down = False
         self.started_at = time.time()
         self.responses: dict[str, int] = {}
+        self.open_signals: dict[str, int] | None = None  # by status; None: not counted yet
+        self.open_signals_at = 0.0  # time.monotonic() of that count
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._listener: asyncio.Task[None] | None = None
@@ -152,8 +167,11 @@ class Gateway:
         self.shutting_down = True
         await self.inbox.close()
         await self.executor.drain(self.config.shutdown_timeout)
+        # A message under way ends and is recorded first: the successor need not repeat it.
+        await self.alerts.drain(min(5.0, self.config.shutdown_timeout), final=True)
         await self.elector.stop("shutdown")  # resign + NOTIFY: a follower takes over at once
         await self.jobs.stop()
+        await self.alerts.stop()
         await self.executor.stop()
         self._stop_listening()
         for task in self._tasks:
@@ -252,19 +270,22 @@ class Gateway:
     # -- background jobs ------------------------------------------------------
 
     async def _listen(self) -> None:
-        """The leader's ear for signals stored by other instances. Only the leader
-        listens: followers would only throw every notification away. The first
-        Reconnected comes once LISTEN is in place: the sweep it wakes covers
-        whatever was stored before."""
+        """The leader's ear for signals stored by other instances, and for alerts and
+        transitions to deliver (pgleader_events). Only the leader listens: followers
+        would only throw every notification away. The first Reconnected comes once
+        LISTEN is in place: the sweep it wakes covers whatever was stored before."""
         name = f"gateway-listen:{self.config.instance_id}"
         me = asyncio.current_task()
-        items = listen(self.dsn, NOTIFY_CHANNEL, application_name=name)
+        items = listen(self.dsn, NOTIFY_CHANNEL, EVENTS_CHANNEL, application_name=name)
         async with contextlib.aclosing(items):
             async for item in items:
                 if self._listener is not me:
                     return  # replaced or stopped, should a cancellation have been lost
                 if isinstance(item, Reconnected):
                     self._wake.set()  # notifications may have been missed: sweep
+                    self.alerts.wake()
+                elif item.channel == EVENTS_CHANNEL:
+                    self.alerts.wake()  # an alert or a transition to deliver
                 elif item.payload in ("halt", "reconcile"):
                     self._wake.set()  # resumed: what waited goes; a run was asked for
                 elif self.elector.is_leader:
@@ -284,6 +305,8 @@ class Gateway:
                     log.warning("spool replayed into the inbox", signals=replayed)
                 await self.spool.flush_alerts(self._raise_spool_alert)
                 self.halt_mode = (await self.trading_halt())["mode"]
+                if time.monotonic() - self.open_signals_at > _COUNT_EVERY:
+                    await self._count_open_signals()
                 await self.executor.sweep()
                 await self.executor.reconcile()
                 await self._reconcile_positions()
@@ -294,6 +317,14 @@ class Gateway:
                 log.warning("sweep failed; will retry", error=first_line(exc))
             except Exception:
                 log.exception("sweep crashed; will retry")
+
+    async def _count_open_signals(self) -> None:
+        """For /metrics, which never queries (a scrape answers at once while the
+        database is down): the figures are this count's, with its age beside them."""
+        async with self.pool.connection(timeout=1.0) as conn:
+            rows = await (await conn.execute(_OPEN_SIGNALS)).fetchall()
+        self.open_signals = dict.fromkeys(OPEN_STATUSES, 0) | {str(s): int(n) for s, n in rows}
+        self.open_signals_at = time.monotonic()
 
     async def _reconcile_positions(self) -> None:
         """The reconciliations an operator asked for, and the leader's own when it is
@@ -495,6 +526,19 @@ class Gateway:
             "trading_halt": self.halt_mode,
             "last_reconciliation": (self.reconciler.last or {}).get("outcome"),
             "jobs": self.jobs.stats(),
+            # deliveries (an event for a sink) this instance delivered; attempts that failed
+            "alert_deliveries": dict(self.alerts.stats),
+            "open_signals": self.open_signals,
+            "open_signals_age": None
+            if self.open_signals is None
+            else time.monotonic() - self.open_signals_at,
+            "pool": self.pool.get_stats(),
+            "received_to_executed": self.executor.received_to_executed,
+            "broker": {
+                "calls": self.metered_broker.calls,
+                "orders": self.metered_broker.orders,
+                "seconds": self.metered_broker.seconds,
+            },
         }
 
     async def find_signal(self, signal_id: int) -> dict[str, Any] | None:
@@ -507,9 +551,16 @@ class Gateway:
         """Give up leadership at once (a follower takes over); the epoch given up,
         or None when this instance does not lead."""
         epoch = self.elector.epoch
-        if not await self.elector.resign(reason, timeout=self.config.timings.lease):
-            return None
-        return epoch
+        if epoch is not None:
+            # An alert under way ends and is recorded first: the successor need not repeat it.
+            await self.alerts.drain(min(2.0, self.config.timings.lease))
+        resigned = False
+        try:
+            resigned = await self.elector.resign(reason, timeout=self.config.timings.lease)
+        finally:
+            if not resigned:
+                self.alerts.resume()
+        return epoch if resigned else None
 
 
 def _broker(config: ServiceConfig, pool: AsyncConnectionPool[Any]) -> Broker:

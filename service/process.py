@@ -28,6 +28,7 @@ from service.web.listener import (
     bind,
     runner,
 )
+from service.web.metrics import Metrics
 from service.web.routes import build_operator_app, build_public_app
 
 __all__ = ["serve"]
@@ -69,12 +70,13 @@ async def serve(config: ServiceConfig) -> int:
         max_body_bytes=config.max_body_bytes,
     )
     rejections = Rejections()
+    metrics = Metrics(gateway, rejections)  # one registry for the process, both listeners
     runners: list[web.AppRunner] = []
     try:
         await gateway.start()
         for name, app, sock in (
-            ("public", build_public_app(gateway, limits, rejections), public_sock),
-            ("operator", build_operator_app(gateway, limits, rejections), operator_sock),
+            ("public", build_public_app(gateway, limits, rejections, metrics), public_sock),
+            ("operator", build_operator_app(gateway, limits, rejections, metrics), operator_sock),
         ):
             guarded = runner(
                 app,

@@ -49,6 +49,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from pgleader import Elector, NotLeader, Transition, fenced_statement
 from pgleader.errors import backoff, first_line
+from pgleader.metrics import Histogram
 from service.brokers.base import Broker, Instrument, OrderRequest, OrderResult
 from service.errors import BrokerModeMismatch, BrokerRefused, BrokerUnavailable
 from service.queries import QUERIES
@@ -59,6 +60,8 @@ log = structlog.get_logger("service.execution.executor")
 
 _CLAIM = QUERIES["claim_signals"]
 _COMPLETE = QUERIES["complete_orders"]
+# Received -> executed, s: tens of milliseconds inline; seconds when queued or paced.
+_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 _PENDING = QUERIES["pending_signals"]
 _PENDING_OF = QUERIES["pending_of_instruments"]
 _EXECUTING = QUERIES["executing_signals"]
@@ -144,6 +147,8 @@ class Executor:
             "in_doubt": 0, "refused": 0, "awaiting_approval": 0,
         }  # fmt: skip
         self.batch_stats = {"batches": 0, "signals": 0, "largest": 0}
+        # Seconds from a signal's arrival (any instance's inbox) to its order recorded.
+        self.received_to_executed = Histogram(_LATENCY_BUCKETS)
         elector.on_transition(self._on_transition)
 
     def instrument(self, name: str) -> Instrument:
@@ -571,7 +576,10 @@ class Executor:
             )
             return {}
         # A null status: no such order (cannot happen for ours); leave it to settling.
-        return {str(coid): str(state) for coid, state in rows if state is not None}
+        for _, state, since_received in rows:
+            if state == "executed" and since_received is not None:
+                self.received_to_executed.observe(since_received)
+        return {str(coid): str(state) for coid, state, _ in rows if state is not None}
 
     # -- the safety net -------------------------------------------------------
 

@@ -17,7 +17,6 @@ hears of the signal without waiting for a sweep.
 from __future__ import annotations
 
 import asyncio
-import bisect
 import contextlib
 import json
 import time
@@ -31,13 +30,13 @@ from psycopg import AsyncConnection
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
+from pgleader.metrics import Histogram
 from service.intake.signals import Signal
 from service.queries import QUERIES
 
 __all__ = [
     "NOTIFY_CHANNEL",
     "Inbox",
-    "LatencyHistogram",
     "Stored",
     "get_signal",
     "notify_signal",
@@ -113,32 +112,6 @@ def parse_notification(payload: str) -> list[int]:
         return []
 
 
-class LatencyHistogram:
-    """Durations in seconds, counted into fixed buckets (Prometheus' cumulative
-    `le` buckets when read through `cumulative`)."""
-
-    def __init__(self, bounds: Sequence[float]) -> None:
-        self.bounds = tuple(sorted(bounds))
-        self.counts = [0] * (len(self.bounds) + 1)  # the last: above every bound
-        self.sum = 0.0
-
-    def observe(self, seconds: float) -> None:
-        self.counts[bisect.bisect_left(self.bounds, seconds)] += 1
-        self.sum += seconds
-
-    @property
-    def count(self) -> int:
-        return sum(self.counts)
-
-    def cumulative(self) -> list[tuple[float, int]]:
-        """(upper bound, writes at most that long), ending with (inf, all)."""
-        total, out = 0, []
-        for bound, n in zip((*self.bounds, float("inf")), self.counts, strict=True):
-            total += n
-            out.append((bound, total))
-        return out
-
-
 @dataclass(slots=True)
 class _Waiting:
     item: Incoming
@@ -163,7 +136,7 @@ class Inbox:
         self.stats = {"writes": 0, "signals": 0, "largest": 0}
         # How long a write takes to commit: most of it is the WAL flush, so a slow or
         # stalling disk shows here first (every answer waits for its write).
-        self.write_seconds = LatencyHistogram((0.005, 0.025, 0.1, 0.5, 2.5))
+        self.write_seconds = Histogram((0.005, 0.025, 0.1, 0.5, 2.5))
 
     async def store(
         self,

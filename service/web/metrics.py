@@ -1,113 +1,236 @@
-"""GET /metrics: one instance's figures in Prometheus' text format.
+"""GET /metrics: one instance's figures, exposed with prometheus-client.
 
-Rendered from `Gateway.stats()` (memory only, never a query) and the listeners'
-refusal counts, so a scrape answers at once while the database is down.
+One registry per application (never the client's global one): the election's
+families (pgleader.metrics.ElectionCollector), the gateway's (GatewayCollector,
+over what `Gateway.stats()` and the listeners already count in memory), the
+process and platform collectors, a build-info gauge, and the one observation on
+the request path: each HTTP request's duration by listener, route and status code.
+A scrape runs no query (the database-derived gauges are the gateway's count of a
+few seconds ago, with its age), so /metrics answers at once while the database
+is down. README "Metrics" lists every family.
 """
 
 from __future__ import annotations
 
-from collections import Counter
-from typing import Any
+import platform
+import time
+from collections.abc import Iterator
+from typing import Any, Protocol
 
-__all__ = ["render"]
+from aiohttp import web
+from aiohttp.typedefs import Handler
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.gc_collector import GCCollector
+from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.registry import Collector
 
+from pgleader import __version__
+from pgleader.metrics import ElectionCollector, histogram_family
+from service.web.listener import Rejections
 
-def render(stats: dict[str, Any], rejections: Counter[tuple[str, int, str]]) -> str:
-    spool = stats["spool"]
-    hist = stats["inbox_write_seconds"]
-    lines = [
-        "# TYPE pgleader_is_leader gauge",
-        f"pgleader_is_leader {int(stats['is_leader'])}",
-        "# TYPE pgleader_epoch gauge",
-        f"pgleader_epoch {stats['epoch'] or 0}",
-        "# TYPE pgleader_heartbeats_total counter",
-        f'pgleader_heartbeats_total{{result="ok"}} {stats["heartbeats_ok"]}',
-        f'pgleader_heartbeats_total{{result="failed"}} {stats["heartbeats_failed"]}',
-        "# TYPE pgleader_leadership_changes_total counter",
-        f"pgleader_leadership_changes_total {stats['leadership_changes']}",
-        # The outage spool: what waits for the database, and what it could not take.
-        "# TYPE gateway_spooled_signals gauge",
-        f"gateway_spooled_signals {spool['records']}",
-        "# TYPE gateway_spool_bytes gauge",
-        f"gateway_spool_bytes {spool['bytes']}",
-        "# TYPE gateway_spool_max_bytes gauge",
-        f"gateway_spool_max_bytes {spool['max_bytes']}",
-        "# TYPE gateway_spool_refused_total counter",
-        f"gateway_spool_refused_total {spool['refused']}",
-        "# TYPE gateway_spool_quarantined_total counter",
-        f"gateway_spool_quarantined_total {spool['quarantined']}",
-        # Requests refused (4xx, 503 busy) by listener, code and reason: an attack shows here.
-        "# TYPE gateway_http_rejections_total counter",
-        *(
-            f'gateway_http_rejections_total{{listener="{listener}",code="{code}",'
-            f'reason="{reason}"}} {n}'
-            for (listener, code, reason), n in sorted(rejections.items())
-        ),
-        "# TYPE gateway_webhook_answers_total counter",
-        *(
-            f'gateway_webhook_answers_total{{status="{k}"}} {v}'
-            for k, v in sorted(stats["answers"].items())
-        ),
-        "# TYPE gateway_executions_total counter",
-        *(
-            f'gateway_executions_total{{result="{k}"}} {v}'
-            for k, v in sorted(stats["executions"].items())
-        ),
-        # Batches and writes with the signals in them: their ratio is the mean size.
-        "# TYPE gateway_execution_batches_total counter",
-        f"gateway_execution_batches_total {stats['execution_batches']['batches']}",
-        "# TYPE gateway_execution_batch_signals_total counter",
-        f"gateway_execution_batch_signals_total {stats['execution_batches']['signals']}",
-        "# TYPE gateway_inbox_writes_total counter",
-        f"gateway_inbox_writes_total {stats['inbox_writes']['writes']}",
-        "# TYPE gateway_inbox_write_signals_total counter",
-        f"gateway_inbox_write_signals_total {stats['inbox_writes']['signals']}",
-        # Time to commit a write: mostly the disk's WAL flush, which every answer waits for.
-        "# TYPE gateway_inbox_write_seconds histogram",
-        *(
-            f'gateway_inbox_write_seconds_bucket{{le="{_le(bound)}"}} {n}'
-            for bound, n in hist.cumulative()
-        ),
-        f"gateway_inbox_write_seconds_sum {hist.sum:.6f}",
-        f"gateway_inbox_write_seconds_count {hist.count}",
-        # The kill switch as last read (1 on the mode it is in), and the last
-        # reconciliation this instance ran (1 on its outcome; none yet: no sample).
-        "# TYPE gateway_trading_halt gauge",
-        *(
-            f'gateway_trading_halt{{mode="{mode}"}} {int(stats["trading_halt"] == mode)}'
-            for mode in ("running", "halted", "entries_only")
-            if stats["trading_halt"] is not None
-        ),
-        "# TYPE gateway_last_reconciliation gauge",
-        *(
-            f'gateway_last_reconciliation{{outcome="{outcome}"}}'
-            f" {int(stats['last_reconciliation'] == outcome)}"
-            for outcome in ("matched", "mismatch", "failed")
-            if stats["last_reconciliation"] is not None
-        ),
-        # The leader's jobs: runs by this instance, and how long since each last
-        # succeeded (by the database's record, whoever ran it; no sample: never).
-        "# TYPE pgleader_job_runs_total counter",
-        *(
-            f'pgleader_job_runs_total{{job="{job}",outcome="{outcome}"}} {n}'
-            for job, figures in sorted(stats["jobs"].items())
-            for outcome, n in sorted(figures["runs"].items())
-        ),
-        "# TYPE pgleader_job_last_duration_seconds gauge",
-        *(
-            f'pgleader_job_last_duration_seconds{{job="{job}"}} {figures["last_duration"]:.6f}'
-            for job, figures in sorted(stats["jobs"].items())
-            if figures["last_duration"] is not None
-        ),
-        "# TYPE pgleader_job_seconds_since_success gauge",
-        *(
-            f'pgleader_job_seconds_since_success{{job="{job}"}} {figures["since_success"]:.3f}'
-            for job, figures in sorted(stats["jobs"].items())
-            if figures["since_success"] is not None
-        ),
-    ]
-    return "\n".join(lines) + "\n"
+__all__ = ["Metrics"]
+
+# An HTTP request, s: the webhook answers in milliseconds; TradingView gives up at 3 s.
+_REQUEST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0)
+_KILL_SWITCH_MODES = ("running", "halted", "entries_only")
+_RECONCILIATION_OUTCOMES = ("matched", "mismatch", "failed")
 
 
-def _le(bound: float) -> str:
-    return "+Inf" if bound == float("inf") else f"{bound:g}"
+class _Gateway(Protocol):
+    def stats(self) -> dict[str, Any]: ...
+
+
+class Metrics:
+    """The registry of one gateway process, and the request-duration middleware."""
+
+    def __init__(self, gateway: _Gateway, rejections: Rejections) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
+        GCCollector(registry=self.registry)
+        elector = getattr(gateway, "elector", None)
+        if elector is not None:
+            self.registry.register(ElectionCollector(elector, getattr(gateway, "jobs", None)))
+        self.registry.register(GatewayCollector(gateway, rejections))
+        self.requests = Histogram(
+            "gateway_http_request_duration_seconds",
+            "HTTP requests by listener, route and status code: time to the answer",
+            ["listener", "route", "code"],
+            buckets=_REQUEST_BUCKETS,
+            registry=self.registry,
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+    content_type = CONTENT_TYPE_LATEST
+
+    def middleware(self, listener: str) -> Any:
+        """Times every request of `listener` to its answer (whatever answers it)."""
+        requests = self.requests
+
+        @web.middleware
+        async def timed(request: web.Request, handler: Handler) -> web.StreamResponse:
+            began = time.perf_counter()
+            code = 500
+            try:
+                response = await handler(request)
+                code = response.status
+                return response
+            except web.HTTPException as exc:
+                code = exc.status
+                raise
+            finally:
+                info = request.match_info
+                route = info.route.resource.canonical if info.route.resource else "unmatched"
+                requests.labels(listener, route, str(code)).observe(time.perf_counter() - began)
+
+        return timed
+
+
+class GatewayCollector(Collector):
+    """The gateway_* families, from `Gateway.stats()` and the listeners' refusals."""
+
+    def __init__(self, gateway: _Gateway, rejections: Rejections) -> None:
+        self.gateway, self.rejections = gateway, rejections
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self.gateway.stats()
+        build = GaugeMetricFamily("pgleader_build_info", "This process's version (value 1)",
+                                  labels=["version", "python"])  # fmt: skip
+        build.add_metric([__version__, platform.python_version()], 1)
+        yield build
+        yield from self._signals(stats)
+        yield from self._spool(stats["spool"])
+        yield from self._broker(stats)
+        yield from self._database(stats)
+        yield from self._alerts(stats)
+        yield from self._state(stats)
+
+    def _signals(self, stats: dict[str, Any]) -> Iterator[Metric]:
+        yield _counter("gateway_webhook_answers", "Webhook answers by outcome",
+                       "status", stats["answers"])  # fmt: skip
+        yield _counter("gateway_executions", "Signals this instance ended, by outcome"
+                       " (executed, failed, expired, rejected, in_doubt, ...)", "result",
+                       stats["executions"])  # fmt: skip
+        batches = stats["execution_batches"]
+        yield _counter("gateway_execution_batches", "Claims of signals (batches)", None,
+                       batches["batches"])  # fmt: skip
+        yield _counter("gateway_execution_batch_signals", "Signals in those claims", None,
+                       batches["signals"])  # fmt: skip
+        writes = stats["inbox_writes"]
+        yield _counter("gateway_inbox_writes", "Inbox writes (group commits)", None,
+                       writes["writes"])  # fmt: skip
+        yield _counter("gateway_inbox_write_signals", "Signals in those writes", None,
+                       writes["signals"])  # fmt: skip
+        yield histogram_family(
+            "gateway_inbox_write_seconds",
+            "Time to commit an inbox write: mostly the WAL flush every answer waits for",
+            {(): stats["inbox_write_seconds"]},
+        )
+        yield histogram_family(
+            "gateway_signal_execution_latency_seconds",
+            "A signal's arrival (any instance's inbox) to its order recorded, by this leader",
+            {(): stats["received_to_executed"]},
+        )
+        if stats["open_signals"] is not None:
+            open_signals = GaugeMetricFamily(
+                "gateway_signals",
+                "Signals not yet ended, by status (the database's count, a few seconds old)",
+                labels=["status"],
+            )
+            for status, n in sorted(stats["open_signals"].items()):
+                open_signals.add_metric([status], n)
+            yield open_signals
+            yield GaugeMetricFamily(
+                "gateway_signals_count_age_seconds",
+                "Age of that count (grows while the database cannot be asked)",
+                value=round(stats["open_signals_age"], 3),
+            )
+
+    def _spool(self, spool: dict[str, Any]) -> Iterator[Metric]:
+        yield GaugeMetricFamily("gateway_spooled_signals", "Signals in the outage spool,"
+                                " waiting for the database", value=spool["records"])  # fmt: skip
+        yield GaugeMetricFamily("gateway_spool_bytes", "Size of the outage spool",
+                                value=spool["bytes"])  # fmt: skip
+        yield GaugeMetricFamily("gateway_spool_max_bytes", "The spool's limit (then 503)",
+                                value=spool["max_bytes"])  # fmt: skip
+        yield _counter("gateway_spool_refused", "Signals the spool could not take (full"
+                       " or failing disk): answered 503", None, spool["refused"])  # fmt: skip
+        yield _counter("gateway_spool_quarantined", "Spooled records that could not be"
+                       " replayed, set aside", None, spool["quarantined"])  # fmt: skip
+
+    def _broker(self, stats: dict[str, Any]) -> Iterator[Metric]:
+        broker = stats["broker"]
+        calls = CounterMetricFamily("gateway_broker_requests", "Calls to the broker by"
+                                    " operation and outcome", labels=["operation", "outcome"])  # fmt: skip
+        for (operation, outcome), n in sorted(broker["calls"].items()):
+            calls.add_metric([operation, outcome], n)
+        yield calls
+        yield histogram_family("gateway_broker_request_duration_seconds",
+                               "Duration of a call to the broker, by operation",
+                               broker["seconds"], ["operation"])  # fmt: skip
+        yield _counter("gateway_broker_orders", "Orders' answers from the broker, by outcome",
+                       "outcome", broker["orders"])  # fmt: skip
+
+    def _alerts(self, stats: dict[str, Any]) -> Iterator[Metric]:
+        yield _counter("gateway_alert_deliveries", "Alert deliveries (an alert or a"
+                       " leadership change for one sink) by this instance: delivered, and"
+                       " attempts that failed", "result", stats["alert_deliveries"])  # fmt: skip
+
+    def _database(self, stats: dict[str, Any]) -> Iterator[Metric]:
+        pool = stats["pool"]
+        yield GaugeMetricFamily("gateway_db_pool_connections", "Connections the pool holds",
+                                value=pool.get("pool_size", 0))  # fmt: skip
+        yield GaugeMetricFamily("gateway_db_pool_connections_idle", "Of those, idle",
+                                value=pool.get("pool_available", 0))  # fmt: skip
+        yield GaugeMetricFamily("gateway_db_pool_max_connections", "The pool's limit",
+                                value=pool.get("pool_max", 0))  # fmt: skip
+        yield GaugeMetricFamily("gateway_db_pool_requests_waiting", "Callers waiting for a"
+                                " connection now", value=pool.get("requests_waiting", 0))  # fmt: skip
+        yield _counter("gateway_db_pool_requests", "Connections asked of the pool", None,
+                       pool.get("requests_num", 0))  # fmt: skip
+        yield _counter("gateway_db_pool_requests_queued", "Of those, that had to wait", None,
+                       pool.get("requests_queued", 0))  # fmt: skip
+        yield _counter("gateway_db_pool_request_errors", "Of those, not served (timeout,"
+                       " database down)", None, pool.get("requests_errors", 0))  # fmt: skip
+        yield _counter("gateway_db_pool_connection_errors", "Connections the pool failed to"
+                       " open", None, pool.get("connections_errors", 0))  # fmt: skip
+        yield _counter("gateway_db_pool_connections_lost", "Connections found broken", None,
+                       pool.get("connections_lost", 0))  # fmt: skip
+
+    def _state(self, stats: dict[str, Any]) -> Iterator[Metric]:
+        rejections = CounterMetricFamily(
+            "gateway_http_rejections",
+            "Requests refused (4xx, 503 busy) by listener, code and reason: an attack shows here",
+            labels=["listener", "code", "reason"],
+        )
+        for (listener, code, reason), n in sorted(self.rejections.counts.items()):
+            rejections.add_metric([listener, str(code), reason], n)
+        yield rejections
+        halt = GaugeMetricFamily("gateway_trading_halt", "The kill switch as last read:"
+                                 " 1 on its mode", labels=["mode"])  # fmt: skip
+        if stats["trading_halt"] is not None:
+            for mode in _KILL_SWITCH_MODES:
+                halt.add_metric([mode], int(stats["trading_halt"] == mode))
+        yield halt
+        last = GaugeMetricFamily("gateway_last_reconciliation", "The last comparison of"
+                                 " the ledger with the broker by this instance: 1 on its"
+                                 " outcome", labels=["outcome"])  # fmt: skip
+        if stats["last_reconciliation"] is not None:
+            for outcome in _RECONCILIATION_OUTCOMES:
+                last.add_metric([outcome], int(stats["last_reconciliation"] == outcome))
+        yield last
+
+
+def _counter(name: str, documentation: str, label: str | None, value: Any) -> Metric:
+    """A counter family: one sample, or one per item of `value` (a dict) by `label`."""
+    family = CounterMetricFamily(name, documentation, labels=[label] if label else None)
+    if label is None:
+        family.add_metric([], value)
+    else:
+        for key, n in sorted(value.items()):
+            family.add_metric([str(key)], n)
+    return family

@@ -37,7 +37,7 @@ from service.web.auth import (
     signature_ok,
 )
 from service.web.listener import Limits, Rejections, protocol_error, read_body
-from service.web.metrics import render
+from service.web.metrics import Metrics
 
 __all__ = [
     "GATEWAY",
@@ -75,6 +75,7 @@ GATEWAY = web.AppKey("gateway", Surface)
 LISTENER = web.AppKey("listener", str)
 LIMITS = web.AppKey("limits", Limits)
 REJECTIONS = web.AppKey("rejections", Rejections)
+METRICS = web.AppKey("metrics", Metrics)
 PUBLIC_PATHS = frozenset({"/webhook", "/health", "/ready"})
 # A browser's EventSource cannot send headers: the read token may come as this cookie.
 OPERATOR_COOKIE = "pgleader_operator_token"
@@ -351,9 +352,10 @@ async def statistics(request: web.Request) -> web.Response:
     return answer(200, **found)
 
 
-async def metrics(request: web.Request) -> web.Response:
-    text = render(request.app[GATEWAY].stats(), request.app[REJECTIONS].counts)
-    return web.Response(text=text, content_type="text/plain")
+async def prometheus_metrics(request: web.Request) -> web.Response:
+    """Prometheus' text format (service/web/metrics.py); memory only, never a query."""
+    found = request.app[METRICS]
+    return web.Response(body=found.render(), headers={"Content-Type": found.content_type})
 
 
 @functools.cache
@@ -367,30 +369,43 @@ async def openapi(request: web.Request) -> web.Response:
 
 
 def _app(
-    gateway: Surface, listener: str, limits: Limits, rejections: Rejections, *guards: Middleware
+    gateway: Surface,
+    listener: str,
+    limits: Limits,
+    rejections: Rejections,
+    metrics: Metrics | None,
+    *guards: Middleware,
 ) -> web.Application:
+    metrics = metrics or Metrics(gateway, rejections)
     app = web.Application(
-        client_max_size=limits.max_body_bytes, middlewares=[json_errors, *guards, whole_body]
+        client_max_size=limits.max_body_bytes,
+        middlewares=[metrics.middleware(listener), json_errors, *guards, whole_body],
     )
     app[GATEWAY] = gateway
     app[LISTENER] = listener
     app[LIMITS] = limits
     app[REJECTIONS] = rejections
+    app[METRICS] = metrics
     app.router.add_get("/health", health)
     app.router.add_get("/ready", ready)
     return app
 
 
-def build_public_app(gateway: Surface, limits: Limits, rejections: Rejections) -> web.Application:
-    """What the internet may reach: the webhook, and a load balancer's checks."""
-    app = _app(gateway, "public", limits, rejections, _allow_list(gateway))
+def build_public_app(
+    gateway: Surface, limits: Limits, rejections: Rejections, metrics: Metrics | None = None
+) -> web.Application:
+    """What the internet may reach: the webhook, and a load balancer's checks.
+    `metrics`: the process's (one for both listeners); None: an app of its own."""
+    app = _app(gateway, "public", limits, rejections, metrics, _allow_list(gateway))
     app.router.add_post("/webhook", webhook)
     return app
 
 
-def build_operator_app(gateway: Surface, limits: Limits, rejections: Rejections) -> web.Application:
+def build_operator_app(
+    gateway: Surface, limits: Limits, rejections: Rejections, metrics: Metrics | None = None
+) -> web.Application:
     """What the operator reads and does: never exposed beside the webhook."""
-    app = _app(gateway, "operator", limits, rejections, _read_token(gateway))
+    app = _app(gateway, "operator", limits, rejections, metrics, _read_token(gateway))
     app.router.add_get("/coordinator/leader", leader)
     app.router.add_post("/coordinator/resign", resign)
     app.router.add_post("/admin/halt", halt)
@@ -400,6 +415,6 @@ def build_operator_app(gateway: Surface, limits: Limits, rejections: Rejections)
     app.router.add_get("/jobs", jobs)
     app.router.add_get("/statistics", statistics)
     app.router.add_get("/signals/{signal_id}", signal_by_id)
-    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/metrics", prometheus_metrics)
     app.router.add_get("/openapi.yaml", openapi)
     return app

@@ -115,20 +115,34 @@ $$;
 
 -- Alerts ------------------------------------------------------------------------
 
--- Record an alert and broadcast it on pgleader_events for whoever pages.
-create or replace function gateway.raise_alert(
-    p_kind text, p_signal_id bigint, p_instance text, p_detail text
-) returns bigint language plpgsql security definer set search_path = pg_catalog, pg_temp as $$
+-- Record an alert, queue its delivery to every enabled alert sink but `p_except_sink`
+-- (service/alerts/), and broadcast it on pgleader_events for whoever pages. The
+-- writer behind raise_alert and finish_alert_deliveries, which run it as the owner.
+create or replace function gateway.record_alert(
+    p_kind text, p_signal_id bigint, p_instance text, p_detail text, p_except_sink text
+) returns bigint language plpgsql as $$
 declare
-    id bigint;
+    new_id bigint;
 begin
     insert into gateway.alerts (kind, signal_id, instance_id, detail)
     values (p_kind, p_signal_id, p_instance, left(p_detail, 2000))
-    returning alerts.id into id;
+    returning id into new_id;
+    insert into gateway.alert_deliveries (sink, alert_id)
+    select s.sink, new_id from gateway.alert_sinks s
+     where s.enabled and s.sink is distinct from p_except_sink;
     perform pg_notify('pgleader_events', json_build_object(
         'event', 'alert', 'kind', p_kind, 'signal_id', p_signal_id,
         'instance', p_instance, 'detail', left(p_detail, 500), 'at', clock_timestamp())::text);
-    return id;
+    return new_id;
+end
+$$;
+
+-- Record an alert (queued for every alert sink) and broadcast it.
+create or replace function gateway.raise_alert(
+    p_kind text, p_signal_id bigint, p_instance text, p_detail text
+) returns bigint language plpgsql security definer set search_path = pg_catalog, pg_temp as $$
+begin
+    return gateway.record_alert(p_kind, p_signal_id, p_instance, p_detail, null);
 end
 $$;
 revoke execute on function gateway.raise_alert(text, bigint, text, text) from public;
@@ -400,14 +414,20 @@ $$;
 
 -- The executor's record of a batch: the broker's answers for many orders at once
 -- (five parallel arrays), in the order given; returns each order's signal status.
-create or replace function gateway.complete_orders(
+-- Each order's signal status, and seconds from the signal's arrival to now (its
+-- received -> executed latency, for /metrics).
+drop function if exists gateway.complete_orders(text[], text[], text[], text[], text[]);
+create function gateway.complete_orders(
     p_client_order_ids text[], p_outcomes text[], p_broker_order_ids text[], p_details text[],
     p_symbols text[]
-) returns table (client_order_id text, status text) language sql security definer
-set search_path = pg_catalog, pg_temp as $$
-    select t.coid, gateway.complete_order(t.coid, t.outcome, t.broker_order_id, t.detail, t.symbol)
+) returns table (client_order_id text, status text, since_received float8) language sql
+security definer set search_path = pg_catalog, pg_temp as $$
+    select t.coid, gateway.complete_order(t.coid, t.outcome, t.broker_order_id, t.detail, t.symbol),
+           extract(epoch from clock_timestamp() - s.received_at)::float8
       from unnest(p_client_order_ids, p_outcomes, p_broker_order_ids, p_details, p_symbols)
            with ordinality as t (coid, outcome, broker_order_id, detail, symbol, n)
+      left join gateway.orders o on o.client_order_id = t.coid
+      left join gateway.signals s on s.id = o.signal_id
      order by t.n
 $$;
 revoke execute on function gateway.complete_orders(text[], text[], text[], text[], text[])
@@ -807,3 +827,175 @@ select instrument, min(side) as side, sum(lots) as lots, min(contract) as contra
        min(expiry) as expiry, count(distinct contract) as contracts
   from gateway.positions where status = 'open'
  group by instrument;
+
+
+-- Alert delivery (service/alerts/delivery.py) ----------------------------------------
+
+-- The leader's start: record the sinks it is configured with (a sink enabled now
+-- gets the transitions from this epoch on, not the history before; one it lacks is
+-- disabled: no alert is queued for it), and queue every transition since each sink
+-- was enabled that has no delivery yet (epochs commit in order: none is skipped,
+-- whoever led meanwhile). Fenced. Returns the transitions queued.
+create or replace function gateway.start_alert_delivery(
+    p_election text, p_epoch bigint, p_instance text, p_sinks text[]
+) returns integer language plpgsql security definer set search_path = pg_catalog, pg_temp as $$
+declare
+    queued integer;
+begin
+    perform pgleader.check_epoch(p_election, p_epoch);
+    insert into gateway.alert_sinks as s (sink, election, since_epoch, registered_by)
+    select distinct unnest(p_sinks), p_election, p_epoch, p_instance
+    on conflict (sink) do update
+       set enabled = true, registered_at = now(), registered_by = excluded.registered_by,
+           election = excluded.election,
+           since_epoch = case when s.enabled and s.election = excluded.election
+                              then s.since_epoch else excluded.since_epoch end;
+    update gateway.alert_sinks s set enabled = false
+     where s.enabled and s.sink <> all(p_sinks);
+    insert into gateway.alert_deliveries (sink, election, epoch)
+    select s.sink, h.election, h.epoch
+      from gateway.alert_sinks s
+      join pgleader.leadership_history h on h.election = s.election and h.epoch >= s.since_epoch
+     where s.enabled
+       and not exists (select from gateway.alert_deliveries d
+                        where d.sink = s.sink and d.election = h.election and d.epoch = h.epoch)
+     order by h.epoch
+    on conflict do nothing;
+    get diagnostics queued = row_count;
+    return queued;
+end
+$$;
+revoke execute on function gateway.start_alert_delivery(text, bigint, text, text[]) from public;
+
+-- Claim what a sink is due to be sent, at most p_limit deliveries, oldest first, as
+-- one message: nothing while the sink's group interval (or a 429's retry-after)
+-- runs, which then starts again. A delivery is due when its next attempt has come,
+-- or when another epoch claimed it and never recorded the outcome (its leader died
+-- mid-send). A claim without a recorded outcome, or an attempt without an answer,
+-- may have reached the sink: the delivery is sent again as a repeat. Fenced.
+-- Returns each delivery with its event: an alert, or a leadership transition (the
+-- leader elected, and how the epoch before it ended).
+create or replace function gateway.claim_alert_deliveries(
+    p_election text, p_epoch bigint, p_instance text, p_sink text,
+    p_group_interval double precision, p_limit integer
+) returns table (
+    delivery_id bigint, is_repeat boolean, event_kind text, event_detail text,
+    event_at timestamptz, event_instance text, event_signal_id bigint, event_election text,
+    event_epoch bigint, previous_leader text, previous_epoch bigint, previous_reason text
+) language plpgsql security definer set search_path = pg_catalog, pg_temp as $$
+declare
+    ids bigint[];
+begin
+    perform pgleader.check_epoch(p_election, p_epoch);
+    perform from gateway.alert_sinks s
+     where s.sink = p_sink and s.enabled and s.next_send_at <= now() for update;
+    if not found then
+        return;
+    end if;
+    select array_agg(x.id order by x.id) into ids from (
+        select d.id from gateway.alert_deliveries d
+         where d.sink = p_sink and d.delivered_at is null and d.failed_at is null
+           and (d.next_attempt_at <= now() or d.claimed_epoch <> p_epoch)
+         order by d.id limit p_limit
+           for update skip locked) x;
+    if ids is null then
+        return;
+    end if;
+    update gateway.alert_deliveries d
+       set attempts = d.attempts + 1,
+           repeat = d.maybe_sent or d.claimed_epoch is not null,
+           maybe_sent = d.maybe_sent or d.claimed_epoch is not null,
+           claimed_epoch = p_epoch, claimed_by = p_instance, claimed_at = now(),
+           -- should its outcome never be recorded by this epoch
+           next_attempt_at = now() + interval '5 minutes',
+           group_id = case when cardinality(ids) > 1 then ids[1] end
+     where d.id = any(ids);
+    update gateway.alert_sinks s
+       set next_send_at = now() + make_interval(secs => p_group_interval)
+     where s.sink = p_sink;
+    return query
+        select d.id, d.repeat, coalesce(a.kind, 'leader_elected'), a.detail,
+               coalesce(a.created_at, h.acquired_at), coalesce(a.instance_id, h.instance_id),
+               a.signal_id, d.election, d.epoch, p.instance_id, p.epoch, p.release_reason
+          from gateway.alert_deliveries d
+          left join gateway.alerts a on a.id = d.alert_id
+          left join pgleader.leadership_history h
+            on h.election = d.election and h.epoch = d.epoch
+          left join lateral (
+                select ph.instance_id, ph.epoch, ph.release_reason
+                  from pgleader.leadership_history ph
+                 where ph.election = d.election and ph.epoch < d.epoch
+                 order by ph.epoch desc limit 1) p on true
+         where d.id = any(ids)
+         order by d.id;
+end
+$$;
+revoke execute on function gateway.claim_alert_deliveries(text, bigint, text, text, double precision, integer) from public;
+
+-- Record how the send of claimed deliveries went: 'delivered'; 'failed' (not sent:
+-- retried after a backoff of p_retry_s doubled per attempt, at most 5 min);
+-- 'unknown' (no answer: the same, and later sends are repeats); 'rate_limited'
+-- (a 429: the sink gets nothing for p_retry_s); 'refused' (a 4xx but 429, given up
+-- after p_give_up_after refusals, with an alert to the other sinks, unless what was
+-- given up is itself such an alert: no loop of alerts about alerts). Only deliveries
+-- still claimed by p_epoch change: a successor that claimed them again decides.
+-- Returns the deliveries given up.
+create or replace function gateway.finish_alert_deliveries(
+    p_epoch bigint, p_instance text, p_sink text, p_ids bigint[], p_outcome text,
+    p_error text, p_retry_s double precision, p_give_up_after integer
+) returns integer language plpgsql security definer set search_path = pg_catalog, pg_temp as $$
+declare
+    given_up bigint[];
+    events text;
+begin
+    if p_outcome not in ('delivered', 'failed', 'unknown', 'rate_limited', 'refused') then
+        raise exception 'gateway: unknown delivery outcome %', p_outcome using errcode = '22023';
+    end if;
+    if p_outcome = 'delivered' then
+        update gateway.alert_deliveries d set delivered_at = now()
+         where d.id = any(p_ids) and d.sink = p_sink and d.claimed_epoch = p_epoch
+           and d.delivered_at is null;
+        return 0;
+    end if;
+    if p_outcome = 'rate_limited' then
+        update gateway.alert_sinks s
+           set next_send_at = greatest(s.next_send_at, now() + make_interval(secs => p_retry_s))
+         where s.sink = p_sink;
+    end if;
+    with changed as (
+        update gateway.alert_deliveries d
+           set claimed_epoch = null,
+               maybe_sent = d.maybe_sent or p_outcome = 'unknown',
+               last_error = left(p_error, 500),
+               refusals = d.refusals + (p_outcome = 'refused')::int,
+               next_attempt_at = now() + make_interval(secs => case p_outcome
+                   when 'rate_limited' then p_retry_s
+                   else least(p_retry_s * power(2, least(d.attempts - 1, 20)), 300) end),
+               failed_at = case when p_outcome = 'refused' and d.refusals + 1 >= p_give_up_after
+                                then now() end
+         where d.id = any(p_ids) and d.sink = p_sink and d.claimed_epoch = p_epoch
+           and d.delivered_at is null
+        returning d.id, d.failed_at, d.alert_id, d.election, d.epoch
+    )
+    select array_agg(c.id order by c.id),
+           string_agg(case when c.alert_id is not null
+                           then format('alert %s (%s)', c.alert_id, a.kind)
+                           else format('transition %s epoch %s', c.election, c.epoch) end,
+                      ', ' order by c.id)
+                filter (where a.kind is distinct from 'alert_delivery_failed')
+      into given_up, events
+      from changed c left join gateway.alerts a on a.id = c.alert_id
+     where c.failed_at is not null;
+    if events is not null then
+        perform gateway.record_alert('alert_delivery_failed', null, p_instance,
+            format('%s refused %s %s time(s): %s; given up there: %s', p_sink,
+                   case when cardinality(given_up) > 1 then 'these' else 'this' end,
+                   p_give_up_after,
+                   case when starts_with(p_error, p_sink || ': ')
+                        then substr(p_error, length(p_sink) + 3) else p_error end,
+                   events), p_sink);
+    end if;
+    return coalesce(cardinality(given_up), 0);
+end
+$$;
+revoke execute on function gateway.finish_alert_deliveries(bigint, text, text, bigint[], text, text, double precision, integer) from public;

@@ -72,8 +72,16 @@ select signal_id, acted, status, client_order_id, instrument, side, action, star
   from gateway.claim_signals(%s, %s, %s, %s, %s, %s, %s, %s, %s);
 
 -- name: complete_orders
--- Record the broker's answers, by client order id (five parallel arrays).
-select client_order_id, status from gateway.complete_orders(%s, %s, %s, %s, %s);
+-- Record the broker's answers, by client order id (five parallel arrays): each
+-- order's signal status and seconds since the signal was received.
+select client_order_id, status, since_received
+  from gateway.complete_orders(%s, %s, %s, %s, %s);
+
+-- name: open_signals
+-- /metrics: signals not yet ended, by status (signals_open_idx: the history is not read).
+select status, count(*)::int from gateway.signals
+ where status in ('pending', 'executing', 'in_doubt', 'awaiting_approval')
+ group by status;
 
 -- name: pending_signals
 -- The sweep: pending signals, oldest first (a NOTIFY may have been missed).
@@ -286,3 +294,38 @@ set transaction isolation level serializable;
 -- position: 0 for the exit); null when none was.
 select extract(epoch from now() - max(created_at))::float8 from gateway.orders
  where rollover_id = %s and target_position = %s;
+
+
+-- Alert delivery (service/alerts/) -----------------------------------------------
+
+-- name: start_alert_delivery
+-- The leader's start (election, epoch, instance, its sinks): record the sinks and
+-- queue the transitions not yet queued. Fenced.
+select gateway.start_alert_delivery(%s, %s, %s, %s);
+
+-- name: claim_alert_deliveries
+-- What one sink is due to be sent (election, epoch, instance, sink, group interval
+-- in s, limit), with each delivery's event. Fenced.
+select * from gateway.claim_alert_deliveries(%s, %s, %s, %s, %s, %s);
+
+-- name: finish_alert_deliveries
+-- How a send went (epoch, instance, sink, delivery ids, outcome, error without
+-- secrets, retry in s, refusals before giving up); returns the deliveries given up.
+select gateway.finish_alert_deliveries(%s, %s, %s, %s, %s, %s, %s, %s);
+
+-- name: alert_delivery_status
+-- `pgleader sinks`: per sink ever configured, what waits, what went, what was given
+-- up, and the latest error.
+select s.sink, s.enabled,
+       count(d.id) filter (where d.delivered_at is null and d.failed_at is null) as pending,
+       count(d.id) filter (where d.delivered_at is not null) as delivered,
+       count(d.id) filter (where d.delivered_at is not null and d.repeat) as repeats,
+       count(d.id) filter (where d.failed_at is not null) as given_up,
+       max(d.delivered_at) as last_delivered_at,
+       (select e.last_error from gateway.alert_deliveries e
+         where e.sink = s.sink and e.last_error is not null
+         order by e.claimed_at desc nulls last, e.id desc limit 1) as last_error
+  from gateway.alert_sinks s
+  left join gateway.alert_deliveries d on d.sink = s.sink
+ group by s.sink, s.enabled
+ order by s.sink;

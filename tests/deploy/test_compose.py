@@ -145,9 +145,9 @@ def variables_the_cli_reads() -> set[str]:
 # --- deploy/haproxy.cfg -------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def haproxy() -> dict[str, list[list[str]]]:
-    """Section header ("backend gateways_ready") -> its directives, as token lists."""
+def haproxy_sections() -> dict[str, list[list[str]]]:
+    """Section header ("backend gateways_ready") -> its directives, as token lists,
+    as written (quotes and "${VAR}" kept)."""
     sections: dict[str, list[list[str]]] = {}
     current: list[list[str]] = []
     for raw in LB_CONFIG.read_text().splitlines():
@@ -161,12 +161,62 @@ def haproxy() -> dict[str, list[list[str]]]:
     return sections
 
 
+def haproxy_defaults(sections: dict[str, list[list[str]]]) -> dict[str, str]:
+    """The variables the global section gives a default (presetenv: the environment wins)."""
+    return {tokens[1]: tokens[2] for tokens in directive(sections["global"], "presetenv")}
+
+
+def haproxy_variables(sections: dict[str, list[list[str]]]) -> set[str]:
+    """Every "${VAR}" the file reads."""
+    return {
+        name
+        for body in sections.values()
+        for tokens in body
+        for token in tokens
+        for name in re.findall(r"\$\{(\w+)\}", token)
+    }
+
+
+@pytest.fixture(scope="module")
+def haproxy(lb: dict[str, Any]) -> dict[str, list[list[str]]]:
+    """deploy/haproxy.cfg as HAProxy reads it in the lb container: "${VAR}" expanded
+    from the service's environment over the file's own defaults."""
+    sections = haproxy_sections()
+    env = haproxy_defaults(sections) | {
+        key: interpolate(value, {}) for key, value in environment(lb).items()
+    }
+
+    def expand(token: str) -> str:
+        return re.sub(r"\$\{(\w+)\}", lambda m: env[m[1]], token.strip('"'))
+
+    return {
+        name: [[expand(token) for token in tokens] for tokens in body]
+        for name, body in sections.items()
+    }
+
+
 def directive(section: list[list[str]], *words: str) -> list[list[str]]:
     return [tokens for tokens in section if tokens[: len(words)] == list(words)]
 
 
 def backends(haproxy: dict[str, list[list[str]]]) -> dict[str, list[list[str]]]:
     return {name.split()[1]: body for name, body in haproxy.items() if name.startswith("backend ")}
+
+
+def frontends(haproxy: dict[str, list[list[str]]]) -> dict[str, list[list[str]]]:
+    return {name.split()[1]: body for name, body in haproxy.items() if name.startswith("frontend ")}
+
+
+def public_frontend(haproxy: dict[str, list[list[str]]]) -> list[list[str]]:
+    """The frontend that routes to the gateways (the other one routes nowhere)."""
+    (frontend,) = [
+        body for body in frontends(haproxy).values() if directive(body, "default_backend")
+    ]
+    return frontend
+
+
+def bound_port(bind: list[str]) -> int:
+    return int(bind[1].rsplit(":", 1)[1])
 
 
 def servers(backend: list[list[str]]) -> dict[str, int]:
@@ -233,8 +283,18 @@ def test_every_gateway_command_is_a_serve_the_cli_accepts(gateways, haproxy):
 def test_every_pgleader_variable_in_compose_is_one_the_cli_reads(services):
     known = variables_the_cli_reads()
     for name, service in services.items():
-        unknown = {key for key in environment(service) if key.startswith("PGLEADER_")} - known
-        assert not unknown, f"{name} sets variables no flag reads: {sorted(unknown)}"
+        # The load balancer is HAProxy: its variables are its config's (test below).
+        reader = haproxy_variables(haproxy_sections()) if name == "lb" else known
+        unknown = {key for key in environment(service) if key.startswith("PGLEADER_")} - reader
+        assert not unknown, f"{name} sets variables nothing reads: {sorted(unknown)}"
+
+
+def test_every_variable_of_the_load_balancer_config_has_a_default():
+    """HAProxy starts from compose.yaml as it is: the file sets its own defaults for
+    the compose network, and a test (test_haproxy.py) overrides them all."""
+    sections = haproxy_sections()
+    assert haproxy_variables(sections) == set(haproxy_defaults(sections))
+    assert all(name.startswith("PGLEADER_LB_") for name in haproxy_defaults(sections))
 
 
 def test_gateways_reach_the_postgres_service_with_its_password(services, gateways):
@@ -304,17 +364,55 @@ def test_load_balancer_config_is_mounted_read_only(lb):
     ), f"deploy/haproxy.cfg must be mounted read-only at {LB_CONFIG_IN_CONTAINER}"
 
 
-def test_load_balancer_publishes_the_port_it_listens_on(lb, haproxy):
-    frontends = [body for name, body in haproxy.items() if name.startswith("frontend ")]
-    bound = {int(tokens[1].rsplit(":", 1)[1]) for f in frontends for tokens in directive(f, "bind")}
+def test_load_balancer_publishes_the_ports_it_listens_on(lb, haproxy):
+    bound = {
+        bound_port(tokens)
+        for body in frontends(haproxy).values()
+        for tokens in directive(body, "bind")
+    }
     published = published_container_ports(lb)
     assert published, "the load balancer publishes no port"
-    assert set(published) <= bound, f"published {published}, HAProxy binds {bound}"
+    assert set(published) == bound, f"published {published}, HAProxy binds {bound}"
+
+
+def test_load_balancer_terminates_tls_on_443_with_the_mounted_certificate(lb, haproxy):
+    (bind,) = directive(public_frontend(haproxy), "bind")
+    assert bound_port(bind) == 443, "TradingView posts only to ports 80 and 443"
+    assert "ssl" in bind, "the webhook frontend must terminate TLS"
+    certificate = Path(bind[bind.index("crt") + 1])
+    mounted = {
+        target: (ROOT / source).resolve() for source, target, read_only in mounts(lb) if read_only
+    }
+    folder = mounted.get(str(certificate.parent))
+    assert folder is not None, f"no read-only mount holds {certificate}"
+    assert folder.is_relative_to(ROOT / "deploy") and folder.is_dir(), folder
+    assert f"{folder.relative_to(ROOT)}/*.pem" in (ROOT / ".gitignore").read_text().split(), (
+        "private keys must stay out of git"
+    )
+
+
+def test_plain_http_on_80_is_refused_never_redirected(haproxy):
+    """TradingView does not follow a redirect of its POST: a redirect loses the signal."""
+    public = public_frontend(haproxy)
+    (plain,) = [body for body in frontends(haproxy).values() if body is not public]
+    (bind,) = directive(plain, "bind")
+    assert bound_port(bind) == 80 and "ssl" not in bind
+    # Nothing on 80 reaches a gateway: HAProxy itself answers every request with a 4xx.
+    assert not directive(plain, "default_backend") and not directive(plain, "use_backend")
+    (answer,) = directive(plain, "http-request")
+    assert answer[1:3] == ["return", "status"] and 400 <= int(answer[3]) < 500, answer
+    assert not {"if", "unless"} & set(answer), "every request on 80 must be refused"
+    redirects = [
+        tokens
+        for body in haproxy.values()
+        for tokens in body
+        if "redirect" in tokens[:2] or any(re.fullmatch(r"30[1-8]", t) for t in tokens)
+    ]
+    assert not redirects, redirects
 
 
 def test_load_balancer_sends_traffic_only_to_gateways_whose_ready_answers_200(haproxy, gateways):
-    (frontend,) = [body for name, body in haproxy.items() if name.startswith("frontend ")]
-    (default,) = directive(frontend, "default_backend")
+    (default,) = directive(public_frontend(haproxy), "default_backend")
     backend = backends(haproxy)[default[1]]
     assert directive(backend, "option", "httpchk")
     (send,) = directive(backend, "http-check", "send")

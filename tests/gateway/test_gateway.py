@@ -22,6 +22,7 @@ from tests.support.gateway import (
     signal_body,
     until,
 )
+from tests.support.metrics import samples, value
 
 
 @pytest.fixture
@@ -279,27 +280,26 @@ async def test_http_surface_answers_json(gw):
     assert (await gw.get(node, "/nope"))[1]["status"] == "not_found"
     async with gw.http.get(f"{node.operator_url}/metrics") as resp:
         text = await resp.text()
-    assert "pgleader_is_leader 1" in text
-    assert "gateway_inbox_writes_total 0" in text
+    assert value(text, "pgleader_is_leader", election="gateway") == 1
+    assert value(text, "gateway_inbox_writes_total") == 0
     status, answer = await gw.post(node, signal_body())
     assert (status, answer["status"]) == (200, "executed")
     async with gw.http.get(f"{node.operator_url}/metrics") as resp:
         text = await resp.text()
-    for line in (
-        "gateway_inbox_writes_total 1",
-        "gateway_inbox_write_signals_total 1",
-        "gateway_execution_batches_total 1",
-        "gateway_execution_batch_signals_total 1",
-        'gateway_inbox_write_seconds_bucket{le="+Inf"} 1',
-        "gateway_inbox_write_seconds_count 1",
-    ):
-        assert line in text.splitlines(), text  # fmt: skip
-    buckets = [
-        (line.split('"')[1], int(line.rsplit(" ", 1)[1]))
-        for line in text.splitlines()
-        if line.startswith("gateway_inbox_write_seconds_bucket")
-    ]
-    assert [le for le, _ in buckets] == ["0.005", "0.025", "0.1", "0.5", "2.5", "+Inf"]
-    assert [n for _, n in buckets] == sorted(n for _, n in buckets)  # cumulative
-    seconds = float(text.split("gateway_inbox_write_seconds_sum ", 1)[1].split()[0])
-    assert 0 < seconds < 3
+    for name in ("gateway_inbox_writes_total", "gateway_inbox_write_signals_total",
+                 "gateway_execution_batches_total", "gateway_execution_batch_signals_total",
+                 "gateway_inbox_write_seconds_count", "gateway_signal_execution_latency_seconds_count"):  # fmt: skip
+        assert value(text, name) == 1, name
+    buckets = sorted(
+        (float(dict(labels)["le"]), n)
+        for (name, labels), n in samples(text).items()
+        if name == "gateway_inbox_write_seconds_bucket"
+    )
+    assert [le for le, _ in buckets] == [0.005, 0.025, 0.1, 0.5, 2.5, float("inf")]
+    assert [n for _, n in buckets] == sorted(n for _, n in buckets) and buckets[-1][1] == 1
+    assert 0 < value(text, "gateway_inbox_write_seconds_sum") < 3
+    # The webhook's request, timed by route and code; the broker's call by outcome.
+    assert value(text, "gateway_http_request_duration_seconds_count", listener="public",
+                 route="/webhook", code="200") == 1  # fmt: skip
+    assert value(text, "gateway_broker_requests_total", operation="place_orders",
+                 outcome="ok") == 1  # fmt: skip

@@ -24,6 +24,7 @@ import pytest_asyncio
 from pgleader.embedded import free_port
 from tests.support.database import cloned_database
 from tests.support.gateway import ADMIN_TOKEN, SECRET, GatewayProcess, signal_body
+from tests.support.metrics import value
 
 OPERATOR_TOKEN = "operator-token-77ab"
 MAX_CONNECTIONS = 6
@@ -106,12 +107,8 @@ def metric(node: GatewayProcess, name: str, **labels: str) -> float:
         request("GET", "/metrics", b"", f"Authorization: Bearer {OPERATOR_TOKEN}"),
     )
     assert status == 200
-    want = ",".join(f'{k}="{v}"' for k, v in labels.items())
-    series = f"{name}{{{want}}}" if labels else name
-    for line in body.decode().splitlines():
-        if line.rsplit(" ", 1)[0] == series:
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
+    found = value(body.decode(), name, **labels)
+    return 0.0 if found is None else found
 
 
 # --- a stranger holds nothing for long ---------------------------------------------

@@ -789,6 +789,10 @@ SECURITY_DEFINER = {
     "gateway.set_rollover_state(text,bigint,bigint,text,text)",
     "gateway.start_rollover(text,bigint,text,text,text,date,text,date,bigint)",
     "gateway.store_statistics(text,bigint,text,jsonb)",
+    # alert delivery (service/alerts/)
+    "gateway.start_alert_delivery(text,bigint,text,text[])",
+    "gateway.claim_alert_deliveries(text,bigint,text,text,double precision,integer)",
+    "gateway.finish_alert_deliveries(bigint,text,text,bigint[],text,text,double precision,integer)",
     "pgleader.finish_job(text,bigint,text,text,text,double precision,double precision)",
     "pgleader.prune_instances(text,bigint,interval)",
     "pgleader.register_job(text,bigint,text,double precision,time without time zone,text,double precision)",

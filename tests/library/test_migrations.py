@@ -59,6 +59,8 @@ def test_the_gateway_plugs_its_stream_in_after_the_library():
         "gateway/002_targets.sql",
         "gateway/003_paper_book_index.sql",
         "gateway/004_leader_jobs.sql",
+        "gateway/005_alert_deliveries.sql",
+        "gateway/006_open_signals_index.sql",
         "gateway/functions.sql",
     ]
     assert [s.name for s in installed_streams(only=["gateway"])] == ["gateway"]
@@ -87,6 +89,8 @@ async def test_only_applies_the_named_stream(empty_dsn):
             "gateway/002_targets.sql",
             "gateway/003_paper_book_index.sql",
             "gateway/004_leader_jobs.sql",
+            "gateway/005_alert_deliveries.sql",
+            "gateway/006_open_signals_index.sql",
             "gateway/functions.sql",
         ]
     assert await migrate(empty_dsn) == [
@@ -94,6 +98,8 @@ async def test_only_applies_the_named_stream(empty_dsn):
         "gateway/002_targets.sql",
         "gateway/003_paper_book_index.sql",
         "gateway/004_leader_jobs.sql",
+        "gateway/005_alert_deliveries.sql",
+        "gateway/006_open_signals_index.sql",
         "gateway/functions.sql",
     ]
 
@@ -112,6 +118,8 @@ def test_the_cli_migrates_one_stream_with_only(empty_dsn, capsys):
             "gateway/002_targets.sql",
             "gateway/003_paper_book_index.sql",
             "gateway/004_leader_jobs.sql",
+            "gateway/005_alert_deliveries.sql",
+            "gateway/006_open_signals_index.sql",
             "gateway/functions.sql",
         ]
     }
