@@ -12,9 +12,10 @@ FAULTS   ?= 20
 .PHONY: install debs run test lint format chaos bench clean
 
 # Debian packages the tests run for real: HAProxy in front of a gateway, Prometheus
-# (and its promtool) scraping a cluster and checking the alert rules. Installed
+# (and its promtool) scraping a cluster and checking the alert rules, Chromium and
+# its WebDriver showing the status page. Installed
 # here when missing and running as root; otherwise one line names them.
-DEBS := haproxy prometheus
+DEBS := haproxy prometheus chromium chromium-driver
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

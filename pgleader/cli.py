@@ -1,7 +1,9 @@
-"""The `pgleader` command: migrate, status, watch, elect, demo (+ verbs plugged in by packages).
+"""The `pgleader` command: migrate, status, history, instances, watch, elect, jobs, demo
+(+ verbs plugged in by packages).
 
 Every verb takes --dsn (else PGLEADER_DSN, else DATABASE_URL). Errors end in one
-line on stderr and a non-zero exit, never a traceback.
+line on stderr and a non-zero exit, never a traceback: 1 when the database failed
+or cannot be reached, 2 for a usage error (a bad argument or setting).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from importlib.metadata import entry_points
 from typing import Any, NoReturn, TypeVar
 
@@ -27,6 +29,7 @@ from pgleader.config import (
     LEASE_RANGE,
     Dsn,
     Number,
+    Since,
     Text,
     Timings,
     default_instance_id,
@@ -34,12 +37,13 @@ from pgleader.config import (
     resolve_dsn,
 )
 from pgleader.connect import connect
-from pgleader.errors import ConfigError, PgLeaderError, first_line
+from pgleader.errors import ConfigError, DatabaseUnavailable, PgLeaderError, first_line
 
 T = TypeVar("T")
 
 __all__ = [
-    "add_common", "add_timings", "main", "print_rows", "require_dsn", "run", "timings_from",
+    "add_common", "add_listing", "add_timings", "as_json", "main", "print_rows", "require_dsn",
+    "run", "since_params", "timings_from",
 ]  # fmt: skip
 
 Command = Callable[[argparse.Namespace], Awaitable[int]]
@@ -95,6 +99,31 @@ def timings_from(args: argparse.Namespace) -> Timings:
     return Timings(**values).validate()
 
 
+def add_listing(parser: argparse.ArgumentParser, *, since: str, limit: int | None = None) -> None:
+    """--json, --since (what it bounds: `since`) and, when given a default, --limit:
+    the options of a verb that lists rows for people."""
+    parser.add_argument("--since", type=Since(), default=None, metavar="WHEN",
+                        help=f"only {since} since then: 90s, 30m, 2h, 1d back, or an ISO time"
+                        " (2026-12-24T10:00+05:30; without a zone: local time)")  # fmt: skip
+    if limit is not None:
+        parser.add_argument("--limit", type=Number(int, 1, 10000), default=limit,
+                            help=f"at most this many rows, the latest (default {limit})")  # fmt: skip
+    parser.add_argument("--json", action="store_true", help="JSON lines even on a terminal")
+
+
+def since_params(since: datetime | timedelta | None) -> dict[str, Any]:
+    """A --since value as a query's parameters: since_at (a time), or since_s (seconds
+    back from now by the database's clock, which the stored times are stamped by)."""
+    if isinstance(since, timedelta):
+        return {"since_at": None, "since_s": since.total_seconds()}
+    return {"since_at": since, "since_s": None}
+
+
+def as_json(args: argparse.Namespace) -> bool:
+    """JSON lines when asked (--json) or when stdout is not a terminal."""
+    return bool(getattr(args, "json", False)) or not sys.stdout.isatty()
+
+
 def require_dsn(args: argparse.Namespace) -> str:
     dsn = resolve_dsn(getattr(args, "dsn", None))
     if not dsn:
@@ -137,6 +166,20 @@ def print_rows(names: Sequence[str], rows: Sequence[Sequence[Any]], as_json: boo
         print("  ".join(text.ljust(w) for text, w in zip(line, widths, strict=True)).rstrip())
 
 
+def _duration_text(seconds: float | None) -> str | None:
+    """Seconds for people: 42s, 12m 05s, 3h 04m, 2d 03h."""
+    if seconds is None:
+        return None
+    if seconds < 60:
+        return f"{seconds:.0f}s" if seconds >= 10 else f"{seconds:.1f}s"
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    days, hours = divmod(hours, 24)
+    if days:
+        return f"{days}d {hours:02d}h"
+    return f"{hours}h {minutes:02d}m" if hours else f"{minutes}m {secs:02d}s"
+
+
 def _cell(value: Any) -> str:
     if value is None:
         return "-"
@@ -151,6 +194,49 @@ def _cell(value: Any) -> str:
 
 def _election(args: argparse.Namespace) -> str:
     return args.election or env_setting("PGLEADER_ELECTION", Text(200), "gateway")
+
+
+async def _history(args: argparse.Namespace) -> int:
+    """`pgleader history`: who led the election when, and how each term ended."""
+    from pgleader.queries import QUERIES
+
+    params = {"election": _election(args), "limit": args.limit, **since_params(args.since)}
+    async with await connect(require_dsn(args), autocommit=True) as conn:
+        try:
+            cur = await conn.execute(QUERIES["leadership_timeline"], params)
+        except psycopg.errors.UndefinedTable:
+            raise ConfigError("pgleader schema missing: run `pgleader migrate` first") from None
+        names = [c.name for c in cur.description or []]
+        rows = await cur.fetchall()
+    if as_json(args):
+        print_rows(names, rows, True)
+    else:
+        shown = ("epoch", "leader", "host", "from", "to", "duration", "reason")
+        print_rows(shown, [(*row[:5], _duration_text(row[5]), row[6]) for row in rows], False)
+    return 0
+
+
+async def _instances(args: argparse.Namespace) -> int:
+    """`pgleader instances`: the election's registry, each with its heartbeat's age."""
+    from pgleader.queries import QUERIES
+
+    stale_after = args.stale_after if args.stale_after is not None else Timings().evict_after
+    params = {"election": _election(args), "stale_after": stale_after}
+    async with await connect(require_dsn(args), autocommit=True) as conn:
+        try:
+            cur = await conn.execute(QUERIES["instance_list"], params)
+        except psycopg.errors.UndefinedTable:
+            raise ConfigError("pgleader schema missing: run `pgleader migrate` first") from None
+        names = [c.name for c in cur.description or []]
+        rows = await cur.fetchall()
+    if as_json(args):
+        print_rows(names, rows, True)
+    else:
+        shown = ("instance_id", "host", "pid", "version", "leader", "heartbeat_age", "stale",
+                 "started_at")  # fmt: skip
+        picked = [(*row[:5], _duration_text(row[5]), row[6], row[7]) for row in rows]
+        print_rows(shown, picked, False)
+    return 0
 
 
 async def _jobs(args: argparse.Namespace) -> int:
@@ -216,16 +302,43 @@ async def _run_job(args: argparse.Namespace) -> int:
 
 
 async def _watch(args: argparse.Namespace) -> int:
-    from pgleader.events import Reconnected, listen
+    from pgleader.events import EVENTS_CHANNEL, Reconnected, listen
 
     dsn = require_dsn(args)
     await (await connect(dsn)).close()  # fail fast on a wrong DSN; later drops reconnect
     async for item in listen(dsn, *args.channel):
-        if isinstance(item, Reconnected):
-            print(json.dumps({"event": "watching", "reconnects": item.attempt}), flush=True)
+        if not args.human:
+            if isinstance(item, Reconnected):
+                print(json.dumps({"event": "watching", "reconnects": item.attempt}), flush=True)
+            else:
+                print(item.payload, flush=True)
+        elif isinstance(item, Reconnected):
+            channels = ", ".join(args.channel or [EVENTS_CHANNEL])
+            note = " (reconnected: events meanwhile were missed)" if item.attempt else ""
+            print(f"{_clock(None)}  watching {channels}{note}", flush=True)
         else:
-            print(item.payload, flush=True)
+            print(_human_event(item.payload), flush=True)
     return 0
+
+
+def _human_event(payload: str) -> str:
+    """One notification as `watch --human` prints it: its time, then what happened."""
+    from pgleader.events import describe_event, parse_event
+
+    try:
+        event = parse_event(payload)
+    except ValueError:  # another channel's payload may be any text
+        return f"{_clock(None)}  {' '.join(payload.split())}"
+    return f"{_clock(event.get('at'))}  {describe_event(event)}"
+
+
+def _clock(at: Any) -> str:
+    """An event's ISO time (else now) in this machine's time zone, to the second."""
+    try:
+        when = datetime.fromisoformat(str(at)) if at else datetime.now().astimezone()
+    except ValueError:
+        when = datetime.now().astimezone()
+    return _cell(when)
 
 
 async def _elect(args: argparse.Namespace) -> int:
@@ -295,10 +408,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="apply this stream alone, e.g. pgleader (repeatable)",
     )
     verb("status", _status, "print the pgleader.leader view as JSON lines")
-    p = verb("watch", _watch, "print every pgleader_events notification as a JSON line")
+    p = verb("history", _history, "the leadership timeline of an election: epoch, leader,"
+             " from, to, duration, how each term ended")  # fmt: skip
+    _add_election(p)
+    add_listing(p, since="terms still on", limit=50)
+    p = verb("instances", _instances, "the instances of an election: heartbeat age, leader,"
+             " stale")  # fmt: skip
+    _add_election(p)
+    p.add_argument("--stale-after", type=Number(float, 0.1, 86400, "s"), default=None,
+                   help="stale: no heartbeat for this long, s (default the default evict-after,"
+                   f" {Timings().evict_after:g})")  # fmt: skip
+    p.add_argument("--json", action="store_true", help="JSON lines even on a terminal")
+    p = verb("watch", _watch, "print every pgleader_events notification as a JSON line"
+             " (--human: as a line of words)")  # fmt: skip
     p.add_argument(
         "--channel", action="append", default=[], type=Text(63), help="channel (repeatable)"
     )
+    p.add_argument("--human", action="store_true",
+                   help="each event as a readable line: time, who, what (not JSON)")  # fmt: skip
     p = verb("elect", _elect, "run one elector and print its transitions as JSON lines")
     p.add_argument("--election", default="default", type=Text(200))
     p.add_argument("--instance-id", default=None, type=Text(200))
@@ -325,6 +452,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_election(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--election", type=Text(200), default=None,
+                        help="election (env PGLEADER_ELECTION, default gateway)")  # fmt: skip
+
+
 def run(coro: Coroutine[Any, Any, T]) -> T:
     """Run `coro` on uvloop where it is installed (a faster event loop: less CPU per
     request and per query), else on asyncio's own loop."""
@@ -344,6 +476,9 @@ def main(argv: list[str] | None = None) -> int:
                     " (see pgleader jobs --help)\n")  # fmt: skip
     try:
         return int(run(args.func(args)))
+    except DatabaseUnavailable as exc:
+        print(f"pgleader {args.verb}: error: {exc}", file=sys.stderr)
+        return 1
     except PgLeaderError as exc:
         print(f"pgleader {args.verb}: error: {exc}", file=sys.stderr)
         return 2

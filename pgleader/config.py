@@ -10,10 +10,11 @@ import ipaddress
 import logging
 import math
 import os
+import re
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 import psycopg
@@ -32,6 +33,7 @@ __all__ = [
     "Networks",
     "Number",
     "Setting",
+    "Since",
     "Switch",
     "Text",
     "Timings",
@@ -270,6 +272,35 @@ class Instant(Setting):
         if value.tzinfo is None:
             raise argparse.ArgumentTypeError(f"give its time zone (+05:30, Z), got {text!r}")
         return value
+
+
+_DURATION = re.compile(r"(\d+)([smhd])")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+SINCE_MAX = timedelta(days=3650)
+
+
+class Since(Setting):
+    """How far back to look: a duration (90s, 30m, 2h, 1d) counted back from now by
+    the database's clock (a timedelta), or an ISO 8601 time (a datetime; without its
+    time zone, this machine's local time, as the tables print times)."""
+
+    def __call__(self, text: str) -> datetime | timedelta:
+        duration = _DURATION.fullmatch(text.strip())
+        if duration:
+            seconds = int(duration[1]) * _UNIT_SECONDS[duration[2]]
+            if not 0 < seconds <= SINCE_MAX.total_seconds():
+                raise argparse.ArgumentTypeError(
+                    f"must be a duration above 0 and at most {SINCE_MAX.days}d, got {text[:40]!r}"
+                )
+            return timedelta(seconds=seconds)
+        try:
+            instant = datetime.fromisoformat(text.strip())
+            return instant if instant.tzinfo is not None else instant.astimezone()
+        except (ValueError, OverflowError, OSError):  # astimezone: out of the platform's range
+            raise argparse.ArgumentTypeError(
+                "must be a duration such as 90s, 30m, 2h, 1d or an ISO time such as"
+                f" 2026-12-24T10:00+05:30, got {text[:40]!r}"
+            ) from None
 
 
 class Dsn(Setting):

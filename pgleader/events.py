@@ -20,7 +20,9 @@ from pgleader.connect import connect
 from pgleader.errors import DatabaseUnavailable, backoff
 from pgleader.queries import QUERIES
 
-__all__ = ["EVENTS_CHANNEL", "Notification", "Reconnected", "listen", "parse_event"]
+__all__ = [
+    "EVENTS_CHANNEL", "Notification", "Reconnected", "describe_event", "listen", "parse_event",
+]  # fmt: skip
 
 EVENTS_CHANNEL = "pgleader_events"
 _PING = QUERIES["ping"]
@@ -45,6 +47,37 @@ def parse_event(payload: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ValueError("event payload is not a JSON object")
     return data
+
+
+def describe_event(event: dict[str, Any]) -> str:
+    """A pgleader_events payload in words, for `pgleader watch --human`: the
+    transitions the election announces, a failed job, an alert; any other event as
+    its fields."""
+    kind = event.get("event")
+    of = f" of {event['election']}" if event.get("election") else ""
+    epoch = f"epoch {event.get('epoch')}"
+    if kind == "elected":
+        previous = f", previous {event['previous']}" if event.get("previous") else ""
+        return f"{event.get('leader')} elected leader{of} ({epoch}{previous})"
+    if kind == "resigned":
+        return f"{event.get('previous')} resigned the lead{of} ({epoch})"
+    if kind == "lost":
+        return f"{event.get('previous')} lost the lead{of} ({epoch}: its session ended)"
+    if kind == "evicted":
+        return (f"{event.get('previous')} evicted from the lead{of} by {event.get('leader')}"
+                f" ({epoch}: it stopped beating)")  # fmt: skip
+    if kind == "job_failed":
+        return (f"job {event.get('job')}{of} {event.get('outcome')}"
+                f" ({epoch}, {event.get('failures')} failure(s) in a row)")  # fmt: skip
+    rest = ", ".join(
+        f"{k} {v}" for k, v in event.items()
+        if k not in ("event", "at", "kind", "detail") and v is not None
+    )  # fmt: skip
+    if kind == "alert":
+        text = f"ALERT {event.get('kind')}: {event.get('detail') or ''}"
+    else:
+        text = " ".join([str(kind), *(f"{k} {event[k]}" for k in ("kind", "detail") if k in event)])
+    return " ".join(f"{text} ({rest})".split() if rest else text.split())
 
 
 async def listen(

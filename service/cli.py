@@ -1,6 +1,8 @@
 """The gateway's verbs, plugged into the pgleader CLI by entry point.
 
-`serve` runs one instance. `sinks` shows what the alert sinks got from the
+`serve` runs one instance. `signals`, `positions` and `alerts` show what the
+gateway received, holds and raised, for people (tables on a terminal, else JSON
+lines). `sinks` shows what the alert sinks got from the
 database, and `sinks test` sends each configured sink a test message. `halt`, `resume` and `reconcile` act through the
 database, so they work from any machine that reaches it, whichever instance
 leads: the kill switch is a row every claim reads; a reconciliation is a request
@@ -18,8 +20,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pgleader.cli import add_common, add_timings, print_rows, require_dsn, timings_from
-from pgleader.config import Instant, Number, Text, env_setting, resolve_dsn
+from pgleader.cli import (
+    add_common,
+    add_listing,
+    add_timings,
+    as_json,
+    print_rows,
+    require_dsn,
+    since_params,
+    timings_from,
+)
+from pgleader.config import Choice, Instant, Number, Text, env_setting, resolve_dsn
 from pgleader.connect import connect
 from pgleader.errors import ConfigError
 from service.config import add_arguments, add_sink_arguments, from_args, sink_settings
@@ -27,6 +38,9 @@ from service.execution.reconciliation import as_run
 from service.queries import QUERIES
 
 __all__ = ["register"]
+
+SIGNAL_STATUSES = ("pending", "executing", "executed", "failed", "rejected", "expired",
+                   "in_doubt", "awaiting_approval")  # fmt: skip
 
 
 def register(verbs: Any) -> None:
@@ -69,6 +83,14 @@ def register(verbs: Any) -> None:
     p.add_argument("--at", type=Instant(), default=None,
                    help="as at this ISO time (default now), e.g. 2026-12-24T10:00+05:30")  # fmt: skip
     p.add_argument("--json", action="store_true", help="JSON lines even on a terminal")
+    p = verb("signals", _signals, "recent signals, newest first, with their orders")
+    p.add_argument("--status", type=Choice(*SIGNAL_STATUSES), default=None,
+                   help=f"only signals in this status: {', '.join(SIGNAL_STATUSES)}")  # fmt: skip
+    add_listing(p, since="signals received", limit=50)
+    p = verb("positions", _positions, "what the ledger holds: open lots per instrument and side")
+    p.add_argument("--json", action="store_true", help="JSON lines even on a terminal")
+    p = verb("alerts", _alerts, "recent alerts, newest first")
+    add_listing(p, since="alerts raised", limit=50)
     p = verb("sinks", _sinks, "the alert sinks (Telegram, Slack, a JSON webhook): what each"
              " got, waits for and gave up; `pgleader sinks test` sends each configured sink a"
              " test message (exit 1 when one fails)")  # fmt: skip
@@ -227,6 +249,64 @@ async def _sinks(args: argparse.Namespace) -> int:
     ]
     print_rows(("sink", "outcome", "detail"), rows, args.json)
     return 0 if all(result.outcome == "delivered" for result in sent) else 1
+
+
+async def _signals(args: argparse.Namespace) -> int:
+    params = {"status": args.status, "limit": args.limit, **since_params(args.since)}
+    async with await connect(require_dsn(args), autocommit=True) as conn:
+        await _require_schema(conn)
+        cur = await conn.execute(QUERIES["signal_list"], params)
+        names = [c.name for c in cur.description or []]
+        rows = await cur.fetchall()
+    if as_json(args):
+        print_rows(names, rows, True)
+        return 0
+    shown = ("id", "received_at", "type", "instrument", "position", "side", "lots", "status",
+             "by", "epoch", "orders", "detail")  # fmt: skip
+    picked = []
+    for row in rows:
+        r = dict(zip(names, row, strict=True))
+        picked.append((r["id"], r["received_at"], r["type"], r["instrument"], r["position"],
+                       r["side"], r["lots"], r["status"], r["received_by"], r["epoch"],
+                       "; ".join(_order_text(o) for o in r["orders"]) or None,
+                       _short(r["detail"])))  # fmt: skip
+    print_rows(shown, picked, False)
+    return 0
+
+
+def _order_text(order: dict[str, Any]) -> str:
+    """An order in a table cell: its outcome, where, and the net position it moved."""
+    moved = f" {order['start_position']}->{order['target_position']}"
+    return f"{order['outcome']} {order['symbol'] or '?'}{moved}"
+
+
+def _short(text: str | None, width: int = 60) -> str | None:
+    text = " ".join(text.split()) if text else text
+    return text if text is None or len(text) <= width else text[: width - 3] + "..."
+
+
+async def _positions(args: argparse.Namespace) -> int:
+    async with await connect(require_dsn(args), autocommit=True) as conn:
+        await _require_schema(conn)
+        cur = await conn.execute(QUERIES["open_position_list"])
+        names = [c.name for c in cur.description or []]
+        rows = await cur.fetchall()
+    print_rows(names, rows, as_json(args))
+    return 0
+
+
+async def _alerts(args: argparse.Namespace) -> int:
+    params = {"limit": args.limit, **since_params(args.since)}
+    async with await connect(require_dsn(args), autocommit=True) as conn:
+        await _require_schema(conn)
+        cur = await conn.execute(QUERIES["alert_list"], params)
+        names = [c.name for c in cur.description or []]
+        rows = await cur.fetchall()
+    if as_json(args):
+        print_rows(names, rows, True)
+    else:
+        print_rows(names, [(*row[:5], _short(row[5], 100)) for row in rows], False)
+    return 0
 
 
 async def _require_schema(conn: Any) -> None:

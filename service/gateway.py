@@ -45,6 +45,7 @@ from service.intake.spool import Spool, Spooled
 from service.jobs.maintenance import PruneInstances, Retention, Statistics
 from service.jobs.rollover import Rollover
 from service.queries import QUERIES
+from service.status import StatusFeed
 
 __all__ = ["Gateway"]
 
@@ -138,6 +139,9 @@ class Gateway:
         self.shutting_down = False
         self.started_at = time.time()
         self.responses: dict[str, int] = {}
+        self.status = StatusFeed(
+            self.pool, dsn, config.election, config.instance_id, config.timings.evict_after
+        )
         self.open_signals: dict[str, int] | None = None  # by status; None: not counted yet
         self.open_signals_at = 0.0  # time.monotonic() of that count
         self._wake = asyncio.Event()
@@ -165,6 +169,7 @@ class Gateway:
 
     async def stop(self) -> None:
         self.shutting_down = True
+        self.status.close()
         await self.inbox.close()
         await self.executor.drain(self.config.shutdown_timeout)
         # A message under way ends and is recorded first: the successor need not repeat it.

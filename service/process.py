@@ -106,6 +106,7 @@ async def serve(config: ServiceConfig) -> int:
         await stop.wait()
         log.info("shutting down: draining requests, then resigning")
         gateway.shutting_down = True
+        gateway.status.close()  # open status pages end their streams: nothing to wait for
         while runners:  # stop accepting; in-flight requests get shutdown_timeout
             await runners.pop().cleanup()
         await gateway.stop()

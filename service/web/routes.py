@@ -15,7 +15,9 @@ signal). Nothing is stored unless the body is valid and authenticated. Refusals
 from __future__ import annotations
 
 import asyncio
+import base64
 import functools
+import hashlib
 import json
 from datetime import UTC, datetime
 from pathlib import Path
@@ -50,12 +52,23 @@ __all__ = [
 log = structlog.get_logger("service.web.routes")
 
 
+class StatusSource(Protocol):
+    """The status page's feed (service.status.StatusFeed)."""
+
+    async def snapshot(self) -> str: ...
+    def subscribe(self) -> asyncio.Queue[str | None]: ...
+    def unsubscribe(self, queue: asyncio.Queue[str | None]) -> None: ...
+
+
 class Surface(Protocol):
     """What the HTTP layer needs of a gateway instance (service.gateway.Gateway)."""
 
     config: ServiceConfig
     shutting_down: bool
     responses: dict[str, int]
+
+    @property
+    def status(self) -> StatusSource: ...
 
     async def accept(self, signal: Signal, fp: str) -> tuple[int, dict[str, Any]]: ...
     async def readiness(self) -> tuple[bool, str]: ...
@@ -161,6 +174,9 @@ def _read_token(gateway: Surface) -> Middleware:
     async def token(request: web.Request, handler: Handler) -> web.StreamResponse:
         config = gateway.config
         if config.operator_token and request.path not in ("/health", "/ready"):
+            given = request.query.get("token")
+            if request.path in ("/", "/status") and given is not None:
+                return _sign_in(given, config.operator_token)
             bearer = request.headers.get("Authorization")
             cookie = request.cookies.get(OPERATOR_COOKIE)
             if not (
@@ -175,6 +191,18 @@ def _read_token(gateway: Surface) -> Middleware:
         return await handler(request)
 
     return token
+
+
+def _sign_in(given: str, operator_token: str) -> web.Response:
+    """`/status?token=...` once: a browser gets the read token as a cookie (HttpOnly,
+    this site only) and goes to /status without the token in its address bar."""
+    if not secret_ok(given, operator_token):
+        return error(401, "unauthorized", "wrong operator token", reason="operator_token")
+    response = web.Response(
+        status=303, headers={"Location": "/status", "Cache-Control": "no-store"}
+    )
+    response.set_cookie(OPERATOR_COOKIE, given, httponly=True, samesite="Strict", path="/")
+    return response
 
 
 async def webhook(request: web.Request) -> web.Response:
@@ -358,6 +386,77 @@ async def prometheus_metrics(request: web.Request) -> web.Response:
     return web.Response(body=found.render(), headers={"Content-Type": found.content_type})
 
 
+# --- the status page ------------------------------------------------------------------
+
+STATUS_PAGE_PATH = Path(__file__).with_name("status.html")
+# Pings on a quiet stream: proxies and browsers keep it open, a dead client is noticed.
+_KEEPALIVE_S = 15.0
+
+
+@functools.cache
+def _status_page() -> tuple[bytes, str]:
+    """The page, and its Content-Security-Policy: nothing but itself (its one inline
+    script and style by their hashes, the event stream from this origin)."""
+    body = STATUS_PAGE_PATH.read_bytes()
+    text = body.decode()
+    script = text.split("<script>", 1)[1].split("</script>", 1)[0]
+    style = text.split("<style>", 1)[1].split("</style>", 1)[0]
+    policy = (
+        f"default-src 'none'; script-src '{_sha256(script)}'; style-src '{_sha256(style)}';"
+        " connect-src 'self'; img-src data:; base-uri 'none'; form-action 'none';"
+        " frame-ancestors 'none'"
+    )
+    return body, policy
+
+
+def _sha256(text: str) -> str:
+    return "sha256-" + base64.b64encode(hashlib.sha256(text.encode()).digest()).decode()
+
+
+async def status_page(request: web.Request) -> web.Response:
+    """The live status page: read-only HTML; its data comes from /status/events."""
+    body, policy = _status_page()
+    return web.Response(body=body, content_type="text/html", charset="utf-8", headers={
+        "Content-Security-Policy": policy, "Cache-Control": "no-store",
+        "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer",
+    })  # fmt: skip
+
+
+async def status_snapshot(request: web.Request) -> web.Response:
+    """What the page shows, once, as JSON (for scripts)."""
+    text = await request.app[GATEWAY].status.snapshot()
+    return web.Response(text=text, content_type="application/json")
+
+
+async def status_events(request: web.Request) -> web.StreamResponse:
+    """Server-sent events: a `snapshot` event now and at every change (LISTEN-fed),
+    until the client leaves or the instance shuts down."""
+    feed = request.app[GATEWAY].status
+    response = web.StreamResponse(headers={
+        "Content-Type": "text/event-stream", "Cache-Control": "no-store",
+        "X-Accel-Buffering": "no",
+    })  # fmt: skip
+    await response.prepare(request)
+    queue = feed.subscribe()
+    try:
+        await response.write(b"retry: 2000\n\n")  # the browser reconnects after 2 s
+        text: str | None = await feed.snapshot()
+        while text is not None:
+            await response.write(f"event: snapshot\ndata: {text}\n\n".encode())
+            while True:
+                try:
+                    async with asyncio.timeout(_KEEPALIVE_S):
+                        text = await queue.get()
+                    break
+                except TimeoutError:
+                    await response.write(b": keep-alive\n\n")
+    except ConnectionResetError:
+        pass  # the page went away
+    finally:
+        feed.unsubscribe(queue)
+    return response
+
+
 @functools.cache
 def _openapi_document() -> bytes:
     return OPENAPI_PATH.read_bytes()
@@ -417,4 +516,8 @@ def build_operator_app(
     app.router.add_get("/signals/{signal_id}", signal_by_id)
     app.router.add_get("/metrics", prometheus_metrics)
     app.router.add_get("/openapi.yaml", openapi)
+    app.router.add_get("/", status_page)
+    app.router.add_get("/status", status_page)
+    app.router.add_get("/status/snapshot", status_snapshot)
+    app.router.add_get("/status/events", status_events)
     return app

@@ -83,6 +83,51 @@ select status, count(*)::int from gateway.signals
  where status in ('pending', 'executing', 'in_doubt', 'awaiting_approval')
  group by status;
 
+-- name: status_snapshot
+-- The status page (service/status.py): everything it shows, as one JSON object
+-- (election, history hours, signals limit, alerts limit, stale-after seconds).
+select json_build_object(
+  'now', clock_timestamp(),
+  'election', (select row_to_json(l) from (
+      select election, epoch, leader, host, lock_held, acquired_at, heartbeat_at,
+             extract(epoch from heartbeat_age)::float8 as heartbeat_age_s
+        from pgleader.leader where election = %(election)s) l),
+  'instances', coalesce((select json_agg(i order by i.instance_id) from (
+      select instance_id, host, pid, version, started_at, last_heartbeat, is_leader,
+             extract(epoch from clock_timestamp() - last_heartbeat)::float8 as heartbeat_age_s,
+             clock_timestamp() - last_heartbeat > make_interval(secs => %(stale_after)s) as stale
+        from pgleader.instances where election = %(election)s) i), '[]'::json),
+  'timeline', coalesce((select json_agg(h order by h.epoch) from (
+      select epoch, instance_id as leader, acquired_at, released_at, release_reason
+        from pgleader.leadership_history
+       where election = %(election)s
+         and coalesce(released_at, 'infinity') > clock_timestamp() - make_interval(hours => %(hours)s)) h),
+      '[]'::json),
+  'signals', coalesce((select json_agg(x order by x.id desc) from (
+      select s.id, s.received_at, s.type, s.instrument, s.position, s.side, s.lots, s.status,
+             s.received_by, s.detail,
+             coalesce((select json_agg(json_build_object(
+                          'client_order_id', o.client_order_id, 'outcome', o.outcome,
+                          'symbol', o.symbol, 'target_position', o.target_position) order by o.id)
+                         from gateway.orders o where o.signal_id = s.id), '[]'::json) as orders
+        from gateway.signals s order by s.id desc limit %(signals)s) x), '[]'::json),
+  'positions', coalesce((select json_agg(p order by p.instrument, p.side) from (
+      select instrument, side, sum(lots)::int as lots, count(*)::int as entries,
+             min(entry_at) as since, min(contract) as contract
+        from gateway.positions where status = 'open' group by instrument, side) p), '[]'::json),
+  'alerts', coalesce((select json_agg(a order by a.id desc) from (
+      select id, kind, signal_id, instance_id, left(detail, 300) as detail, created_at
+        from gateway.alerts order by id desc limit %(alerts)s) a), '[]'::json),
+  'kill_switch', (select row_to_json(k) from (
+      select mode, reason, changed_by, changed_at from gateway.trading_halt) k),
+  'reconciliation', (select row_to_json(r) from (
+      select id, trigger, outcome, detail, finished_at, instance_id from gateway.reconciliations
+       where finished_at is not null order by id desc limit 1) r),
+  'jobs', coalesce((select json_agg(j order by j.job) from (
+      select job, outcome, finished_at, next_due_at, running, failures, left(result, 200) as result
+        from pgleader.job_status where election = %(election)s) j), '[]'::json)
+);
+
 -- name: pending_signals
 -- The sweep: pending signals, oldest first (a NOTIFY may have been missed).
 select id from gateway.signals where status = 'pending' order by received_at limit %s;
@@ -329,3 +374,52 @@ select s.sink, s.enabled,
   left join gateway.alert_deliveries d on d.sink = s.sink
  group by s.sink, s.enabled
  order by s.sink;
+
+
+-- The CLI verbs for people (service/cli.py) --------------------------------------
+
+-- name: signal_list
+-- `pgleader signals`: the latest signals, newest first, each with its orders;
+-- filtered by status and by the since bound (since_at a time, since_s seconds back
+-- by this clock); a null filter filters nothing.
+select s.id, s.received_at, s.type, s.instrument, s.position, s.side, s.lots, s.price::float8,
+       s.status, s.received_by, s.claimed_epoch as epoch, s.finished_at, s.detail,
+       coalesce((select json_agg(json_build_object(
+                    'client_order_id', o.client_order_id, 'outcome', o.outcome,
+                    'symbol', o.symbol, 'side', o.side, 'lots', o.lots,
+                    'start_position', o.start_position, 'target_position', o.target_position,
+                    'created_at', o.created_at) order by o.id)
+                   from gateway.orders o where o.signal_id = s.id), '[]'::json) as orders
+  from gateway.signals s
+ where (%(status)s::text is null or s.status = %(status)s)
+   and (%(since_at)s::timestamptz is null or s.received_at >= %(since_at)s)
+   and (%(since_s)s::float8 is null
+        or s.received_at >= clock_timestamp() - make_interval(secs => %(since_s)s))
+ order by s.id desc
+ limit %(limit)s;
+
+-- name: open_position_list
+-- `pgleader positions`: what the ledger holds, per instrument and side: lots, the
+-- entries (TradingView's positions) and their average entry price, since when, and
+-- the contract(s) they are in.
+select instrument, side, sum(lots)::int as lots, count(*)::int as entries,
+       (sum(entry_price * lots) filter (where entry_price is not null)
+        / nullif(sum(lots) filter (where entry_price is not null), 0))::float8
+           as avg_entry_price,
+       min(entry_at) as since, string_agg(distinct contract, ', ') as contract,
+       string_agg(position, ', ' order by entry_at, id) as positions
+  from gateway.positions
+ where status = 'open'
+ group by instrument, side
+ order by instrument, side;
+
+-- name: alert_list
+-- `pgleader alerts`: the latest alerts, newest first, within the since bound (as
+-- signal_list's).
+select id, created_at, kind, signal_id, instance_id, detail
+  from gateway.alerts
+ where (%(since_at)s::timestamptz is null or created_at >= %(since_at)s)
+   and (%(since_s)s::float8 is null
+        or created_at >= clock_timestamp() - make_interval(secs => %(since_s)s))
+ order by id desc
+ limit %(limit)s;

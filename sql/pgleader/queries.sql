@@ -93,6 +93,39 @@ select requested_at is null and running_epoch is null and finished_at >= %s as d
   from pgleader.jobs where election = %s and name = %s;
 
 
+-- name: leadership_timeline
+-- `pgleader history`: an election's terms, oldest first: the latest %(limit)s of
+-- those still on at the since bound (since_at a time, since_s seconds back by this
+-- clock; both null: every term). reason 'leading' for the term whose leader holds
+-- the lock now; null for one that ended without a word yet (its successor closes it).
+select h.epoch, h.instance_id as leader, h.host, h.acquired_at as "from", h.released_at as "to",
+       extract(epoch from coalesce(h.duration, clock_timestamp() - h.acquired_at))::float8
+           as duration_s,
+       coalesce(h.release_reason,
+                case when l.lock_held and l.epoch = h.epoch then 'leading' end) as reason
+  from (select * from pgleader.leadership_history x
+         where x.election = %(election)s
+           and (%(since_at)s::timestamptz is null
+                or coalesce(x.released_at, 'infinity') >= %(since_at)s)
+           and (%(since_s)s::float8 is null
+                or coalesce(x.released_at, 'infinity')
+                   >= clock_timestamp() - make_interval(secs => %(since_s)s))
+         order by x.epoch desc limit %(limit)s) h
+  left join pgleader.leader l on l.election = h.election
+ order by h.epoch;
+
+-- name: instance_list
+-- `pgleader instances`: an election's registry; stale when its last heartbeat is
+-- older than stale_after seconds; leader only while it holds the lock.
+select i.instance_id, i.host, i.pid, i.version, coalesce(l.leader = i.instance_id, false) as leader,
+       extract(epoch from clock_timestamp() - i.last_heartbeat)::float8 as heartbeat_age_s,
+       clock_timestamp() - i.last_heartbeat > make_interval(secs => %(stale_after)s) as stale,
+       i.started_at, i.last_heartbeat
+  from pgleader.instances i
+  left join pgleader.leader l on l.election = i.election
+ where i.election = %(election)s
+ order by i.instance_id;
+
 -- The job runner (pgleader/jobs.py) ----------------------------------------------
 
 -- name: register_job

@@ -270,6 +270,10 @@ OPERATOR_ROUTES = [
     ("GET", "/coordinator/leader"),
     ("POST", "/coordinator/resign"),
     ("GET", "/openapi.yaml"),
+    ("GET", "/"),
+    ("GET", "/status"),
+    ("GET", "/status/snapshot"),
+    ("GET", "/status/events"),
 ]
 
 
@@ -300,6 +304,25 @@ def test_the_read_token_works_as_bearer_or_cookie_and_the_admin_token_reads_too(
         )
         assert status == 200, (header, body)
         assert json.loads(body)["instance_id"] == "surface1"
+
+
+def test_a_browser_signs_in_to_the_status_page_once_with_the_token_in_a_cookie(node):
+    status, _, _ = exchange(node.operator_port, request("GET", "/status?token=nope"))
+    assert status == 401
+    status, headers, _ = exchange(node.operator_port, request("GET", f"/?token={OPERATOR_TOKEN}"))
+    assert (status, headers["location"]) == (303, "/status")
+    cookie = headers["set-cookie"]
+    assert cookie.startswith(f"pgleader_operator_token={OPERATOR_TOKEN};")
+    assert "httponly" in cookie.lower() and "samesite=strict" in cookie.lower()
+    # The page itself is read-only and loads nothing from elsewhere.
+    status, headers, body = exchange(
+        node.operator_port, request("GET", "/status", b"", f"Cookie: {cookie.split(';')[0]}")
+    )
+    assert status == 200 and headers["content-type"].startswith("text/html")
+    policy = headers["content-security-policy"]
+    assert "default-src 'none'" in policy and "connect-src 'self'" in policy
+    assert b"http://" not in body and b"https://" not in body  # no external font or script
+    assert b"<form" not in body and b"fetch(" not in body  # nothing it could change
 
 
 def test_resign_still_needs_the_admin_token_beside_the_read_token(node):

@@ -191,7 +191,11 @@ FUZZ = settings(
 )
 
 
-@pytest.mark.parametrize(("method", "path"), OPERATIONS)
+# An event stream never ends: its first event is checked below instead of fuzzed.
+STREAMS = {("get", "/status/events")}
+
+
+@pytest.mark.parametrize(("method", "path"), [op for op in OPERATIONS if op not in STREAMS])
 def test_live_answers_conform_to_the_document(api_schema, node, method, path):
     operation = api_schema[path][method.upper()]
     modes = [GenerationMode.POSITIVE]
@@ -205,6 +209,23 @@ def test_live_answers_conform_to_the_document(api_schema, node, method, path):
             case.call_and_validate(base_url=base_url(node, path), checks=CHECKS, timeout=10)
 
         conforms()
+
+
+def test_the_status_stream_starts_with_a_snapshot_as_documented(node):
+    assert set(OPERATIONS) >= STREAMS
+    conn = http.client.HTTPConnection("127.0.0.1", node.operator_port, timeout=10)
+    try:
+        conn.request("GET", "/status/events")
+        resp = conn.getresponse()
+        assert resp.status == 200
+        assert resp.getheader("Content-Type") == "text/event-stream"
+        lines = [resp.readline() for _ in range(4)]
+    finally:
+        conn.close()
+    assert lines[:3] == [b"retry: 2000\n", b"\n", b"event: snapshot\n"]
+    snapshot = json.loads(lines[3].removeprefix(b"data: "))
+    assert snapshot["served_by"] == "api1" and snapshot["election"]["leader"] == "api1"
+    assert [s["id"] for s in snapshot["signals"]] == [1]
 
 
 @pytest.mark.parametrize(

@@ -32,6 +32,7 @@ from pgleader.config import (
     Networks,
     Number,
     Setting,
+    Since,
     Switch,
     Text,
 )
@@ -127,13 +128,17 @@ def bad_values(kind: Setting) -> list[str]:
         return ["", ",", "300.1.2.3", "10.0.0.0/33", "not-an-ip"]
     if isinstance(kind, Instant):
         return ["", "yesterday", "2026-12-24T10:00", "2026-13-01T10:00Z"]
+    if isinstance(kind, Since):
+        return ["", " ", "yesterday", "0s", "-5m", "2h30", "1.5h", "10w", "1e3s", "3651d",
+                "99999999999d", "2026-13-01T10:00Z"]  # fmt: skip
     raise AssertionError(f"no bad values known for {kind!r}: add them here")
 
 
 def representative(kind: Setting) -> str:
     """The one bad value the subprocess run tries."""
     preferred = {Number: "nan", Text: "", Choice: "garbage", Switch: "maybe", Names: ",",
-                 Networks: "300.1.2.3", Dsn: "garbage", Instant: "yesterday"}  # fmt: skip
+                 Networks: "300.1.2.3", Dsn: "garbage", Instant: "yesterday",
+                 Since: "2h30"}  # fmt: skip
     value = preferred[type(kind)]
     return value if value in bad_values(kind) else bad_values(kind)[0]
 
