@@ -72,7 +72,7 @@ bench: $(BENCH_STAMP)
 	$(BIN)/python -m bench.adapter_overhead
 
 # Long randomized fault campaigns (the short fixed-seed one is part of `make test`).
-# Knobs: ROUNDS, SEED, DURATION (s per round), FAULTS (per round: 14 kinds, each at least
+# Knobs: ROUNDS, SEED, DURATION (s per round), FAULTS (per round: 15 kinds, each at least
 # once when FAULTS allows). Each round trades on the fake OpenAlgo, a process of its own.
 chaos: $(STAMP)
 	ROUNDS=$(ROUNDS) SEED=$(SEED) DURATION=$(DURATION) FAULTS=$(FAULTS) $(BIN)/python -m tests.chaos
