@@ -18,6 +18,7 @@ from pgleader.errors import (
     NotLeader,
     PgLeaderError,
     SchemaMissing,
+    TransferRefused,
 )
 from pgleader.fencing import check_epoch, fenced_statement
 from pgleader.migrations import migrate
@@ -33,6 +34,7 @@ __all__ = [
     "PgLeaderError",
     "SchemaMissing",
     "Timings",
+    "TransferRefused",
     "Transition",
     "__version__",
     "check_epoch",

@@ -1,5 +1,5 @@
-"""The `pgleader` command: migrate, status, history, instances, watch, elect, jobs, demo
-(+ verbs plugged in by packages).
+"""The `pgleader` command: migrate, status, history, instances, watch, elect, jobs,
+transfer, demo (+ verbs plugged in by packages).
 
 Every verb takes --dsn (else PGLEADER_DSN, else DATABASE_URL). Errors end in one
 line on stderr and a non-zero exit, never a traceback: 1 when the database failed
@@ -301,6 +301,48 @@ async def _run_job(args: argparse.Namespace) -> int:
     return 0 if outcome == "succeeded" else 1
 
 
+async def _transfer(args: argparse.Namespace) -> int:
+    """`pgleader transfer --to ID`: a switchover through the database alone. The
+    election row names the target; the leader sees it on its next heartbeat, lets
+    its in-flight work end and resigns; for the bound only the target may take the
+    lock. Prints the new leader when the target is elected; exit 1 when refused
+    (the reason in one line) or when the target did not lead within --timeout."""
+    from pgleader.queries import QUERIES
+
+    election, dsn = _election(args), require_dsn(args)  # a bad variable first: it names it
+    if not args.to:
+        raise ConfigError("name the instance to hand the lead to: --to ID")
+    bound = args.bound if args.bound is not None else 2 * Timings().evict_after
+    live_within = Timings().evict_after
+    started = time.monotonic()
+    async with await connect(dsn, autocommit=True) as conn:
+        try:
+            cur = await conn.execute(
+                QUERIES["request_transfer"], [election, args.to, None, live_within, bound]
+            )
+        except psycopg.errors.UndefinedFunction:
+            raise ConfigError("pgleader schema missing: run `pgleader migrate` first") from None
+        row = await cur.fetchone()
+        if row is not None and row[0] is not None:
+            print(f"pgleader transfer: refused: {row[0]}", file=sys.stderr)
+            return 1
+        deadline = started + args.timeout
+        while True:
+            cur = await conn.execute(QUERIES["election_state"], [election])
+            state = await cur.fetchone()
+            if state is not None and state[0] == args.to:
+                break
+            if time.monotonic() >= deadline:
+                leader = state[0] if state is not None else None
+                print(f"pgleader transfer: {args.to} did not lead within {args.timeout:g} s"
+                      f" (the leader now: {leader or 'none'})", file=sys.stderr)  # fmt: skip
+                return 1
+            await asyncio.sleep(0.02)
+    print(json.dumps({"election": election, "leader": args.to, "epoch": state[1],
+                      "seconds": round(time.monotonic() - started, 3)}))  # fmt: skip
+    return 0
+
+
 async def _watch(args: argparse.Namespace) -> int:
     from pgleader.events import EVENTS_CHANNEL, Reconnected, listen
 
@@ -440,6 +482,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="JSON lines even on a terminal")
     p.add_argument("--timeout", type=Number(float, 1, 3600, "s"), default=60.0,
                    help="with run: seconds to wait for the run's outcome (default 60)")  # fmt: skip
+    p = verb("transfer", _transfer, "hand the lead to a named instance (a switchover): the"
+             " leader ends its in-flight work and resigns; only that instance may take over for"
+             " a bounded time, then any may")  # fmt: skip
+    p.add_argument("--to", type=Text(200), default=None, metavar="ID",
+                   help="the instance to lead next: alive, eligible (see `pgleader instances`)")  # fmt: skip
+    _add_election(p)
+    p.add_argument("--bound", type=Number(float, 0.5, 3600, "s"), default=None,
+                   help="seconds only the target may take the lock; then any instance may"
+                   f" (default {2 * Timings().evict_after:g}: twice the default evict-after)")  # fmt: skip
+    p.add_argument("--timeout", type=Number(float, 0.1, 3600, "s"), default=30.0,
+                   help="seconds to wait for the target's election (default 30)")  # fmt: skip
     p = verb("demo", _demo, "three electors, kill the leader, print the measured takeover")
     p.add_argument("--rounds", type=Number(int, 1, 1000), default=3)
     for ep in entry_points(group="pgleader.commands"):

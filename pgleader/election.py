@@ -6,6 +6,13 @@ lock lives and dies with its session. The cycle is
     connect -> join -> follow (wait on the lock; evict a hung leader)
             -> lead (bump the epoch; heartbeat) -> drop the connection -> again
 
+An elector that may not lead (`eligible=False`) joins and beats as a follower but
+never waits on the lock. The lock holder's epoch bump may find the lock is not
+its to take: a switchover names another instance (`transfer`), or a live eligible
+instance of higher `priority` is there; it then lets the lock go, holds back
+briefly, and follows again (holding back for a priority once per vacancy, so a
+preferred instance that does not come never keeps the election leaderless).
+
 Leadership ends by dropping the connection, so a lock can never stack on a
 session that already holds it, and a session in an unknown state is never
 reused. `is_leader` is derived from a lease on the monotonic clock, so a paused
@@ -22,7 +29,7 @@ import inspect
 import os
 import socket
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -38,6 +45,7 @@ from pgleader.errors import (
     NotLeader,
     PgLeaderError,
     SchemaMissing,
+    TransferRefused,
     backoff,
     first_line,
 )
@@ -58,6 +66,7 @@ _TAKE = QUERIES["take_leadership"]
 _TERMINATE_BLOCKERS = QUERIES["terminate_blockers"]
 _HEARTBEAT = QUERIES["heartbeat"]
 _RESIGN = QUERIES["resign"]
+_REQUEST_TRANSFER = QUERIES["request_transfer"]
 # Heartbeat round trips, s: a healthy one is about a millisecond; one near the lease is trouble.
 _HEARTBEAT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 # How often an elector whose database lost pgleader's schema looks again.
@@ -97,6 +106,9 @@ class Elector:
         log_levels: LogLevels | None = None,
         connect_timeout: float = 5.0,
         resign_cooldown: float | None = None,
+        eligible: bool = True,
+        priority: int = 0,
+        before_transfer: Callable[[], Awaitable[Any]] | None = None,
     ) -> None:
         if not election or len(election) > 200:
             raise ValueError("election name must be 1..200 characters")
@@ -111,6 +123,15 @@ class Elector:
         self.resign_cooldown = (
             self.timings.heartbeat if resign_cooldown is None else resign_cooldown
         )
+        # eligible=False: joins and beats as a follower, never campaigns (--no-lead).
+        self.eligible = eligible
+        # Higher wins a failover: a lower one holds back this long, once per vacancy,
+        # while a live eligible instance of a higher priority is there to take the lock.
+        self.priority = priority
+        self.hold_back = 2 * self.timings.heartbeat
+        # Awaited (at most a lease) before a switchover's resign: the in-flight work ends.
+        self._before_transfer = before_transfer
+        self._handover: asyncio.Future[None] | None = None
         self._conninfo = lock_session_conninfo(
             dsn, self.timings, f"pgleader:{election}:{self.instance_id}"
         )
@@ -129,7 +150,7 @@ class Elector:
         self._leader_changed = asyncio.Condition()
         self.stats = {
             "heartbeats_ok": 0, "heartbeats_failed": 0, "elected": 0, "demoted": 0,
-            "resigned": 0, "evictions": 0,
+            "resigned": 0, "evictions": 0, "yielded": 0,
         }  # fmt: skip
         self.last_heartbeat_latency: float | None = None
         self.last_heartbeat_ok: float | None = None  # time.monotonic() of the last good beat
@@ -241,6 +262,8 @@ class Elector:
             with contextlib.suppress(TimeoutError):
                 await self.resign(reason, timeout=self.timings.lease)
         self._stopping = True
+        if self._handover is not None:
+            self._handover.cancel()
         self._task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
@@ -260,6 +283,51 @@ class Elector:
         await asyncio.wait_for(self._resigned.wait(), timeout)
         return True
 
+    async def transfer(
+        self, to: str, *, timeout: float | None = None, bound: float | None = None
+    ) -> None:
+        """Hand leadership to instance `to` (a switchover): name it in the election
+        row, fenced by this leader's epoch, so that for `bound` seconds (default 2 x
+        evict_after) only `to` may take the lock, then anyone may; let the in-flight
+        work end (`before_transfer`, at most a lease); resign.
+
+        Raises NotLeader when this instance does not lead, TransferRefused (saying
+        why, in one line) when `to` is unknown, not alive, may not lead or is this
+        instance, TimeoutError when the resign took longer than `timeout`.
+        """
+        epoch = self.require_epoch()
+        if to == self.instance_id:
+            raise TransferRefused(f"instance {to!r} already leads")
+        bound = 2 * self.timings.evict_after if bound is None else bound
+        params = [self.election, to, epoch, self.timings.evict_after, bound]
+        async with await connect(
+            self._conninfo, timeout=self.connect_timeout, autocommit=True
+        ) as side:
+            cur = await side.execute(_REQUEST_TRANSFER, params)
+            row = await cur.fetchone()
+        if row is not None and row[0] is not None:
+            raise TransferRefused(str(row[0]))
+        self._log.info("leadership transfer requested", to=to, epoch=epoch, bound_s=bound)
+        await asyncio.wait_for(asyncio.shield(self._hand_over_soon(to)), timeout)
+
+    def _hand_over_soon(self, to: str) -> asyncio.Future[None]:
+        """The hand-over to `to` under way, started if none is: one per switchover,
+        whether asked here (transfer) or seen on a heartbeat (`pgleader transfer`)."""
+        if self._handover is None or self._handover.done():
+            self._handover = asyncio.ensure_future(self._hand_over(to))
+            self._handover.add_done_callback(lambda f: f.cancelled() or f.exception())
+        return self._handover
+
+    async def _hand_over(self, to: str) -> None:
+        """Let the in-flight work end (the heartbeats go on meanwhile), then resign."""
+        if self._before_transfer is not None:
+            try:
+                async with asyncio.timeout(self.timings.lease):
+                    await self._before_transfer()
+            except Exception as exc:  # user code: never trusted; the transfer goes on
+                self._log.warning("work before the transfer did not end", error=first_line(exc))
+        await self.resign(f"transfer to {to}", timeout=self.timings.lease)
+
     # -- the cycle ------------------------------------------------------------
 
     async def _run(self) -> None:
@@ -272,8 +340,9 @@ class Elector:
                 failures = 0
                 await self._join(conn)
                 self._failure = None  # the schema is (back) in place
-                await self._follow(conn)
-                pause = await self._lead(conn)
+                if not self.eligible:
+                    await self._stand_by(conn)  # returns only by an error or a stop
+                pause = await self._lead(conn, *await self._campaign(conn))
             except Exception as exc:  # whatever went wrong, step down and rejoin: never die
                 if self._epoch is not None:
                     self._demote(first_line(exc))
@@ -300,42 +369,75 @@ class Elector:
 
     async def _join(self, conn: AsyncConnection[Any]) -> None:
         cur = await conn.execute(
-            _JOIN, [self.election, self.instance_id, self.host, os.getpid(), __version__]
-        )
+            _JOIN,
+            [self.election, self.instance_id, self.host, os.getpid(), __version__,
+             self.eligible, self.priority],
+        )  # fmt: skip
         row = await cur.fetchone()
         assert row is not None
         self._lock_id = int(row[0])
         # Wait on the lock in slices of one heartbeat, so a follower also polls for a hung leader.
         await conn.execute(_SET_LOCK_TIMEOUT, [f"{int(self.timings.heartbeat * 1000)}ms"])
 
-    async def _follow(self, conn: AsyncConnection[Any]) -> None:
+    async def _campaign(self, conn: AsyncConnection[Any]) -> tuple[int, Any, float]:
+        """Follow until this session holds the lock and has bumped the epoch; returns
+        the epoch, the previous leader and when the bump was sent. When the lock is
+        not this instance's to take, the bump released it: hold back, follow again."""
+        hold_back = True
+        while True:
+            if await self._follow(conn):
+                hold_back = True  # someone led meanwhile: a new vacancy
+            await conn.execute(_CLEAR_LOCK_TIMEOUT)
+            sent = time.monotonic()
+            cur = await self._take(conn, hold_back)
+            row = await cur.fetchone()
+            assert row is not None
+            if row[0] is not None:
+                return int(row[0]), row[1], sent
+            self.stats["yielded"] += 1
+            self._log.info(
+                "lock left to a preferred instance", to=row[2], hold_back_s=self.hold_back
+            )
+            hold_back = False  # once per vacancy: next time, take it
+            await conn.execute(_SET_LOCK_TIMEOUT, [f"{int(self.timings.heartbeat * 1000)}ms"])
+            await asyncio.sleep(self.hold_back)
+
+    async def _follow(self, conn: AsyncConnection[Any]) -> bool:
+        """Wait until this session holds the lock; True when another held it meanwhile."""
+        waited = False
         while True:
             try:
                 await conn.execute(_LOCK, [self._lock_id])
-                return
+                return waited
             except psycopg.errors.LockNotAvailable:
-                sent = time.monotonic()
-                try:
-                    cur = await conn.execute(
-                        _FOLLOWER_BEAT, [self.election, self.instance_id, self.timings.evict_after]
-                    )
-                    row = await cur.fetchone()
-                except psycopg.Error:
-                    self.stats["heartbeats_failed"] += 1
-                    raise
-                self._beat_ok(sent)
-                if row is not None and row[0] is not None:
-                    self.stats["evictions"] += 1
-                    self._log.warning("evicted a hung leader", backend_pid=row[0])
+                waited = True
+                await self._follower_beat(conn)
 
-    async def _lead(self, conn: AsyncConnection[Any]) -> float:
-        """Lead until demoted (raises _Demoted) or resigned; returns the pause before rejoining."""
-        await conn.execute(_CLEAR_LOCK_TIMEOUT)
+    async def _stand_by(self, conn: AsyncConnection[Any]) -> None:
+        """An instance that may not lead: a follower's beat every heartbeat, for ever."""
+        while True:
+            await self._follower_beat(conn)
+            await asyncio.sleep(self.timings.heartbeat)
+
+    async def _follower_beat(self, conn: AsyncConnection[Any]) -> None:
         sent = time.monotonic()
-        cur = await self._take(conn)
-        row = await cur.fetchone()
-        assert row is not None
-        epoch, previous = int(row[0]), row[1]
+        try:
+            cur = await conn.execute(
+                _FOLLOWER_BEAT, [self.election, self.instance_id, self.timings.evict_after]
+            )
+            row = await cur.fetchone()
+        except psycopg.Error:
+            self.stats["heartbeats_failed"] += 1
+            raise
+        self._beat_ok(sent)
+        if row is not None and row[0] is not None:
+            self.stats["evictions"] += 1
+            self._log.warning("evicted a hung leader", backend_pid=row[0])
+
+    async def _lead(
+        self, conn: AsyncConnection[Any], epoch: int, previous: Any, sent: float
+    ) -> float:
+        """Lead until demoted (raises _Demoted) or resigned; returns the pause before rejoining."""
         if time.monotonic() - sent > self.timings.heartbeat:
             # The bump waited (for blockers): prove the lock again, so the lease
             # starts now instead of having run out before we ever acted.
@@ -359,14 +461,14 @@ class Elector:
             self._demote("stopped")
             raise
 
-    async def _take(self, conn: AsyncConnection[Any]) -> psycopg.AsyncCursor[Any]:
-        """Run take_leadership. The epoch bump waits for fenced transactions holding the
-        election row FOR SHARE; one still open after a lease belongs to a hung process
-        of an older epoch (a paused leader mid-claim) and would stall the failover, so
-        it is terminated: it could never commit under its old epoch anyway."""
-        take = asyncio.ensure_future(
-            conn.execute(_TAKE, [self.election, self.instance_id, self.host])
-        )
+    async def _take(self, conn: AsyncConnection[Any], hold_back: bool) -> psycopg.AsyncCursor[Any]:
+        """Run take_leadership (holding back for a higher priority when `hold_back`).
+        The epoch bump waits for fenced transactions holding the election row FOR
+        SHARE; one still open after a lease belongs to a hung process of an older
+        epoch (a paused leader mid-claim) and would stall the failover, so it is
+        terminated: it could never commit under its old epoch anyway."""
+        params = [self.election, self.instance_id, self.host, hold_back, self.timings.evict_after]
+        take = asyncio.ensure_future(conn.execute(_TAKE, params))
         try:
             done, _ = await asyncio.wait({take}, timeout=self.timings.lease)
             while not done:
@@ -451,6 +553,8 @@ class Elector:
             raise _Demoted("lock not held by this session or epoch superseded")
         self._beat_ok(sent)
         self._lease_deadline = sent + self.timings.lease
+        if row[1] is not None:  # a switchover names another instance (`pgleader transfer`)
+            self._hand_over_soon(str(row[1]))
 
     def _beat_ok(self, sent: float) -> None:
         now = time.monotonic()

@@ -13,6 +13,7 @@ __all__ = [
     "PgLeaderError",
     "QueryError",
     "SchemaMissing",
+    "TransferRefused",
     "backoff",
     "first_line",
 ]
@@ -44,6 +45,11 @@ class QueryError(PgLeaderError):
 
 class NotLeader(PgLeaderError):
     """This elector does not lead (by its own lease) and must not act."""
+
+
+class TransferRefused(PgLeaderError):
+    """A switchover was refused: its message says why (the target is unknown, not
+    alive, may not lead, already leads; or nobody leads)."""
 
 
 class Fenced(NotLeader):

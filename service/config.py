@@ -105,6 +105,8 @@ class ServiceConfig:
     batch_interval: float = 0.005
     startup_timeout: float = 60.0
     migrate: bool = True
+    lead: bool = True  # false (--no-lead): accept and store signals, never campaign
+    priority: int = 0  # higher wins a failover (lower ones hold back briefly)
     sinks: SinkSettings = field(default_factory=SinkSettings)
     alert_group_interval: float = 10.0
     alert_timeout: float = 10.0
@@ -189,6 +191,7 @@ _OPTIONS: list[tuple[str, Setting, object, str]] = [
     ("rollover-interval", Number(float, 1, 3600, "s"), 60.0, "seconds between the leader's checks for futures to roll (instruments with a contract rule)"),
     ("statistics-interval", Number(float, 1, 86400, "s"), 300.0, "seconds between refreshes of the leader's statistics (GET /statistics, pgleader stats)"),
     ("election", Text(200), "gateway", "election name"),
+    ("priority", Number(int, 0, 1000), 0, "leadership priority: after a leader disappears, followers of a lower priority hold back briefly (2 x heartbeat) while an eligible instance of a higher one is alive, so that it wins"),
     ("log-format", Choice("json", "console"), None, "json or console (default: console on a terminal, else json)"),
     ("data-dir", Text(), "var", "the outage spool, and the embedded PostgreSQL (no DSN given) in DATA_DIR/pg; as root, when the postgres user cannot reach that, in /var/lib/pgleader/embedded/<hash of DATA_DIR>"),
     ("embedded-port", Number(int, 1024, 65535), 54329, "port of the embedded PostgreSQL (no DSN given)"),
@@ -235,6 +238,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--no-migrate",
         action="store_true",
         help="do not apply missing migrations at start [env PGLEADER_MIGRATE=false]",
+    )
+    parser.add_argument(
+        "--no-lead",
+        action="store_true",
+        help="never lead: accept and store signals, never campaign (e.g. an instance behind"
+        " an address the broker does not know) [env PGLEADER_LEAD=false]",
     )
 
 
@@ -312,6 +321,7 @@ def from_args(args: argparse.Namespace, dsn: str | None, timings: Timings) -> Se
         raise ConfigError(f"the operator port must differ from the public port ({port})")
     log_format = v["log-format"] or ("console" if os.isatty(2) else "json")
     migrate = False if args.no_migrate else env_setting("PGLEADER_MIGRATE", Switch(), True)
+    lead = False if args.no_lead else env_setting("PGLEADER_LEAD", Switch(), True)
     instruments: frozenset[str] | None = v["instruments"]  # type: ignore[assignment]
     broker = str(v["broker"])
     instruments_file = Path(str(v["instruments-file"])) if v["instruments-file"] else None
@@ -378,6 +388,8 @@ def from_args(args: argparse.Namespace, dsn: str | None, timings: Timings) -> Se
         startup_timeout=float(str(v["startup-timeout"])),
         batch_interval=float(str(v["batch-interval"])),
         migrate=migrate,
+        lead=lead,
+        priority=int(str(v["priority"])),
         sinks=sink_settings(args),
         alert_group_interval=float(str(v["alert-group-interval"])),
         alert_timeout=float(str(v["alert-timeout"])),

@@ -101,8 +101,10 @@ class Gateway:
             reconnect_timeout=3600 * 24 * 365,  # keep trying through an outage, never give up
         )
         self.elector = Elector(
-            dsn, config.election, instance_id=config.instance_id, timings=config.timings
-        )
+            dsn, config.election, instance_id=config.instance_id, timings=config.timings,
+            eligible=config.lead, priority=config.priority,
+            before_transfer=self._drain_for_transfer,
+        )  # fmt: skip
         self.broker = _broker(config, self.pool)
         # What the gateway's parts call: the broker, counted and timed for /metrics.
         self.metered_broker = MeteredBroker(self.broker)
@@ -504,6 +506,8 @@ class Gateway:
             "instance_id": self.config.instance_id,
             "is_leader": self.elector.is_leader,
             "epoch": self.elector.epoch,
+            "eligible": self.elector.eligible,
+            "priority": self.elector.priority,
             "metrics": {key: stats[key] for key in _LEADER_VIEW_METRICS},
         }
 
@@ -551,6 +555,21 @@ class Gateway:
         DATABASE_UNAVAILABLE when the database cannot be asked."""
         async with self.pool.connection(timeout=1.0) as conn:
             return await get_signal(conn, signal_id)
+
+    async def transfer(self, to: str) -> int:
+        """Hand leadership to instance `to`: name it (only it may take over for a while),
+        let the executions under way end (a lease at most), resign. The epoch given up.
+        Raises NotLeader when this instance does not lead, TransferRefused (the reason)
+        when `to` is unknown, not alive or may not lead, or one of DATABASE_UNAVAILABLE."""
+        epoch = self.elector.require_epoch()
+        lease = self.config.timings.lease
+        await self.elector.transfer(to, timeout=3 * lease)
+        return epoch
+
+    async def _drain_for_transfer(self) -> None:
+        """Before a switchover's resign: the executions under way end first, so the
+        successor has nothing to settle with the broker."""
+        await self.executor.drain(min(self.config.shutdown_timeout, self.config.timings.lease))
 
     async def resign(self, reason: str) -> int | None:
         """Give up leadership at once (a follower takes over); the epoch given up,

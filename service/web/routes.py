@@ -27,6 +27,7 @@ import structlog
 from aiohttp import http_exceptions, web
 from aiohttp.typedefs import Handler, Middleware
 
+from pgleader.errors import DatabaseUnavailable, NotLeader, TransferRefused
 from service.config import ServiceConfig
 from service.errors import DATABASE_UNAVAILABLE, SignalError
 from service.intake.signals import Signal, fingerprint, parse_body
@@ -76,6 +77,7 @@ class Surface(Protocol):
     def stats(self) -> dict[str, Any]: ...
     async def find_signal(self, signal_id: int) -> dict[str, Any] | None: ...
     async def resign(self, reason: str) -> int | None: ...
+    async def transfer(self, to: str) -> int: ...
     async def trading_halt(self) -> dict[str, Any]: ...
     async def set_trading_halt(self, mode: str, reason: str | None, by: str) -> dict[str, Any]: ...
     async def reconcile_now(self, trigger: str, timeout: float) -> dict[str, Any]: ...
@@ -279,6 +281,36 @@ async def resign(request: web.Request) -> web.Response:
     if epoch is None:
         return error(409, "not_leader", "this instance does not lead")
     return answer(200, status="resigned", epoch=epoch)
+
+
+async def transfer(request: web.Request) -> web.Response:
+    """Hand leadership to the instance named in {"to": ID}: this leader ends its
+    executions under way, names it, resigns; refused with the reason (409) when the
+    target is unknown, not alive or may not lead, or when this instance does not lead."""
+    if (refused := _admin_refusal(request)) is not None:
+        return refused
+    data = await _json_object(request)
+    if isinstance(data, web.Response):
+        return data
+    if unknown := set(data) - {"to"}:
+        name = sorted(unknown)[0]
+        return error(400, "invalid", f"unknown field {name}: to", field=name)
+    to = data.get("to")
+    if not isinstance(to, str) or not to or len(to) > 200 or not to.isprintable():
+        return error(400, "invalid", "to must name an instance (1 to 200 characters)",
+                     field="to")  # fmt: skip
+    gw = request.app[GATEWAY]
+    try:
+        epoch = await gw.transfer(to)
+    except NotLeader:
+        return error(409, "not_leader", "this instance does not lead")
+    except TransferRefused as exc:
+        return error(409, "refused", str(exc))
+    except (*DATABASE_UNAVAILABLE, DatabaseUnavailable):
+        return error(503, "database_unreachable", "database unreachable; retry")
+    except TimeoutError:
+        return error(503, "timeout", "the hand-over did not end in time; see the leader's logs")
+    return answer(200, status="transferred", epoch=epoch, to=to)
 
 
 async def _json_object(request: web.Request) -> dict[str, Any] | web.Response:
@@ -507,6 +539,7 @@ def build_operator_app(
     app = _app(gateway, "operator", limits, rejections, metrics, _read_token(gateway))
     app.router.add_get("/coordinator/leader", leader)
     app.router.add_post("/coordinator/resign", resign)
+    app.router.add_post("/coordinator/transfer", transfer)
     app.router.add_post("/admin/halt", halt)
     app.router.add_post("/admin/resume", resume)
     app.router.add_post("/admin/reconcile", reconcile)

@@ -93,7 +93,7 @@ select json_build_object(
              extract(epoch from heartbeat_age)::float8 as heartbeat_age_s
         from pgleader.leader where election = %(election)s) l),
   'instances', coalesce((select json_agg(i order by i.instance_id) from (
-      select instance_id, host, pid, version, started_at, last_heartbeat, is_leader,
+      select instance_id, host, pid, version, started_at, last_heartbeat, is_leader, eligible, priority,
              extract(epoch from clock_timestamp() - last_heartbeat)::float8 as heartbeat_age_s,
              clock_timestamp() - last_heartbeat > make_interval(secs => %(stale_after)s) as stale
         from pgleader.instances where election = %(election)s) i), '[]'::json),

@@ -12,7 +12,7 @@
 --
 -- Leadership is a session advisory lock pg_advisory_lock(lock_namespace(), lock_id)
 -- plus the epoch of the election row. Only the backend that holds that lock can
--- bump the epoch (take_leadership checks pg_locks), and every fenced transaction
+-- bump the epoch (claim_leadership checks pg_locks), and every fenced transaction
 -- reads the row FOR SHARE (current_epoch), so a bump and a fenced claim serialise.
 --
 -- Privileges. The instances' role (sql/roles.sql) reads these tables and writes
@@ -94,9 +94,11 @@ comment on function pgleader.check_epoch(text, bigint) is
 
 -- An instance's part in an election (pgleader/election.py) ---------------------
 
--- Join an election: create its row if needed, (re)register the instance.
-create or replace function pgleader.join_election(
-    p_election text, p_instance text, p_host text, p_pid integer, p_version text
+-- Join an election: create its row if needed, (re)register the instance with
+-- whether it may lead and its priority (instances.eligible, instances.priority).
+create or replace function pgleader.register_instance(
+    p_election text, p_instance text, p_host text, p_pid integer, p_version text,
+    p_eligible boolean, p_priority integer
 ) returns integer language plpgsql
 security definer set search_path = pg_catalog, pg_temp as $$
 declare
@@ -104,27 +106,65 @@ declare
 begin
     insert into pgleader.election (name) values (p_election) on conflict (name) do nothing;
     select lock_id into id from pgleader.election where name = p_election;
-    insert into pgleader.instances as i (election, instance_id, host, pid, backend_pid, version)
-    values (p_election, p_instance, p_host, p_pid, pg_backend_pid(), p_version)
+    insert into pgleader.instances as i
+           (election, instance_id, host, pid, backend_pid, version, eligible, priority)
+    values (p_election, p_instance, p_host, p_pid, pg_backend_pid(), p_version, p_eligible, p_priority)
     on conflict (election, instance_id) do update
        set host = excluded.host, pid = excluded.pid, backend_pid = excluded.backend_pid,
            version = excluded.version, last_heartbeat = now(), is_leader = false,
+           eligible = excluded.eligible, priority = excluded.priority,
            started_at = case when i.pid is distinct from excluded.pid then now() else i.started_at end;
     return id;
 end
 $$;
+revoke execute on function pgleader.register_instance(text, text, text, integer, text, boolean, integer) from public;
+
+-- The join of releases before switchover (a rolling upgrade): eligible, priority 0.
+create or replace function pgleader.join_election(
+    p_election text, p_instance text, p_host text, p_pid integer, p_version text
+) returns integer language plpgsql
+security definer set search_path = pg_catalog, pg_temp as $$
+begin
+    return pgleader.register_instance(p_election, p_instance, p_host, p_pid, p_version, true, 0);
+end
+$$;
 revoke execute on function pgleader.join_election(text, text, text, integer, text) from public;
+
+-- The live, eligible instance of an election of the highest priority above
+-- p_priority (p_instance aside), or null. Live: its election session is still
+-- connected and it beat within p_live_within.
+create or replace function pgleader.preferred_candidate(
+    p_election text, p_instance text, p_priority integer, p_live_within interval
+) returns text language sql stable as $$
+    select i.instance_id
+      from pgleader.instances i
+     where i.election = p_election and i.instance_id <> p_instance and i.eligible
+       and i.priority > p_priority and i.last_heartbeat > now() - p_live_within
+       and exists (select from pg_stat_activity a
+                    where a.pid = i.backend_pid and a.datname = current_database())
+     order by i.priority desc, i.instance_id
+     limit 1
+$$;
 
 -- Called by the lock holder right after pg_advisory_lock returned. Bumps the
 -- epoch, records the leader, closes whatever history row a dead predecessor
--- left open, opens ours, and broadcasts. Refuses a caller without the lock.
-create or replace function pgleader.take_leadership(
-    p_election text, p_instance text, p_host text,
-    out epoch bigint, out previous text, out acquired_at timestamptz
+-- left open, opens ours, ends a switchover, and broadcasts. Refuses a caller
+-- without the lock, or one registered as not eligible (and releases the lock).
+--
+-- The lock may not be the caller's to take: while a switchover names another
+-- instance (transfer_to, until transfer_until), or, with p_hold_back, while a
+-- live eligible instance of higher priority is there to take it. Then nothing
+-- changes but the lock, released here: epoch is null and yielded_to names the
+-- instance the lock was left to. The named instance itself never holds back.
+create or replace function pgleader.claim_leadership(
+    p_election text, p_instance text, p_host text, p_hold_back boolean, p_live_within interval,
+    out epoch bigint, out previous text, out acquired_at timestamptz, out yielded_to text
 ) language plpgsql security definer set search_path = pg_catalog, pg_temp as $$
 declare
     e pgleader.election;
+    me pgleader.instances;
     h pgleader.leadership_history;
+    named boolean;
 begin
     select * into e from pgleader.election where name = p_election for update;
     if not found then
@@ -133,6 +173,24 @@ begin
     if pgleader.lock_holder(e.lock_id) is distinct from pg_backend_pid() then
         raise exception 'pgleader: backend % does not hold the lock of election %',
             pg_backend_pid(), p_election using errcode = '55000';
+    end if;
+    select * into me from pgleader.instances i
+     where i.election = p_election and i.instance_id = p_instance;
+    if found and not me.eligible then
+        perform pg_advisory_unlock(pgleader.lock_namespace(), e.lock_id);  -- not transactional
+        raise exception 'pgleader: instance % may not lead election % (it joined as not eligible)',
+            p_instance, p_election using errcode = '55000';
+    end if;
+    named := coalesce(e.transfer_until > now() and e.transfer_to is not null, false);
+    if named and e.transfer_to <> p_instance then
+        yielded_to := e.transfer_to;
+    elsif not named and p_hold_back then
+        yielded_to := pgleader.preferred_candidate(
+            p_election, p_instance, coalesce(me.priority, 0), p_live_within);
+    end if;
+    if yielded_to is not null then
+        perform pg_advisory_unlock(pgleader.lock_namespace(), e.lock_id);
+        return;
     end if;
     previous := e.leader;
     for h in
@@ -145,7 +203,8 @@ begin
     end loop;
     update pgleader.election as el
        set epoch = el.epoch + 1, leader = p_instance, host = p_host,
-           backend_pid = pg_backend_pid(), acquired_at = now(), heartbeat_at = now()
+           backend_pid = pg_backend_pid(), acquired_at = now(), heartbeat_at = now(),
+           transfer_to = null, transfer_until = null
      where el.name = p_election
     returning el.epoch, el.acquired_at into epoch, acquired_at;
     insert into pgleader.leadership_history (election, epoch, instance_id, host, backend_pid, acquired_at)
@@ -155,30 +214,105 @@ begin
     perform pgleader.notify_event('elected', p_election, epoch, p_instance, previous);
 end
 $$;
+revoke execute on function pgleader.claim_leadership(text, text, text, boolean, interval) from public;
+
+-- The take of releases before switchover (a rolling upgrade): never holds back;
+-- epoch is null (and the lock released) while a switchover names another instance.
+create or replace function pgleader.take_leadership(
+    p_election text, p_instance text, p_host text,
+    out epoch bigint, out previous text, out acquired_at timestamptz
+) language plpgsql security definer set search_path = pg_catalog, pg_temp as $$
+begin
+    select t.epoch, t.previous, t.acquired_at into epoch, previous, acquired_at
+      from pgleader.claim_leadership(p_election, p_instance, p_host, false, null::interval) t;
+end
+$$;
 revoke execute on function pgleader.take_leadership(text, text, text) from public;
 
--- The leader's heartbeat: one statement. True only while this backend holds the
--- lock and the epoch is still the caller's; false means "stop acting now".
-create or replace function pgleader.heartbeat(p_election text, p_instance text, p_epoch bigint)
-returns boolean language plpgsql security definer set search_path = pg_catalog, pg_temp as $$
-declare
-    ok boolean;
+-- The leader's heartbeat: one statement. held is true only while this backend
+-- holds the lock and the epoch is still the caller's; false means "stop acting
+-- now". transfer_to names the instance a switchover hands the lead to, while one
+-- in force names another: the leader then finishes its work and resigns.
+create or replace function pgleader.leader_heartbeat(
+    p_election text, p_instance text, p_epoch bigint, out held boolean, out transfer_to text
+) language plpgsql security definer set search_path = pg_catalog, pg_temp as $$
 begin
     update pgleader.election as el set heartbeat_at = now()
      where el.name = p_election and el.epoch = p_epoch and el.leader = p_instance
        and el.backend_pid = pg_backend_pid()
-       and pgleader.lock_holder(el.lock_id) = pg_backend_pid();
-    ok := found;
+       and pgleader.lock_holder(el.lock_id) = pg_backend_pid()
+    returning case when el.transfer_until > now() and el.transfer_to <> p_instance
+                   then el.transfer_to end
+         into transfer_to;
+    held := found;
     update pgleader.instances as i
-       set last_heartbeat = now(), backend_pid = pg_backend_pid(), is_leader = ok
+       set last_heartbeat = now(), backend_pid = pg_backend_pid(), is_leader = held
      where i.election = p_election and i.instance_id = p_instance;
-    return ok;
+end
+$$;
+revoke execute on function pgleader.leader_heartbeat(text, text, bigint) from public;
+
+-- The heartbeat of releases before switchover (a rolling upgrade): held only.
+create or replace function pgleader.heartbeat(p_election text, p_instance text, p_epoch bigint)
+returns boolean language plpgsql security definer set search_path = pg_catalog, pg_temp as $$
+begin
+    return (select b.held from pgleader.leader_heartbeat(p_election, p_instance, p_epoch) b);
 end
 $$;
 revoke execute on function pgleader.heartbeat(text, text, bigint) from public;
 
+-- A switchover: name the instance that alone may take the lock next, for
+-- p_bound from now (then anyone may again: a target that died never leaves the
+-- election leaderless). The leader sees it on its next heartbeat and resigns. A
+-- leader asking for itself passes its epoch (fenced); an operator passes null.
+-- Returns null when done, else why not, in one line: the target is unknown, not
+-- alive (its election session gone, or no beat within p_live_within), may not
+-- lead, or already leads; nobody leads; or p_epoch is not current.
+create or replace function pgleader.request_transfer(
+    p_election text, p_to text, p_epoch bigint, p_live_within interval, p_bound interval
+) returns text language plpgsql security definer set search_path = pg_catalog, pg_temp as $$
+declare
+    e pgleader.election;
+    target pgleader.instances;
+    holder integer;
+begin
+    select * into e from pgleader.election where name = p_election for update;
+    if not found then
+        return format('no election %s', p_election);
+    end if;
+    if p_epoch is not null and e.epoch <> p_epoch then
+        return format('epoch %s is not current (%s): this instance no longer leads', p_epoch, e.epoch);
+    end if;
+    holder := pgleader.lock_holder(e.lock_id);
+    if holder is null or holder is distinct from e.backend_pid then
+        return format('nobody leads election %s: there is no leadership to hand over', p_election);
+    end if;
+    select * into target from pgleader.instances i
+     where i.election = p_election and i.instance_id = p_to;
+    if not found then
+        return format('no instance %s in election %s', p_to, p_election);
+    end if;
+    if e.leader = p_to then
+        return format('instance %s already leads', p_to);
+    end if;
+    if not target.eligible then
+        return format('instance %s may not lead (it runs with --no-lead)', p_to);
+    end if;
+    if target.last_heartbeat <= now() - p_live_within
+       or not exists (select from pg_stat_activity a
+                       where a.pid = target.backend_pid and a.datname = current_database()) then
+        return format('instance %s is not alive (last heartbeat %s s ago)', p_to,
+                      round(extract(epoch from now() - target.last_heartbeat)::numeric, 1));
+    end if;
+    update pgleader.election set transfer_to = p_to, transfer_until = now() + p_bound
+     where name = p_election;
+    return null;
+end
+$$;
+revoke execute on function pgleader.request_transfer(text, text, bigint, interval, interval) from public;
+
 -- Graceful hand-over: close our history row with a reason, release the lock,
--- broadcast. The successor's take_leadership waits for this commit (row lock).
+-- broadcast. The successor's claim_leadership waits for this commit (row lock).
 create or replace function pgleader.resign(
     p_election text, p_instance text, p_epoch bigint, p_reason text
 ) returns boolean language plpgsql security definer set search_path = pg_catalog, pg_temp as $$
@@ -273,7 +407,8 @@ $$;
 -- What an operator reads ------------------------------------------------------
 
 -- leader/host/backend_pid are shown only while that backend really holds the
--- advisory lock (pg_locks), never from the row alone.
+-- advisory lock (pg_locks), never from the row alone; transfer_to/transfer_until
+-- only while a switchover is in force.
 create or replace view pgleader.leader as
 select e.name                                                 as election,
        e.epoch,
@@ -283,7 +418,9 @@ select e.name                                                 as election,
        held.pid is not null                                   as lock_held,
        e.acquired_at,
        e.heartbeat_at,
-       clock_timestamp() - e.heartbeat_at                    as heartbeat_age
+       clock_timestamp() - e.heartbeat_at                    as heartbeat_age,
+       case when e.transfer_until > now() then e.transfer_to end as transfer_to,
+       case when e.transfer_until > now() then e.transfer_until end as transfer_until
   from pgleader.election e
   left join lateral (
         select pgleader.lock_holder(e.lock_id) as pid

@@ -9,8 +9,9 @@
 -- The elector (pgleader/election.py) -------------------------------------------
 
 -- name: join_election
--- Register this instance as a candidate; returns the election's advisory lock id.
-select pgleader.join_election(%s, %s, %s, %s, %s);
+-- Register this instance (eligible to lead or not, its priority); returns the
+-- election's advisory lock id.
+select pgleader.register_instance(%s, %s, %s, %s, %s, %s, %s);
 
 -- name: set_lock_timeout
 -- A follower waits on the lock in slices of one heartbeat (the value, e.g. '1000ms'),
@@ -33,15 +34,25 @@ select pgleader.follower_beat(%s, %s, make_interval(secs => %s));
 
 -- name: take_leadership
 -- The lock holder bumps the epoch: returns the new epoch and the previous leader.
-select epoch, previous from pgleader.take_leadership(%s, %s, %s);
+-- When the lock is not its to take (a switchover names another instance; or,
+-- holding back, a live eligible instance of higher priority beat within the given
+-- seconds), the lock is released instead: epoch null, and the instance left to.
+select epoch, previous, yielded_to
+  from pgleader.claim_leadership(%s, %s, %s, %s, make_interval(secs => %s));
 
 -- name: terminate_blockers
 -- End the sessions that keep the epoch bump (the given backend) waiting.
 select pid, pg_terminate_backend(pid) from unnest(pg_blocking_pids(%s)) pid;
 
 -- name: heartbeat
--- True while this session holds the lock and its epoch is current.
-select pgleader.heartbeat(%s, %s, %s);
+-- held: true while this session holds the lock and its epoch is current;
+-- transfer_to: the instance a switchover hands the lead to (then resign), or null.
+select held, transfer_to from pgleader.leader_heartbeat(%s, %s, %s);
+
+-- name: request_transfer
+-- Name the instance that alone may take the lock next (election, target, the
+-- asking leader's epoch or null, live within s, for s): null, or why not.
+select pgleader.request_transfer(%s, %s, %s, make_interval(secs => %s), make_interval(secs => %s));
 
 -- name: resign
 -- Close this leadership's history row with a reason and release the lock.
@@ -116,15 +127,20 @@ select h.epoch, h.instance_id as leader, h.host, h.acquired_at as "from", h.rele
 
 -- name: instance_list
 -- `pgleader instances`: an election's registry; stale when its last heartbeat is
--- older than stale_after seconds; leader only while it holds the lock.
+-- older than stale_after seconds; leader only while it holds the lock; whether it
+-- may lead and its priority.
 select i.instance_id, i.host, i.pid, i.version, coalesce(l.leader = i.instance_id, false) as leader,
        extract(epoch from clock_timestamp() - i.last_heartbeat)::float8 as heartbeat_age_s,
        clock_timestamp() - i.last_heartbeat > make_interval(secs => %(stale_after)s) as stale,
-       i.started_at, i.last_heartbeat
+       i.started_at, i.last_heartbeat, i.eligible, i.priority
   from pgleader.instances i
   left join pgleader.leader l on l.election = i.election
  where i.election = %(election)s
  order by i.instance_id;
+
+-- name: election_state
+-- `pgleader transfer`: who leads an election now, and the switchover in force.
+select leader, epoch, transfer_to from pgleader.leader where election = %s;
 
 -- The job runner (pgleader/jobs.py) ----------------------------------------------
 

@@ -769,6 +769,11 @@ SECURITY_DEFINER = {
     "pgleader.join_election(text,text,text,integer,text)",
     "pgleader.take_leadership(text,text,text)",
     "pgleader.heartbeat(text,text,bigint)",
+    # switchover and eligibility (sql/pgleader/migrations/003_switchover.sql)
+    "pgleader.register_instance(text,text,text,integer,text,boolean,integer)",
+    "pgleader.claim_leadership(text,text,text,boolean,interval)",
+    "pgleader.leader_heartbeat(text,text,bigint)",
+    "pgleader.request_transfer(text,text,bigint,interval,interval)",
     "pgleader.resign(text,text,bigint,text)",
     "pgleader.record_eviction(text,interval,text)",
     "pgleader.record_follower_beat(text,text)",

@@ -54,6 +54,7 @@ def test_the_gateway_plugs_its_stream_in_after_the_library():
     assert every_file() == [
         "pgleader/001_election.sql",
         "pgleader/002_jobs.sql",
+        "pgleader/003_switchover.sql",
         "pgleader/functions.sql",
         "gateway/001_gateway.sql",
         "gateway/002_targets.sql",
@@ -80,6 +81,7 @@ async def test_only_applies_the_named_stream(empty_dsn):
     assert await migrate(empty_dsn, only=["pgleader"]) == [
         "pgleader/001_election.sql",
         "pgleader/002_jobs.sql",
+        "pgleader/003_switchover.sql",
         "pgleader/functions.sql",
     ]
     assert await scalar(empty_dsn, "select to_regclass('gateway.signals')") is None
@@ -107,7 +109,12 @@ async def test_only_applies_the_named_stream(empty_dsn):
 def test_the_cli_migrates_one_stream_with_only(empty_dsn, capsys):
     assert main(["migrate", "--dsn", empty_dsn, "--only", "pgleader"]) == 0
     assert json.loads(capsys.readouterr().out) == {
-        "applied": ["pgleader/001_election.sql", "pgleader/002_jobs.sql", "pgleader/functions.sql"]
+        "applied": [
+            "pgleader/001_election.sql",
+            "pgleader/002_jobs.sql",
+            "pgleader/003_switchover.sql",
+            "pgleader/functions.sql",
+        ]
     }
     assert main(["migrate", "--dsn", empty_dsn, "--only", "nope"]) == 2
     assert "no migration stream named nope" in capsys.readouterr().err
@@ -204,11 +211,11 @@ async def test_functions_are_applied_again_after_a_versioned_file(empty_dsn, tmp
     """A versioned file may drop a view (to change its table); the functions bring it back."""
     stream = copy_of(library_stream(), tmp_path / "pgleader")
     await migrate(empty_dsn, [stream])
-    (stream.directory / "migrations" / "003_drop_the_view.sql").write_text(
+    (stream.directory / "migrations" / "900_drop_the_view.sql").write_text(
         "drop view pgleader.leader;\n"
     )
     assert await migrate(empty_dsn, [stream]) == [
-        "pgleader/003_drop_the_view.sql",
+        "pgleader/900_drop_the_view.sql",
         "pgleader/functions.sql",
     ]
     assert await scalar(empty_dsn, "select count(*) from pgleader.leader") == 0

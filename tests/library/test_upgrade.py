@@ -264,6 +264,7 @@ async def test_a_database_of_0_1_upgrades_with_nothing_lost_to_a_fresh_install(b
     assert applied == [
         "pgleader/001_election.sql",
         "pgleader/002_jobs.sql",
+        "pgleader/003_switchover.sql",
         "pgleader/functions.sql",
         "gateway/001_gateway.sql",
         "gateway/002_targets.sql",
