@@ -94,9 +94,14 @@ async def test_a_429_is_honoured_and_a_5xx_retried_until_delivered(gw, receiver)
     receiver.fail("telegram", "429:2")
     receiver.fail("slack", "429:3", "500")
     receiver.fail("webhook", "500", "503")
-    await gw.start(1, env={**receiver.env(), **FAST})
+    (node,) = await gw.start(1, env={**receiver.env(), **FAST})
     await gw.leader()
-    await until(query_true(gw, ALL_DELIVERED), timeout=30)
+    try:
+        await until(query_true(gw, ALL_DELIVERED), timeout=60)
+    except TimeoutError:  # say what was left, and what the instance logged
+        left = await gw.query("select sink, attempts, next_attempt_at, last_error"
+                              " from gateway.alert_deliveries where delivered_at is null")  # fmt: skip
+        raise AssertionError(f"not delivered: {left}\n{node.log_tail(40)}") from None
 
     first, second = receiver.requests["telegram"][:2]
     assert second - first >= 1.5  # Telegram said "retry after 2"
