@@ -32,8 +32,10 @@ _FLATTEN). The load is bench.webhook's: distinct BASE_ENTRY signals on 50 instru
                a CHECKPOINT (the bulk load's own writes are not what this phase
                measures). The same measurements; the ratios grown / quiet.
     retention  `pgleader jobs run retention --election gateway` (a subprocess, as an
-               operator runs it) while the webhook takes --rate in 2 s windows for as
-               long as the run lasts (the last window ends up to 2 s after it; 50 new
+               operator runs it; again while a run leaves rows to its next, its
+               25-min budget spent, --retention-runs times at most) while the
+               webhook takes --rate in 2 s windows for as long as the runs last (the
+               last window ends up to 2 s after them; 50 new
                instruments after every --seconds of windows, so that no instrument
                gathers more than in a measured step): rows deleted (the job's own
                count), seconds (the job's), rows/s, a timeline of the deletion rate
@@ -44,9 +46,10 @@ _FLATTEN). The load is bench.webhook's: distinct BASE_ENTRY signals on 50 instru
 Goals (reported, not asserted): with the history, webhook p99 and sweep mean within
 20 % of the quiet run's; during retention, webhook p99 at most 2x the quiet run's.
 
-Options: --rows (10000000), --rate (200), --seconds (30, per measured step), --out
-(results/history.json). Knobs (environment): SWEEPS (200), LOADGEN_CONNECTIONS (500),
-SETTLE_TIMEOUT (60 s), PG_SETTINGS, and any PGLEADER_* setting of `serve`.
+Options: --rows (10000000), --rate (200), --seconds (30, per measured step),
+--retention-runs (0: until none is left), --out (results/history.json). Knobs
+(environment): SWEEPS (200), LOADGEN_CONNECTIONS (500), SETTLE_TIMEOUT (60 s),
+PG_SETTINGS, and any PGLEADER_* setting of `serve`.
 """
 
 from __future__ import annotations
@@ -507,8 +510,35 @@ def _timeline(
     return out
 
 
+async def _run_retention(dsn: str, runs: int) -> list[dict[str, Any]]:
+    """`pgleader jobs run retention` (a subprocess, as an operator runs it) again
+    while the last run left rows for the next ("more remain": its time budget ran
+    out), `runs` times at most (0: until none is left); each run's JSON answer."""
+    answers: list[dict[str, Any]] = []
+    while True:
+        proc = await uninterrupted(asyncio.create_subprocess_exec(
+            sys.executable, "-m", "pgleader", "jobs", "run", "retention", "--election",
+            ELECTION, "--timeout", "3600", "--dsn", dsn,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        ))  # fmt: skip
+        try:
+            out, err = await proc.communicate()
+        finally:
+            if proc.returncode is None:
+                proc.terminate()
+                await uninterrupted(proc.wait())
+        try:
+            answer: dict[str, Any] = json.loads(out.decode().strip().splitlines()[-1])
+        except (ValueError, IndexError):
+            answer = {"outcome": None, "error": (out + err).decode(errors="replace")[-500:]}
+        answers.append(answer)
+        progress(f"retention run {len(answers)}: {answer.get('result') or answer}")
+        if "more remain" not in str(answer.get("result")) or len(answers) == runs:
+            return answers
+
+
 async def retention_under_load(
-    cluster: Cluster, http: Client, rate: float, seconds: float, days: int
+    cluster: Cluster, http: Client, rate: float, seconds: float, days: int, runs: int
 ) -> dict[str, Any]:
     leader, epoch = await cluster.leader()
     url = f"{leader.url}/webhook"
@@ -535,37 +565,35 @@ async def retention_under_load(
     sampler.start()
     meter.start()
     probe.start()
-    proc = await uninterrupted(asyncio.create_subprocess_exec(
-        sys.executable, "-m", "pgleader", "jobs", "run", "retention", "--election", ELECTION,
-        "--timeout", "3600", "--dsn", cluster.dsn,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    ))  # fmt: skip
-    cli = asyncio.create_task(proc.communicate())
+    cli = asyncio.create_task(_run_retention(cluster.dsn, runs))
     windows: list[tuple[float, Step]] = []
     try:
         while not cli.done():
             at = time.monotonic() - began
             step = await open_loop(http, [url], rate, WINDOW_S, window(len(windows)))
             windows.append((at, step))
-        out, err = await cli
+        answers = await cli
         cli_done = time.monotonic() - began
     finally:
-        if proc.returncode is None:
-            proc.terminate()
-            await uninterrupted(proc.wait())
+        if not cli.done():
+            cli.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await cli
         flushes = probe.stop()
         usage = await meter.stop()
         await sampler.stop()
-    try:
-        answer: dict[str, Any] = json.loads(out.decode().strip().splitlines()[-1])
-    except (ValueError, IndexError):
-        answer = {"outcome": None, "error": (out + err).decode(errors="replace")[-500:]}
+    answer = answers[0] if answers else {"outcome": None}
     wal1 = await cluster.scalar(_WAL)
     old_after = await _old_rows(cluster, days)
     table_after = await _table(cluster)
-    match = re.match(r"(\d+) signal", str(answer.get("result") or ""))
-    deleted = int(match.group(1)) if match else old_before - old_after
-    took = answer.get("duration_s")
+    counts = [re.match(r"(\d+) signal", str(a.get("result") or "")) for a in answers]
+    deleted = (
+        sum(int(m.group(1)) for m in counts if m)
+        if answers and all(counts)
+        else old_before - old_after
+    )
+    durations = [float(a["duration_s"]) for a in answers if a.get("duration_s") is not None]
+    took = sum(durations) if answers and len(durations) == len(answers) else None
     # The job's run in the phase's clock: windows that started before it ended count.
     offset = None
     if answer.get("started_at"):
@@ -582,6 +610,7 @@ async def retention_under_load(
     )
     return {
         "job": answer,
+        "runs": answers,
         "flattened_before": flattened,
         "instruments_per_window_group": {"instruments": 50, "windows": per_group},
         "old_rows_before": old_before,
@@ -695,7 +724,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "instances": 1,
             "target": "leader",
             "retention_days": days,
-            "retention_batch": 1000,
+            "retention_runs_at_most": args.retention_runs or None,
             "statistics_interval_s": float(os.environ["PGLEADER_STATISTICS_INTERVAL"]),
             "postgresql_settings": settings or None,
         },
@@ -714,7 +743,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         grown = await measure(cluster, http, args.rate, args.seconds, runs, "grown")
         result["grown"] = grown
         result["jobs_before_retention"] = await _jobs(cluster)
-        kept = await retention_under_load(cluster, http, args.rate, args.seconds, days)
+        kept = await retention_under_load(
+            cluster, http, args.rate, args.seconds, days, args.retention_runs
+        )
         result["retention"] = kept
         result["jobs_at_end"] = await _jobs(cluster)
         keys = ("epoch", "instance_id", "acquired_at", "released_at", "release_reason")
@@ -735,6 +766,10 @@ def main() -> int:
     parser.add_argument("--rows", type=int, default=10_000_000, help="terminal signals to add")
     parser.add_argument("--rate", type=float, default=200.0, help="webhook signals/s")
     parser.add_argument("--seconds", type=float, default=30.0, help="per measured step")
+    parser.add_argument(
+        "--retention-runs", type=int, default=0,
+        help="retention runs at most (a run deletes for 25 min; 0: until none is left)",
+    )  # fmt: skip
     parser.add_argument("--out", type=Path, default=RESULTS / "history.json", help="JSON here")
     args = parser.parse_args()
     if args.out.suffix != ".json":

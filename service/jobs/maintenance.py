@@ -10,8 +10,10 @@ runner (pgleader/jobs.py); every write is fenced by the run's epoch.
   reconciliations are the trading record: they stay (their reference to the signal
   becomes null; an order keeps its instrument, side, lots, symbol and times).
   Trading comes first: a batch holds the election row (its fence) while it runs,
-  so its size adapts to stay near 50 ms, and after each batch the job rests three
-  times as long as the batch took (at most a quarter of one core on deleting). A
+  so its size adapts to stay near 20 ms, and after each batch the job rests nine
+  times as long as the batch took (at most a tenth of one core on deleting: the
+  write bursts of a delete, its WAL and the dirty pages a checkpoint must flush,
+  are what slows the webhook's commits, so they are kept small and spread). A
   run stops after 25 minutes with the rest left for the next hourly run: a backlog
   of millions of rows (retention switched on late) is worked off over a few runs.
 - `Statistics` refreshes `gateway.portfolio_state.statistics`.
@@ -45,15 +47,15 @@ _PRUNE_SETTINGS = QUERIES["prune_instance_settings"]
 class Retention:
     """The `retention` job; see the module's docstring for its throttle."""
 
-    TARGET_BATCH_S = 0.05
-    MIN_BATCH, MAX_BATCH = 100, 5000
+    TARGET_BATCH_S = 0.02
+    MIN_BATCH, MAX_BATCH = 50, 2000
 
     def __init__(
         self,
         pool: AsyncConnectionPool[Any],
         days: int,
-        batch: int = 1000,
-        duty: float = 0.25,
+        batch: int = 500,
+        duty: float = 0.10,
         budget: float = 1500.0,
     ) -> None:
         self.pool, self.days, self.batch = pool, days, batch
