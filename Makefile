@@ -13,9 +13,11 @@ FAULTS   ?= 20
 
 # Debian packages the tests run for real: HAProxy in front of a gateway, Prometheus
 # (and its promtool) scraping a cluster and checking the alert rules, Chromium and
-# its WebDriver showing the status page. Installed
+# its WebDriver showing the status page, PgBouncer in transaction mode (which
+# `pgleader doctor` must catch), a redis-server of each test's own (the optional
+# cache, tests/gateway/test_redis_cache.py). Installed
 # here when missing and running as root; otherwise one line names them.
-DEBS := haproxy prometheus chromium chromium-driver
+DEBS := haproxy prometheus chromium chromium-driver pgbouncer redis-server
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -72,8 +74,9 @@ bench: $(BENCH_STAMP)
 	$(BIN)/python -m bench.adapter_overhead
 
 # Long randomized fault campaigns (the short fixed-seed one is part of `make test`).
-# Knobs: ROUNDS, SEED, DURATION (s per round), FAULTS (per round: 15 kinds, each at least
-# once when FAULTS allows). Each round trades on the fake OpenAlgo, a process of its own.
+# Knobs: ROUNDS, SEED, DURATION (s per round), FAULTS (per round: 18 kinds, each at least
+# once when FAULTS allows; three are switchovers, to a live, a killed and a --no-lead
+# instance). Each round trades on the fake OpenAlgo, a process of its own.
 chaos: $(STAMP)
 	ROUNDS=$(ROUNDS) SEED=$(SEED) DURATION=$(DURATION) FAULTS=$(FAULTS) $(BIN)/python -m tests.chaos
 

@@ -22,7 +22,10 @@ and at that instant post a signal to a follower. Measured:
               (clock_timestamp() read right before the kill)
 
 The killed instance is restarted (or SIGCONTed, or healed) and must wait on the
-lock again before the next round. Knobs: ROUNDS_CRASH (20), ROUNDS_GRACEFUL (20),
+lock again before the next round. Beside every crash round, on the same server, a
+round of the bare handoff (bench/handoff.py: lock, bump, NOTIFY in three statements,
+nothing else): the goal is a crash takeover no slower (p50 ratio <= 1.0, p99 ratio
+<= 1.25, 50 rounds at least). Knobs: ROUNDS_CRASH (50), ROUNDS_GRACEFUL (20),
 ROUNDS_HUNG (5), ROUNDS_PARTITION (5), ROUNDS_REDIS (3), REDIS_URL
 (redis://127.0.0.1:6379/0; no Redis there: the baseline is skipped, said so in the JSON).
 """
@@ -42,6 +45,7 @@ from typing import Any
 
 import aiohttp
 
+from bench.handoff import BareHandoff
 from bench.harness import (
     RESULTS,
     Cluster,
@@ -174,9 +178,15 @@ async def one_round(
 
 
 async def _rounds(
-    cluster: Cluster, http: aiohttp.ClientSession, scenario: str, count: int
-) -> list[dict[str, Any]]:
-    rows = []
+    cluster: Cluster,
+    http: aiohttp.ClientSession,
+    scenario: str,
+    count: int,
+    bare: BareHandoff | None = None,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """`count` rounds of `scenario`; with `bare`, each followed by a round of the bare
+    handoff on the same server (side by side: the same minutes, the same load)."""
+    rows, bare_rows = [], []
     for n in range(count):
         row = await one_round(cluster, http, scenario, n)
         rows.append(row)
@@ -185,7 +195,35 @@ async def _rounds(
             f" executed {row.get('executed_ms', float('nan')):8.1f} ms"
             f" ({row['old_leader']} -> {row['new_leader']})"
         )
-    return rows
+        if bare is not None:
+            await asyncio.sleep(random.uniform(0.1, 0.1 + cluster.timings.heartbeat))
+            bare_rows.append(await bare.round())
+            progress(f"{'bare':9} {n + 1:2}/{count}: elected {bare_rows[-1]['elected_ms']:8.1f} ms")
+    return rows, bare_rows
+
+
+def _beside_bare(crash: list[dict[str, Any]], bare: list[dict[str, Any]]) -> dict[str, Any]:
+    """pgleader's crash takeover against the bare handoff measured beside it."""
+    ours = summary([r["elected_ms"] for r in crash])
+    theirs = summary([r["elected_ms"] for r in bare])
+    out: dict[str, Any] = {
+        "note": "bench/handoff.py: three bare candidates (lock, bump, NOTIFY) on the same"
+        " server; a bare round after each crash round; both timed kill -> NOTIFY seen by a"
+        " LISTEN client of this process",
+        "rounds": [len(crash), len(bare)],
+        "crash_elected_ms": ours,
+        "bare_elected_ms": theirs,
+        "bare_samples_ms": [round(r["elected_ms"], 2) for r in bare],
+    }
+    for stat, limit in (("p50", 1.0), ("p99", 1.25)):
+        a, b = ours.get(stat), theirs.get(stat)
+        ratio = round(float(a) / float(b), 3) if a and b else None
+        out[f"{stat}_ratio"] = ratio
+        out[f"{stat}_goal"] = {
+            "target": f"crash elected {stat} / bare handoff {stat} <= {limit:g}",
+            "pass": ratio is not None and ratio <= limit and min(len(crash), len(bare)) >= 50,
+        }
+    return out
 
 
 def _targets(scenarios: dict[str, dict[str, Any]], hung_bound_ms: float) -> list[dict[str, Any]]:
@@ -267,12 +305,13 @@ async def run() -> dict[str, Any]:
     timings = timings_from_env()
     loadavg_at_start = os.getloadavg()
     rounds = {
-        "crash": env_int("ROUNDS_CRASH", 20),
+        "crash": env_int("ROUNDS_CRASH", 50),
         "graceful": env_int("ROUNDS_GRACEFUL", 20),
         "hung": env_int("ROUNDS_HUNG", 5),
     }
     partition_rounds = env_int("ROUNDS_PARTITION", 5)
     rows: dict[str, list[dict[str, Any]]] = {}
+    bare_rows: list[dict[str, Any]] = []
     # A fresh connection per post, like a webhook sender: no keep-alive connection
     # to a leader that is shutting down.
     connector = aiohttp.TCPConnector(force_close=True)
@@ -280,14 +319,17 @@ async def run() -> dict[str, Any]:
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as http:
         async with Cluster(3, timings) as cluster:
             progress(f"3 instances on PostgreSQL at {cluster.dsn}; rounds {rounds}")
-            for scenario, count in rounds.items():
-                rows[scenario] = await _rounds(cluster, http, scenario, count)
+            async with BareHandoff(cluster.dsn, cluster.workdir) as bare:
+                for scenario, count in rounds.items():
+                    beside = bare if scenario == "crash" else None
+                    rows[scenario], got = await _rounds(cluster, http, scenario, count, beside)
+                    bare_rows.extend(got)
         if partition_rounds:
             # Its own cluster: the proxies (Python, in this process) would slow every
             # other scenario's database traffic by a hop.
             async with Cluster(3, timings, proxied=True) as cluster:
                 progress(f"partition: 3 instances, each behind its own proxy to {cluster.dsn}")
-                rows["partition"] = await _rounds(cluster, http, "partition", partition_rounds)
+                rows["partition"], _ = await _rounds(cluster, http, "partition", partition_rounds)
     scenarios: dict[str, dict[str, Any]] = {}
     for scenario, got in rows.items():
         scenarios[scenario] = {
@@ -345,6 +387,11 @@ async def run() -> dict[str, Any]:
         "redis_baseline": redis,
         "targets": _targets(scenarios, hung_bound),
     }
+    if rows.get("crash") and bare_rows:
+        vs = result["takeover_vs_bare_handoff"] = _beside_bare(rows["crash"], bare_rows)
+        for stat in ("p50", "p99"):
+            goal = vs[f"{stat}_goal"]
+            result["targets"].append({**goal, "value_ms": vs["crash_elected_ms"][stat]})
     ratios = {}
     ours = scenarios.get("crash", {}).get("elected_ms", {}).get("p50")
     for config in CONFIGS:

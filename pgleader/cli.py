@@ -1,5 +1,5 @@
 """The `pgleader` command: migrate, status, history, instances, watch, elect, jobs,
-transfer, demo (+ verbs plugged in by packages).
+transfer, doctor, demo (+ verbs plugged in by packages).
 
 Every verb takes --dsn (else PGLEADER_DSN, else DATABASE_URL). Errors end in one
 line on stderr and a non-zero exit, never a traceback: 1 when the database failed
@@ -419,6 +419,21 @@ async def _elect(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _doctor(args: argparse.Namespace) -> int:
+    """`pgleader doctor`: one line per check of the deployment; exit 1 when one fails,
+    2 when the database cannot be reached (a failed check is 1: they must differ)."""
+    from pgleader.doctor import diagnose, failed
+
+    dsn = require_dsn(args)
+    try:
+        findings = await diagnose(dsn)
+    except (DatabaseUnavailable, psycopg.OperationalError) as exc:
+        raise ConfigError(str(exc) if isinstance(exc, PgLeaderError) else first_line(exc)) from None
+    for finding in findings:
+        print(json.dumps(finding.as_dict()) if as_json(args) else finding.line(), flush=True)
+    return 1 if failed(findings) else 0
+
+
 async def _demo(args: argparse.Namespace) -> int:
     from pgleader.demo import run_demo
 
@@ -493,6 +508,11 @@ def build_parser() -> argparse.ArgumentParser:
                    f" (default {2 * Timings().evict_after:g}: twice the default evict-after)")  # fmt: skip
     p.add_argument("--timeout", type=Number(float, 0.1, 3600, "s"), default=30.0,
                    help="seconds to wait for the target's election (default 30)")  # fmt: skip
+    p = verb("doctor", _doctor, "check the deployment the README promises is safe: a direct"
+             " election connection (no transaction-mode pooler), synchronous_commit and"
+             " synchronous standbys, track_commit_timestamp, the server's version and role;"
+             " one line each (ok, warn, fail); exit 1 when one fails")  # fmt: skip
+    p.add_argument("--json", action="store_true", help="JSON lines even on a terminal")
     p = verb("demo", _demo, "three electors, kill the leader, print the measured takeover")
     p.add_argument("--rounds", type=Number(int, 1, 1000), default=3)
     for ep in entry_points(group="pgleader.commands"):

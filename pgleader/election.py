@@ -109,6 +109,7 @@ class Elector:
         eligible: bool = True,
         priority: int = 0,
         before_transfer: Callable[[], Awaitable[Any]] | None = None,
+        on_connect: Callable[[AsyncConnection[Any]], Awaitable[Any]] | None = None,
     ) -> None:
         if not election or len(election) > 200:
             raise ValueError("election name must be 1..200 characters")
@@ -131,6 +132,11 @@ class Elector:
         self.hold_back = 2 * self.timings.heartbeat
         # Awaited (at most a lease) before a switchover's resign: the in-flight work ends.
         self._before_transfer = before_transfer
+        # Awaited on the election session after every (re)connection, before it
+        # campaigns: the caller's checks of the database it now reaches (a failed-over
+        # database that went back in time). An exception drops the session and
+        # rejoins later, as a connection error does.
+        self._on_connect = on_connect
         self._handover: asyncio.Future[None] | None = None
         self._conninfo = lock_session_conninfo(
             dsn, self.timings, f"pgleader:{election}:{self.instance_id}"
@@ -340,6 +346,8 @@ class Elector:
                 failures = 0
                 await self._join(conn)
                 self._failure = None  # the schema is (back) in place
+                if self._on_connect is not None:
+                    await self._on_connect(conn)
                 if not self.eligible:
                     await self._stand_by(conn)  # returns only by an error or a stop
                 pause = await self._lead(conn, *await self._campaign(conn))

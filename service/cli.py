@@ -63,7 +63,12 @@ def register(verbs: Any) -> None:
     p.add_argument(
         "--entries-only", action="store_true", help="stop new risk only: exits still go out"
     )
-    verb("resume", _resume, "trade again after `pgleader halt`")
+    p = verb("resume", _resume, "trade again after `pgleader halt`")
+    p.add_argument(
+        "--after-rewind", action="store_true",
+        help="trade again after the database went back in time (a failover lost commits):"
+        " only once the broker's positions and the ledger agree (`pgleader reconcile`)",
+    )  # fmt: skip
     p = verb(
         "reconcile",
         _reconcile,
@@ -116,6 +121,15 @@ async def _set_halt(args: argparse.Namespace, mode: str, reason: str | None) -> 
         await _require_schema(conn)
         cur = await conn.execute(QUERIES["set_trading_halt"], [mode, reason, _by()])
         (before,) = await cur.fetchone() or (None,)
+    if before == "rewound":
+        print(
+            f"pgleader {'resume' if mode == 'running' else 'halt'}: error: nothing changed:"
+            " trading stays halted because the database went back in time (see the"
+            " database_rewound alert); reconcile with the broker, then run"
+            " `pgleader resume --after-rewind`",
+            file=sys.stderr,
+        )
+        return 1
     _print({"trading": mode, "before": before, "reason": reason})
     return 0
 
@@ -128,6 +142,13 @@ async def _halt(args: argparse.Namespace) -> int:
 
 
 async def _resume(args: argparse.Namespace) -> int:
+    if args.after_rewind:
+        async with await connect(require_dsn(args), autocommit=True) as conn:
+            await _require_schema(conn)
+            cur = await conn.execute(QUERIES["resume_after_rewind"], [_by()])
+            (before,) = await cur.fetchone() or (None,)
+        _print({"trading": "running", "before": before, "reason": None})
+        return 0
     return await _set_halt(args, "running", None)
 
 

@@ -23,6 +23,7 @@ from pgleader.config import (
     env_setting,
 )
 from pgleader.errors import ConfigError
+from pgleader.redis import redis_url_problem
 from service.brokers.base import Instrument
 from service.instruments import load_instruments, settings_fingerprint
 
@@ -110,6 +111,8 @@ class ServiceConfig:
     sinks: SinkSettings = field(default_factory=SinkSettings)
     alert_group_interval: float = 10.0
     alert_timeout: float = 10.0
+    # optional cache (leader key, fingerprints), never authoritative; may carry a password
+    redis_url: str = field(default="", repr=False)
 
     @property
     def accepted_instruments(self) -> frozenset[str] | None:
@@ -207,6 +210,7 @@ _OPTIONS: list[tuple[str, Setting, object, str]] = [
     ("startup-timeout", Number(float, 0, 86400, "s", above=True), 60.0, "seconds to keep retrying an unreachable database at start"),
     ("alert-group-interval", Number(float, 0, 3600, "s"), 10.0, "seconds an alert sink waits after a message before the next; alerts and transitions due meanwhile go out as one grouped message"),
     ("alert-timeout", Number(float, 0, 300, "s", above=True), 10.0, "seconds an alert sink gets to answer; without an answer the message is sent again, marked as a repeat"),
+    ("redis-url", Text(secret=True, empty_means_unset=True), None, "optional Redis, never authoritative (redis://[:password@]host:port/db): the leader publishes itself there, and duplicates are answered as such while PostgreSQL is down; needs pip install 'pgleader[redis]' (the password is never logged)"),
     (
         "batch-interval",
         Number(float, 0, 1, "s"),
@@ -342,6 +346,9 @@ def from_args(args: argparse.Namespace, dsn: str | None, timings: Timings) -> Se
             f"the broker settle time ({settle:g} s) must be at least twice the broker timeout"
             f" ({broker_timeout:g} s): an order may still be on its way before that"
         )
+    redis_url = str(v["redis-url"] or "")
+    if redis_url and (problem := redis_url_problem(redis_url)):
+        raise ConfigError(f"PGLEADER_REDIS_URL (or --redis-url): {problem}")
     allowed: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = v["allowed-ips"] or ()  # type: ignore[assignment]
     return ServiceConfig(
         dsn=dsn,
@@ -393,4 +400,5 @@ def from_args(args: argparse.Namespace, dsn: str | None, timings: Timings) -> Se
         sinks=sink_settings(args),
         alert_group_interval=float(str(v["alert-group-interval"])),
         alert_timeout=float(str(v["alert-timeout"])),
+        redis_url=redis_url,
     )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import time
 from datetime import UTC, datetime
 from typing import Any
@@ -23,6 +24,7 @@ from pgleader.events import EVENTS_CHANNEL, Reconnected, listen
 from pgleader.jobs import Job, JobRun, JobRunner
 from pgleader.migrations import pending
 from pgleader.queries import QUERIES as LIBRARY_QUERIES
+from pgleader.redis import LeaderPublisher, RedisLink
 from service.alerts.delivery import AlertDelivery
 from service.alerts.sinks import build_sinks
 from service.brokers.base import Broker
@@ -33,6 +35,7 @@ from service.config import ServiceConfig
 from service.errors import DATABASE_UNAVAILABLE, SpoolError
 from service.execution.executor import Executor
 from service.execution.reconciliation import Reconciler, as_run
+from service.intake.fingerprint_cache import FingerprintCache
 from service.intake.inbox import (
     NOTIFY_CHANNEL,
     Inbox,
@@ -46,6 +49,7 @@ from service.jobs.maintenance import PruneInstances, Retention, Statistics
 from service.jobs.rollover import Rollover
 from service.queries import QUERIES
 from service.status import StatusFeed
+from service.watermark import Watermark
 
 __all__ = ["Gateway"]
 
@@ -81,6 +85,10 @@ _OPEN_SIGNALS = QUERIES["open_signals"]
 # Signals not yet ended, by status, as /metrics shows them (counted this often).
 OPEN_STATUSES = ("pending", "executing", "in_doubt", "awaiting_approval")
 _COUNT_EVERY = 5.0
+# A pool slot's reconnection attempts (1 s, then 2 s apart) give up after this.
+_RECONNECT_WINDOW = 3.0
+# How long Redis keeps a stored signal's fingerprint (at least the max signal age).
+_FINGERPRINT_TTL = 24 * 3600.0
 
 
 class Gateway:
@@ -98,12 +106,23 @@ class Gateway:
             open=False,
             kwargs={"autocommit": True, "application_name": f"gateway:{config.instance_id}"[:63]},
             timeout=1.0,  # a webhook must answer within TradingView's 3 s: spool instead
-            reconnect_timeout=3600 * 24 * 365,  # keep trying through an outage, never give up
+            # A slot that cannot reconnect gives up after this and the next request opens
+            # a new one at once: the backoff between attempts stays within ~2 s however
+            # long the outage (psycopg_pool's doubles without a cap), so the pool is back
+            # within a few seconds of the database (a failover of 20-30 s included).
+            reconnect_timeout=_RECONNECT_WINDOW,
+            reconnect_failed=_reconnect_failed,
         )
+        # What this instance saw of the database, checked on every reconnection of the
+        # election session before it campaigns (a failover that lost commits).
+        self.watermark = Watermark(
+            config.data_dir / "watermark" / f"{config.instance_id}.json", config.election,
+            config.instance_id, config.retention_days,
+        )  # fmt: skip
         self.elector = Elector(
             dsn, config.election, instance_id=config.instance_id, timings=config.timings,
             eligible=config.lead, priority=config.priority,
-            before_transfer=self._drain_for_transfer,
+            before_transfer=self._drain_for_transfer, on_connect=self.watermark.check,
         )  # fmt: skip
         self.broker = _broker(config, self.pool)
         # What the gateway's parts call: the broker, counted and timed for /metrics.
@@ -137,6 +156,7 @@ class Gateway:
         )  # fmt: skip
         self._jobs_read_at = 0.0
         self.halt_mode: str | None = None  # the kill switch as last read (None: not yet)
+        self._watermark_saved_at = 0.0
         self.spool = Spool(config.spool_path, max_bytes=config.spool_max_bytes)
         self.shutting_down = False
         self.started_at = time.time()
@@ -150,6 +170,15 @@ class Gateway:
         self._tasks: list[asyncio.Task[None]] = []
         self._listener: asyncio.Task[None] | None = None
         self.elector.on_transition(self._on_transition)
+        # Optional, never authoritative: a hint of who leads, duplicates' answers in an outage.
+        self.redis: RedisLink | None = None
+        self.leader_key: LeaderPublisher | None = None
+        self.fingerprints: FingerprintCache | None = None
+        if config.redis_url:
+            self.redis = RedisLink(config.redis_url)
+            self.leader_key = LeaderPublisher(self.redis, self.elector, url=_public_url(config))
+            ttl = max(_FINGERPRINT_TTL, config.max_signal_age.total_seconds())
+            self.fingerprints = FingerprintCache(self.redis, config.election, ttl)
 
     # -- life cycle -----------------------------------------------------------
 
@@ -166,6 +195,9 @@ class Gateway:
         if isinstance(self.broker, OpenAlgoBroker):
             await self.broker.start()
         await self._record_settings()
+        if self.leader_key is not None:
+            log.info("redis cache in use", redis=self.leader_key.link.where)
+            self.leader_key.start()
         await self.elector.start()
         self._tasks = [asyncio.create_task(self._sweep_loop(), name="gateway-sweep")]
 
@@ -177,6 +209,8 @@ class Gateway:
         # A message under way ends and is recorded first: the successor need not repeat it.
         await self.alerts.drain(min(5.0, self.config.shutdown_timeout), final=True)
         await self.elector.stop("shutdown")  # resign + NOTIFY: a follower takes over at once
+        if self.leader_key is not None:
+            await self.leader_key.stop()  # its key goes, unless a successor's is there
         await self.jobs.stop()
         await self.alerts.stop()
         await self.executor.stop()
@@ -190,9 +224,14 @@ class Gateway:
         self.spool.close()
         if isinstance(self.broker, OpenAlgoBroker):
             await self.broker.close()
+        if self.fingerprints is not None:
+            await self.fingerprints.close()
+        if self.redis is not None:
+            await self.redis.close()
 
     def _on_transition(self, t: Transition) -> None:
         if t.kind == "elected":
+            self.watermark.saw_epoch(t.epoch, self.config.instance_id)
             self._wake.set()  # sweep and settle at once
             self._reconcile_on_election = True  # compare positions with the broker first
             if self._listener is None and not self.shutting_down:
@@ -235,9 +274,18 @@ class Gateway:
                 "no answer within the budget" if isinstance(exc, TimeoutError) else first_line(exc)
             )
             log.error("database unreachable: signal spooled", fingerprint=fp, error=why)
+            # Kept in the spool whatever Redis says; Redis may only change the answer.
+            original = None if self.fingerprints is None else await self.fingerprints.lookup(fp)
+            if original is not None:
+                log.info("spooled signal known to Redis: answered as a duplicate",
+                         fingerprint=fp, signal_id=original)  # fmt: skip
+                return 200, {"status": "duplicate", "signal_id": original}
             return 202, {"status": "spooled", "fingerprint": fp}
+        if self.fingerprints is not None:
+            self.fingerprints.remember(fp, stored.signal_id)  # the inbox holds it now
         if stored.duplicate:
             return 200, {"status": "duplicate", "signal_id": stored.signal_id}
+        self.watermark.answered(stored.signal_id, fp)  # answered 2xx from the inbox
         if leading:
             budget = _ANSWER_BUDGET - (time.monotonic() - started)
             status = await self._execute_inline(stored.signal_id, budget)
@@ -268,7 +316,9 @@ class Gateway:
         return status
 
     async def _store_spooled(self, item: Spooled) -> None:
-        await self.inbox.store(item.signal, item.fingerprint, item.received_at)
+        stored = await self.inbox.store(item.signal, item.fingerprint, item.received_at)
+        if self.fingerprints is not None:
+            self.fingerprints.remember(item.fingerprint, stored.signal_id)
 
     async def _raise_spool_alert(self, kind: str, detail: str) -> None:
         async with self.pool.connection(timeout=1.0) as conn:
@@ -312,6 +362,7 @@ class Gateway:
                     log.warning("spool replayed into the inbox", signals=replayed)
                 await self.spool.flush_alerts(self._raise_spool_alert)
                 self.halt_mode = (await self.trading_halt())["mode"]
+                await self._read_epoch()
                 if time.monotonic() - self.open_signals_at > _COUNT_EVERY:
                     await self._count_open_signals()
                 await self.executor.sweep()
@@ -324,6 +375,17 @@ class Gateway:
                 log.warning("sweep failed; will retry", error=first_line(exc))
             except Exception:
                 log.exception("sweep crashed; will retry")
+
+    async def _read_epoch(self) -> None:
+        """The election's epoch and leader into the watermark (a follower learns of
+        every election here); the watermark to disk at most once a second."""
+        async with self.pool.connection(timeout=1.0) as conn:
+            row = await (await conn.execute(_ELECTION_LEADER, [self.config.election])).fetchone()
+        if row is not None:
+            self.watermark.saw_epoch(row[0], row[1])
+        if time.monotonic() - self._watermark_saved_at >= 1.0:
+            self._watermark_saved_at = time.monotonic()
+            await asyncio.to_thread(self.watermark.save)
 
     async def _count_open_signals(self) -> None:
         """For /metrics, which never queries (a scrape answers at once while the
@@ -472,6 +534,7 @@ class Gateway:
     async def readiness(self) -> tuple[bool, str]:
         if self.shutting_down:
             return False, "shutting_down"
+
         if not self.spool.can_accept()[0]:  # full, or not writable: would answer 503
             return False, "spool_unavailable"
         try:
@@ -481,6 +544,8 @@ class Gateway:
             return False, "database_unreachable"
         if missing:
             return False, "migrations_missing"
+        if self.halt_mode == "rewound":  # it takes and keeps signals: it stays in the pool
+            return True, "database_rewound"
         return True, "ready"
 
     async def leader_view(self) -> dict[str, Any]:
@@ -548,6 +613,8 @@ class Gateway:
                 "orders": self.metered_broker.orders,
                 "seconds": self.metered_broker.seconds,
             },
+            # Redis commands by (operation, outcome); None: no Redis configured
+            "redis": None if self.redis is None else dict(self.redis.counts),
         }
 
     async def find_signal(self, signal_id: int) -> dict[str, Any] | None:
@@ -585,6 +652,19 @@ class Gateway:
             if not resigned:
                 self.alerts.resume()
         return epoch if resigned else None
+
+
+def _public_url(config: ServiceConfig) -> str | None:
+    """The public listener's URL, as the leader publishes it in Redis; None when it
+    listens on every address (0.0.0.0, ::), which names no address to reach it at."""
+    try:
+        address = ipaddress.ip_address(config.host)
+    except ValueError:
+        return f"http://{config.host}:{config.port}"  # a host name
+    if address.is_unspecified:
+        return None
+    host = f"[{address}]" if address.version == 6 else str(address)
+    return f"http://{host}:{config.port}"
 
 
 def _broker(config: ServiceConfig, pool: AsyncConnectionPool[Any]) -> Broker:
@@ -632,3 +712,9 @@ async def _wait_for_database(dsn: str, limit: float) -> None:
                 "database not reachable yet; retrying", error=str(exc), retry_in=round(pause, 2)
             )
             await asyncio.sleep(pause)
+
+
+async def _reconnect_failed(pool: AsyncConnectionPool[Any]) -> None:
+    """A pool slot gave up reconnecting (every _RECONNECT_WINDOW s of an outage): the
+    next request that needs a connection starts a new attempt at once."""
+    log.debug("pool reconnection window over; the next request tries again", pool=pool.name)

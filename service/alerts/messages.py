@@ -22,7 +22,7 @@ _GROUP_LINE = 180  # characters of one event in a grouped chat message
 _SEVERITIES = ("info", "warning", "critical")
 # Alerts that mean money may be at risk, or nothing trades: page someone.
 _CRITICAL = ("in_doubt", "unauthorised", "mismatch", "missing", "orphaned", "mode_mismatch",
-             "spool_full", "disk_full", "halted", "failed")  # fmt: skip
+             "spool_full", "disk_full", "halted", "failed", "rewound")  # fmt: skip
 _REASONS = {
     "session_ended": "lost (its session ended)",
     "evicted": "evicted (it stopped beating)",

@@ -34,7 +34,7 @@ __all__ = ["Metrics"]
 
 # An HTTP request, s: the webhook answers in milliseconds; TradingView gives up at 3 s.
 _REQUEST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0)
-_KILL_SWITCH_MODES = ("running", "halted", "entries_only")
+_KILL_SWITCH_MODES = ("running", "halted", "entries_only", "rewound")
 _RECONCILIATION_OUTCOMES = ("matched", "mismatch", "failed")
 
 
@@ -107,6 +107,7 @@ class GatewayCollector(Collector):
         yield from self._broker(stats)
         yield from self._database(stats)
         yield from self._alerts(stats)
+        yield from self._redis(stats)
         yield from self._state(stats)
 
     def _signals(self, stats: dict[str, Any]) -> Iterator[Metric]:
@@ -179,6 +180,16 @@ class GatewayCollector(Collector):
         yield _counter("gateway_alert_deliveries", "Alert deliveries (an alert or a"
                        " leadership change for one sink) by this instance: delivered, and"
                        " attempts that failed", "result", stats["alert_deliveries"])  # fmt: skip
+
+    def _redis(self, stats: dict[str, Any]) -> Iterator[Metric]:
+        operations = CounterMetricFamily(
+            "gateway_redis_operations",
+            "Commands to the optional Redis cache by operation and outcome (none without it)",
+            labels=["operation", "outcome"],
+        )
+        for (operation, outcome), n in sorted((stats.get("redis") or {}).items()):
+            operations.add_metric([operation, outcome], n)
+        yield operations
 
     def _database(self, stats: dict[str, Any]) -> Iterator[Metric]:
         pool = stats["pool"]

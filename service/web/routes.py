@@ -360,6 +360,12 @@ async def _set_halt(request: web.Request, mode: str, reason: str | None) -> web.
         state = await gw.set_trading_halt(mode, reason, f"admin via {gw.config.instance_id}")
     except DATABASE_UNAVAILABLE:
         return error(503, "database_unreachable", "database unreachable; nothing changed, retry")
+    if state["mode"] == "rewound" and mode != "rewound":
+        return error(
+            409, "database_rewound", "nothing changed: trading stays halted because the"
+            " database went back in time; reconcile with the broker, then run"
+            " `pgleader resume --after-rewind`",
+        )  # fmt: skip
     return answer(200, status=state["mode"], **{k: v for k, v in state.items() if k != "mode"})
 
 

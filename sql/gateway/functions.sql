@@ -241,6 +241,11 @@ begin
             return next;
             continue;
         end if;
+        if p_halt = 'rewound' then  -- never rejected: it waits for the operator
+            status := 'halted';
+            return next;
+            continue;
+        end if;
         if p_halt = 'halted' or (p_halt = 'entries_only' and s.type <> 'EXIT') then
             status := case when p_halt_action = 'reject' then 'rejected' else 'halted' end;
             if status = 'rejected' then
@@ -489,26 +494,55 @@ drop function if exists gateway.mark_in_doubt(text, text);
 
 -- Halt ('halted': nothing is sent; 'entries_only': exits still go out) or resume
 -- ('running'). Stored, so it survives a failover and a restart; the claim reads it.
--- Returns the mode before. An alert and a NOTIFY tell everyone.
+-- Returns the mode before. An alert and a NOTIFY tell everyone. 'rewound' (the
+-- database went back in time, see the rewind guard in service/watermark.py) is
+-- set here too, but left only by resume_after_rewind: any other change is ignored
+-- (the mode before, 'rewound', tells the caller so).
 create or replace function gateway.set_trading_halt(p_mode text, p_reason text, p_by text)
 returns text language plpgsql security definer set search_path = pg_catalog, pg_temp as $$
 declare
     before text;
 begin
     select mode into before from gateway.trading_halt for update;
+    if before = 'rewound' then
+        return before;
+    end if;
     update gateway.trading_halt set mode = p_mode, reason = p_reason, changed_by = p_by,
            changed_at = now();
     if before is distinct from p_mode then
         perform gateway.raise_alert(case p_mode when 'running' then 'trading_resumed'
+                                                when 'rewound' then 'database_rewound'
                                                 else 'trading_halted' end,
-            null, p_by, format('trading %s by %s%s', replace(p_mode, '_', ' '), p_by,
-                               coalesce(': ' || p_reason, '')));
+            null, p_by, case p_mode
+                when 'rewound' then format('trading halted by %s: %s', p_by, p_reason)
+                else format('trading %s by %s%s', replace(p_mode, '_', ' '), p_by,
+                            coalesce(': ' || p_reason, '')) end);
         perform pg_notify('gateway_signals', 'halt');
     end if;
     return before;
 end
 $$;
 revoke execute on function gateway.set_trading_halt(text, text, text) from public;
+
+-- An operator, having reconciled the broker's positions with the ledger, lets
+-- trading go on after the database went back in time. Returns the mode before.
+create or replace function gateway.resume_after_rewind(p_by text)
+returns text language plpgsql security definer set search_path = pg_catalog, pg_temp as $$
+declare
+    before text;
+begin
+    select mode into before from gateway.trading_halt for update;
+    update gateway.trading_halt set mode = 'running', reason = null, changed_by = p_by,
+           changed_at = now();
+    if before is distinct from 'running' then
+        perform gateway.raise_alert('trading_resumed', null, p_by,
+            format('trading resumed by %s after the database went back in time', p_by));
+        perform pg_notify('gateway_signals', 'halt');
+    end if;
+    return before;
+end
+$$;
+revoke execute on function gateway.resume_after_rewind(text) from public;
 
 
 -- Reconciliation with the broker --------------------------------------------------
@@ -636,16 +670,41 @@ revoke execute on function gateway.prune_instance_settings(text, bigint, text[])
 -- (realised P&L is added by the job, which knows the lot sizes), stored in the one
 -- row of gateway.portfolio_state. Fenced.
 create or replace function gateway.compute_statistics(p_election text, p_days integer)
-returns jsonb language sql stable as $$
-    select jsonb_build_object(
+returns jsonb language plpgsql stable set search_path = pg_catalog, pg_temp as $$
+declare
+    first_day date := ((now() - make_interval(days => p_days)) at time zone 'UTC')::date;
+    since date := first_day;  -- days from here on are counted again
+    previous jsonb;
+    made timestamptz;
+begin
+    -- Signals by day, incrementally: a day whose signals have all ended and none
+    -- ended since the last run keeps the counts that run stored, so a run reads
+    -- the last day or two of signals, not the whole history (millions of rows).
+    select ps.statistics -> 'signals_by_day', ps.refreshed_at into previous, made
+      from gateway.portfolio_state ps;
+    if jsonb_typeof(previous) = 'array' and made is not null then
+        since := greatest(first_day, least(
+            (now() at time zone 'UTC')::date - 1,
+            (select (min(s.received_at) at time zone 'UTC')::date from gateway.signals s
+              where s.status in ('pending', 'executing', 'in_doubt', 'awaiting_approval')),
+            (select (min(s.received_at) at time zone 'UTC')::date from gateway.signals s
+              where s.status in ('executed', 'failed', 'rejected', 'expired')
+                and s.finished_at >= made - interval '1 minute')));
+    end if;
+    return jsonb_build_object(
         'signals_by_day', coalesce((
-            select jsonb_agg(jsonb_build_object('day', day, 'type', type, 'status', status,
-                                                'signals', n) order by day desc, type, status)
-              from (select (received_at at time zone 'UTC')::date as day, type, status,
-                           count(*) as n
-                      from gateway.signals
-                     where received_at >= now() - make_interval(days => p_days)
-                     group by 1, 2, 3) x), '[]'),
+            select jsonb_agg(d order by d ->> 'day' desc, d ->> 'type', d ->> 'status')
+              from (select d from jsonb_array_elements(previous) d
+                     where since > first_day
+                       and (d ->> 'day')::date >= first_day and (d ->> 'day')::date < since
+                    union all
+                    select jsonb_build_object('day', day, 'type', type, 'status', status,
+                                              'signals', n)
+                      from (select (received_at at time zone 'UTC')::date as day, type,
+                                   status, count(*) as n
+                              from gateway.signals
+                             where received_at >= since::timestamp at time zone 'UTC'
+                             group by 1, 2, 3) x) days(d)), '[]'),
         'orders_by_outcome', coalesce((
             select jsonb_object_agg(outcome, n)
               from (select outcome, count(*) as n from gateway.orders group by 1) x), '{}'),
@@ -685,7 +744,8 @@ returns jsonb language sql stable as $$
         'in_doubt', (select count(*) from gateway.signals where status = 'in_doubt'),
         'rollovers', coalesce((
             select jsonb_object_agg(state, n)
-              from (select state, count(*) as n from gateway.rollovers group by 1) x), '{}'))
+              from (select state, count(*) as n from gateway.rollovers group by 1) x), '{}'));
+end
 $$;
 
 create or replace function gateway.store_statistics(

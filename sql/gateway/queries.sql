@@ -172,6 +172,29 @@ select mode, reason, changed_by, changed_at from gateway.trading_halt;
 -- Halt or resume (mode, reason, by); returns the mode before.
 select gateway.set_trading_halt(%s, %s, %s);
 
+-- name: resume_after_rewind
+-- `pgleader resume --after-rewind` (by); returns the mode before.
+select gateway.resume_after_rewind(%s);
+
+-- name: watermark_database
+-- The rewind guard: which database this is (its name and when pgleader's schema was
+-- first installed there): a promoted standby or a restored backup is the same
+-- database; a new one is not, and its watermark starts afresh.
+select current_database() || ' ' || coalesce((
+    select extract(epoch from applied_at)::text from pgleader.schema_migrations
+     where stream = 'pgleader' and version = '001'), '');
+
+-- name: watermark_epoch_seen
+-- The rewind guard: does the database still hold the epoch this instance saw, with
+-- the same leader (election, epoch, leader)?
+select exists (select from pgleader.leadership_history
+                where election = %s and epoch = %s and instance_id = %s);
+
+-- name: watermark_signal_seen
+-- The rewind guard: the fingerprint of the signal this instance last answered as
+-- stored (none: the database lacks it).
+select fingerprint from gateway.signals where id = %s;
+
 -- name: ledger_positions
 -- The ledger's open net position of every instrument, in lots (negative for short).
 select instrument, net_lots from gateway.net_positions;

@@ -170,3 +170,43 @@ select pgleader.finish_job(%s, %s, %s, %s, %s, %s, %s);
 -- name: prune_instances
 -- Drop instances not seen for a while from the registry; their ids.
 select pgleader.prune_instances(%s, %s, make_interval(secs => %s));
+
+-- `pgleader doctor` (pgleader/doctor.py) -----------------------------------------
+
+-- name: doctor_take_lock
+-- A session advisory lock of the doctor's own (two int4 keys: never an election's
+-- bigint key), and the backend that took it.
+select pg_backend_pid() as pid, pg_try_advisory_lock(%(k1)s::int4, %(k2)s::int4) as locked;
+
+-- name: doctor_backend_pid
+-- The backend serving this connection now (a pooler may change it between statements).
+select pg_backend_pid();
+
+-- name: doctor_lock_seen
+-- From a second connection: its own backend, and whether the doctor's lock is granted
+-- to the first connection's backend.
+select pg_backend_pid() as pid,
+       exists (select 1 from pg_locks
+                where locktype = 'advisory' and granted and pid = %(holder)s
+                  and classid::int8 = %(k1)s and objid::int8 = %(k2)s and objsubid = 2) as seen;
+
+-- name: doctor_release_lock
+-- False when this session does not hold the lock (a pooler ran the statement elsewhere).
+select pg_advisory_unlock(%(k1)s::int4, %(k2)s::int4);
+
+-- name: doctor_server
+-- The server's version, role and the settings the promises depend on, as this
+-- session sees them (a role or database may override the server's defaults).
+select current_setting('server_version_num')::int as version_num,
+       current_setting('server_version') as version,
+       pg_is_in_recovery() as in_recovery,
+       current_setting('synchronous_commit') as synchronous_commit,
+       current_setting('synchronous_standby_names') as synchronous_standby_names,
+       current_setting('track_commit_timestamp') as track_commit_timestamp;
+
+-- name: doctor_standbys
+-- The standbys streaming from this server (state and sync_state are null for a role
+-- without pg_monitor or pg_read_all_stats).
+select application_name, state, sync_state
+  from pg_stat_replication
+ order by application_name;

@@ -4,7 +4,9 @@ make chaos ROUNDS=10 DURATION=180 FAULTS=24 SEED=1234
 
 Each round trades eight instruments long and short on the fake OpenAlgo (a process
 of its own, tests.chaos.broker), two of them futures rolled to their next contract
-(the rollover fault), and ends with its book compared with the ledger.
+(the rollover fault), and ends with its book compared with the ledger. Of its four
+instances the fourth runs with --no-lead; switchovers go to a live, a killed and the
+no-lead instance (transfer_live, transfer_dead, transfer_ineligible).
 
 The disk_full fault's small disk is a tmpfs mount as root, else (or with
 PGLEADER_TEST_DISK=rlimit) a file-size limit on the instance (tests/diskfull.py).
@@ -40,6 +42,7 @@ def main() -> int:
     kinds = Counter(kind for r in results for _, kind, _ in r["faults"])
     in_doubt = Counter(name for r in results for _, name, _, _ in r["broker"]["in_doubt"])
     rolls = Counter(roll["state"] for r in results for roll in r["rollovers"]["rolls"])
+    transfers = Counter(f"{t['kind']} {t['answer']}" for r in results for t in r["transfers"])
     print(
         f"\nall rounds: {sum(len(r['faults']) for r in results)} faults"
         f" ({', '.join(f'{k} x{v}' for k, v in sorted(kinds.items()))});"
@@ -53,6 +56,11 @@ def main() -> int:
         " with an alert or named a violation;"
         f" rolls {sum(rolls.values())}"
         f" ({', '.join(f'{k} x{v}' for k, v in sorted(rolls.items())) or 'none'});"
+        f" transfers {sum(transfers.values())}"
+        f" ({', '.join(f'{k} x{v}' for k, v in sorted(transfers.items())) or 'none'});"
+        f" the no-lead instance answered 2xx"
+        f" {sum(r['no_lead']['answered_2xx'] for r in results)}, led"
+        f" {sum(len(r['no_lead']['led']) for r in results)} epochs;"
         f" on the full disk {_total(full, 'full', '503')} answered 503,"
         f" {_total(full, 'full', '202 spooled')} spooled, once freed"
         f" {_total(full, 'freed', '202 spooled')} spooled;"

@@ -40,6 +40,20 @@ Invariants:
     fills       the broker has no more fills of an instrument than the gateway
                 booked orders for it (one placesmartorder per order, never
                 retried by the adapter).
+  no-lead     the instance started with --no-lead never appears in the leadership
+              history, never claimed a signal and never booked an order
+              (`no_lead_promise`); it answers webhooks like the others
+  transfer    each switchover the campaign asked for (`transfer_promise`):
+    live        to a live eligible follower: accepted, and the next instance
+                elected is that follower (within a generous bound)
+    dead        to a follower killed just before: refused with a one-line
+                reason and the leadership unchanged, or, while the registry
+                still showed it alive, accepted, and then another instance
+                elected (once the bound, 2 x evict_after, is over): never
+                leaderless for good, and never the killed target elected (a
+                session of it outliving its process)
+    ineligible  to the --no-lead instance: refused with a one-line reason,
+                the leadership unchanged
   rollover    each futures roll (gateway.rollovers, `rollover_promise`):
     done        no roll is left active after the quiet period, and once rolled
                 the broker holds nothing of the contract it left (no double
@@ -63,6 +77,7 @@ import itertools
 import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
+from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -71,12 +86,15 @@ from zoneinfo import ZoneInfo
 import psycopg
 
 from tests.chaos.broker import Traded
-from tests.chaos.harness import DISK_FULL_NODE, answer_of
+from tests.chaos.harness import DISK_FULL_NODE, NO_LEAD_NODE, Transfer, answer_of
 
 if TYPE_CHECKING:
     from tests.chaos.harness import Campaign
 
-INVARIANTS = ["once", "no-loss", "fenced", "epochs", "spool", "soak", "broker", "rollover"]
+INVARIANTS = [
+    "once", "no-loss", "fenced", "epochs", "spool", "soak", "broker", "rollover", "no-lead",
+    "transfer",
+]  # fmt: skip
 # A gateway holds its pool (max 10), the election session, the listener, and briefly a
 # side session (blocker termination). More than that is a leak.
 MAX_SESSIONS = 13
@@ -119,8 +137,12 @@ class RollRow(NamedTuple):
     finished_at: datetime | None  # when its finish committed; None while active
 
 
-async def _rows(conn: psycopg.AsyncConnection[Any], sql: str) -> list[tuple[Any, ...]]:
-    cur = await conn.execute(sql)
+async def _rows(
+    conn: psycopg.AsyncConnection[Any],
+    sql: str,
+    params: Sequence[Any] | Mapping[str, Any] | None = None,
+) -> list[tuple[Any, ...]]:
+    cur = await conn.execute(sql, params)
     return await cur.fetchall()
 
 
@@ -459,6 +481,65 @@ def rollover_promise(
     }
 
 
+def no_lead_promise(instance: str, led: Sequence[int], claimed: int, ordered: int) -> list[str]:
+    """The no-lead invariant: the epochs `instance` led (none allowed), the signals it
+    claimed and the orders it booked (none allowed)."""
+    violations = []
+    if led:
+        violations.append(
+            f"no-lead: {instance} runs with --no-lead, yet led epoch(s)"
+            f" {', '.join(map(str, led))} (pgleader.leadership_history)"
+        )
+    if claimed or ordered:
+        violations.append(
+            f"no-lead: {instance} runs with --no-lead, yet claimed {claimed} signal(s)"
+            f" and booked {ordered} order(s)"
+        )
+    return violations
+
+
+def transfer_promise(transfers: Sequence[Transfer]) -> list[str]:
+    """The transfer invariants (see the module's docstring) of the campaign's switchovers."""
+    violations = []
+    for t in transfers:
+        name = f"transfer: {t.kind} {t.leader} -> {t.to} via {t.via} (epoch {t.epoch})"
+        refused = t.answer == "refused"
+        if refused and (not t.said.strip() or "\n" in t.said.strip()):
+            violations.append(f"{name}: refused, but not in one line: {t.said!r}")
+        if refused and t.after != (t.epoch, t.leader):
+            got = f"epoch {t.after[0]} led by {t.after[1]}" if t.after else "unknown"
+            violations.append(f"{name}: refused, yet the leadership changed: {got}")
+        first = t.elections[0][0] if t.elections else None
+        if t.kind == "transfer_live":
+            if t.answer != "accepted":
+                violations.append(f"{name}: a live follower, answered {t.answer}: {t.said}")
+            elif first != t.to:
+                violations.append(
+                    f"{name}: accepted, then {first or 'nobody'} elected"
+                    f" (within {t.waited:g} s), not {t.to}"
+                )
+        elif t.kind == "transfer_ineligible" and not refused:
+            violations.append(
+                f"{name}: an instance that may not lead, answered {t.answer}: {t.said}"
+                f"; then {first or 'nobody'} elected"
+            )
+        elif t.kind == "transfer_dead" and not refused:
+            if t.answer != "accepted":
+                violations.append(f"{name}: a killed follower, answered {t.answer}: {t.said}")
+            for who, epoch, took in t.elections:
+                if who == t.to:
+                    violations.append(
+                        f"{name}: the killed target was elected (epoch {epoch}, {took:.2f} s"
+                        " after the request): a session of it outlived its process"
+                    )
+            if not t.elections or t.elections[-1][0] == t.to:
+                violations.append(
+                    f"{name}: accepted for a killed follower, then no other instance elected"
+                    f" within {t.waited:g} s: leaderless for good"
+                )
+    return violations
+
+
 def _of(signals: Mapping[int, SignalRow], o: OrderRow) -> str | None:
     """The instrument of an order."""
     return o.instrument or (signals[o.signal_id].instrument if o.signal_id in signals else None)
@@ -605,6 +686,39 @@ async def check(c: Campaign, quiet: float) -> dict[str, Any]:
                     f"epochs: epoch {before[0]} (released {before[2]}) overlaps epoch {after[0]} (acquired {after[1]})"
                 )
 
+        # no-lead: never in the leadership history, never a claim, never an order
+        led = [
+            epoch
+            for (epoch,) in await _rows(
+                conn,
+                "select epoch from pgleader.leadership_history where instance_id = %s"
+                " order by epoch",
+                [NO_LEAD_NODE],
+            )
+        ]
+        ((claimed, ordered, stored, done),) = await _rows(
+            conn,
+            "select (select count(*) from gateway.signals where claimed_by = %(i)s),"
+            " (select count(*) from gateway.orders where instance_id = %(i)s),"
+            " (select count(*) from gateway.signals where received_by = %(i)s),"
+            " (select count(*) from gateway.signals where received_by = %(i)s"
+            "   and status = 'executed')",
+            {"i": NO_LEAD_NODE},
+        )
+        violations += no_lead_promise(NO_LEAD_NODE, led, claimed, ordered)
+        to_it = [r for r in c.history.requests if r.instance == NO_LEAD_NODE]
+        no_lead = {
+            "instance": NO_LEAD_NODE,
+            "requests": len(to_it),
+            "answered_2xx": sum(r.status is not None and 200 <= r.status < 300 for r in to_it),
+            "stored": stored,
+            "executed": done,
+            "led": led,
+            "claimed": claimed,
+            "ordered": ordered,
+        }
+        violations += transfer_promise(c.history.transfers)
+
         soak = _soak(c)
         if soak["max_sessions"] > MAX_SESSIONS:
             violations.append(
@@ -659,6 +773,8 @@ async def check(c: Campaign, quiet: float) -> dict[str, Any]:
         "moves": dict(c.history.moves),
         "resent": sum(r.resent > 0 for r in c.history.requests),
         "faults": c.history.faults,
+        "transfers": [asdict(t) for t in c.history.transfers],
+        "no_lead": no_lead,
         "invariants": INVARIANTS,
         "soak": soak,
         "violations": violations,

@@ -1,10 +1,12 @@
 """A Jepsen-style campaign: real processes, injected faults, a recorded history.
 
     PostgreSQL (owned by the campaign: restarted, stopped)
-      ^ ^ ^   one blackholing proxy per instance (partitions)
-    gw1 gw2 gw3   real `pgleader serve` processes (SIGKILL, SIGSTOP, SIGTERM)
-      | ^ ^ ^     gw3's data directory (its spool) on a small disk of its own (disk_full)
-      |  ^        their instruments file, rewritten once: a futures roll falls due (rollover)
+      ^ ^ ^ ^   one blackholing proxy per instance (partitions)
+    gw1 gw2 gw3 gw4   real `pgleader serve` processes (SIGKILL, SIGSTOP, SIGTERM);
+      |  ^ ^ ^ ^      gw4 runs with --no-lead: it takes webhooks, never leads;
+      |  ^            switchovers to a live, a killed and the no-lead instance (transfer_*)
+      |  ^            gw3's data directory (its spool) on a small disk of its own (disk_full)
+      |  ^            their instruments file, rewritten once: a futures roll falls due (rollover)
       |  load generator: one strategy per instrument (tests.chaos.workload), long
       |  and short, round-robin over the instances; every request and answer logged
       v
@@ -31,12 +33,14 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from itertools import cycle
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 
 from pgleader.embedded import EmbeddedPostgres
+from pgleader.events import parse_event
 from pgleader.migrations import migrate
 from service.intake.signals import fingerprint_raw
 from tests.chaos.broker import (
@@ -51,7 +55,7 @@ from tests.chaos.broker import (
 from tests.chaos.proxy import BlackholeProxy
 from tests.chaos.workload import MOVES, SLOW, SLOW_EVERY, Trader
 from tests.support.diskfull import SmallDisk
-from tests.support.gateway import GatewayProcess
+from tests.support.gateway import ADMIN_TOKEN, GatewayProcess, pgleader_cli
 
 BROKER_FAULTS = (
     "broker_latency",  # answers after the client gave up, applied before settling
@@ -60,6 +64,11 @@ BROKER_FAULTS = (
     "broker_429",  # a burst of 429 on every endpoint
     "broker_403",  # the broker session expired, for a while
     "broker_pause",  # SIGSTOP, then SIGCONT, of the fake's process
+)
+TRANSFER_FAULTS = (
+    "transfer_live",  # to a live eligible follower: it must be the next elected
+    "transfer_dead",  # to a follower just SIGKILLed: refused, or accepted and another leads
+    "transfer_ineligible",  # to the --no-lead instance: refused, the leadership unchanged
 )
 FAULTS = (
     "kill",
@@ -71,6 +80,7 @@ FAULTS = (
     "sigterm",
     "disk_full",
     "rollover",  # at most once a round: the futures' roll falls due (Campaign.rollover)
+    *TRANSFER_FAULTS,
     *BROKER_FAULTS,
 )
 # Fast election timings so a campaign fits in minutes; the rules of Timings still hold.
@@ -110,6 +120,21 @@ ENV = {"PGLEADER_ROLLOVER_INTERVAL": "1"}
 # file: a backlog after a broker_403 takes 20 s and more), and for the new leader to roll.
 HOLD_WAIT = 30.0
 ROLL_WAIT = 10.0
+# A fourth instance that may not lead (--no-lead): the load generator posts to it like
+# to the others. A fourth process rather than one of three made so: the failovers keep
+# three eligible instances, so a killed follower (transfer_dead) still leaves two.
+NO_LEAD_NODE = "gw4"
+ELECTION = "gateway"
+# A switchover's bound: only the named target may take the lock this long (the
+# gateway's default, 2 x evict_after; `pgleader transfer` is told it with --bound).
+TRANSFER_BOUND = 2 * EVICT_AFTER
+# Generous bounds (a switchover takes tens of ms here): the live target's election
+# after the request, and any election after a transfer to a killed target (the bound,
+# then a takeover); how long a transfer waits for a leader and a live follower.
+TRANSFER_WAIT = 15.0
+LEADERLESS_AT_MOST = TRANSFER_BOUND + 15.0
+TRANSFER_READY_WAIT = 30.0
+CLI_REFUSED = "pgleader transfer: refused: "
 
 
 @dataclass
@@ -121,6 +146,38 @@ class Request:
     body: dict[str, Any] | None
     answered_at: float  # or given up on; the instance spooled or refused just before
     resent: int = 0  # how many times this body was sent before (TradingView's re-sends)
+
+
+@dataclass
+class Transfer:
+    """One switchover fault and what came of it (the checker's `transfer` rule)."""
+
+    kind: str  # one of TRANSFER_FAULTS
+    via: str  # "http" (POST /coordinator/transfer) or "cli" (pgleader transfer)
+    to: str
+    leader: str  # the leader when asked
+    epoch: int  # its epoch
+    answer: str  # "accepted", "refused", or what came instead ("409 not_leader", "exit 2")
+    said: str  # the refusal's reason, verbatim; else the answer's text
+    # (instance, epoch, seconds after the request) of each election awaited after it:
+    # the first, and for a killed target each until another instance leads
+    elections: list[tuple[str, int, float]] = field(default_factory=list)
+    waited: float = 0.0  # how long elections were awaited (not at all when refused)
+    after: tuple[int, str | None] | None = None  # (epoch, leader) once refused
+
+
+def describe_transfer(t: Transfer) -> str:
+    """A transfer's outcome in a line: "accepted; gw2 elected (epoch 7) in 0.05 s"."""
+    if t.answer == "refused":
+        after = f"epoch {t.after[0]} led by {t.after[1]}" if t.after else "unknown"
+        return f"refused: {t.said!r}; then {after}"
+    outcome = ", then ".join(
+        f"{name} elected (epoch {epoch}) in {took:.2f} s" for name, epoch, took in t.elections
+    )
+    if not t.elections or (t.kind == "transfer_dead" and t.elections[-1][0] == t.to):
+        outcome += (", then " if outcome else "") + f"nobody elected within {t.waited:.1f} s"
+    said = "" if t.answer == "accepted" else f" ({t.said[:200]})"
+    return f"{t.answer}{said}; {outcome}"
 
 
 def answer_of(r: Request) -> str:
@@ -144,11 +201,16 @@ class History:
     samples: list[tuple[float, str, int, int, int]] = field(default_factory=list)
     # the breakdown (application_name, state, count) of the most sessions one instance held
     session_peak: dict[str, Any] = field(default_factory=dict)
+    transfers: list[Transfer] = field(default_factory=list)
 
     def fault(self, kind: str, target: str, detail: str = "") -> None:
         self.faults.append((time.monotonic(), kind, target))
         at = time.monotonic() - self.started
-        print(f"  fault {kind:18} {target:8} +{at:.1f} s {detail}".rstrip(), flush=True)
+        print(f"  fault {kind:19} {target:8} +{at:.1f} s {detail}".rstrip(), flush=True)
+
+    def transfer(self, t: Transfer) -> None:
+        self.transfers.append(t)
+        print(f"    {t.kind} {t.leader} -> {t.to} via {t.via}: {describe_transfer(t)}", flush=True)
 
 
 class Campaign:
@@ -177,6 +239,8 @@ class Campaign:
         # While a disk_full fault runs, every move's first signal goes to the small-disk
         # instance: its spool must reach the full disk's edge within the fault.
         self._focus: str | None = None
+        # Switchovers are asked over HTTP and through `pgleader transfer` in turn.
+        self._via = cycle(("http", "cli") if seed % 2 else ("cli", "http"))
 
     # -- set-up ---------------------------------------------------------------
 
@@ -192,15 +256,17 @@ class Campaign:
             "--openalgo-order-rate", f"{self.broker_rate * 0.9:g}",
         ]  # fmt: skip
         self.disk = SmallDisk(SMALL_DISK_BYTES)
-        for name in ("gw1", "gw2", "gw3"):
+        for name in ("gw1", "gw2", "gw3", NO_LEAD_NODE):
             proxy = BlackholeProxy(self.server.port)
             await proxy.start()
             self.proxies[name] = proxy
             dsn = f"host=127.0.0.1 port={proxy.port} user=postgres dbname=postgres"
             data_dir = self.disk.path if name == DISK_FULL_NODE else self.workdir
+            lead = ["--no-lead"] if name == NO_LEAD_NODE else []
             self.nodes[name] = GatewayProcess(
-                dsn, name, data_dir, *TIMINGS, *EXTRA, *broker, log_dir=self.workdir, env=ENV
-            )
+                dsn, name, data_dir, *TIMINGS, *EXTRA, *broker, *lead, log_dir=self.workdir,
+                env=ENV,
+            )  # fmt: skip
         await asyncio.gather(*(self.start_node(node) for node in self.nodes.values()))
 
     async def start_node(self, node: GatewayProcess) -> None:
@@ -389,6 +455,9 @@ class Campaign:
         if kind in BROKER_FAULTS:
             await self.broker_fault(kind, last=last)
             return
+        if kind in TRANSFER_FAULTS:
+            await self.transfer(kind)
+            return
         target = await self.leader()
         if target is None:
             return
@@ -413,6 +482,148 @@ class Campaign:
             proxy.blackhole()
             await asyncio.sleep(EVICT_AFTER + rnd.uniform(0.5, 3))
             proxy.heal()
+
+    async def transfer(self, kind: str) -> None:
+        """A switchover asked of the leader, over HTTP (POST /coordinator/transfer) and
+        through the database (`pgleader transfer`) in turn:
+
+        transfer_live        to a live eligible follower, which must be the next elected;
+        transfer_dead        to a follower SIGKILLed just before: refused in one line, or,
+                             while the registry still shows it alive, accepted, and then
+                             another instance must lead once the bound is over (the killed
+                             one restarts after);
+        transfer_ineligible  to the --no-lead instance: refused in one line, the
+                             leadership unchanged.
+
+        Skipped, as the leader's faults are, when no leader and live follower show up
+        in TRANSFER_READY_WAIT. The next election is awaited on LISTEN pgleader_events;
+        what came of it goes into the history for the checker (`transfer_promise`)."""
+        ready = await self._ready_for_transfer()
+        if ready is None:
+            print(f"  {kind} skipped: no leader with a live follower", flush=True)
+            return
+        epoch, leader, followers = ready
+        to = NO_LEAD_NODE if kind == "transfer_ineligible" else self.random.choice(followers)
+        via = next(self._via)
+        self.history.fault(kind, to, f"via {via}, asked of {leader} (epoch {epoch})")
+        victim = self.nodes[to] if kind == "transfer_dead" else None
+        if victim is not None:
+            victim.signal(signal.SIGKILL)
+            await victim.wait()
+        # the CLI waits for the target's election: a killed one never comes
+        until = TRANSFER_WAIT if kind == "transfer_live" else TRANSFER_BOUND
+        wait = TRANSFER_WAIT if kind == "transfer_live" else LEADERLESS_AT_MOST
+        try:
+            async with Elections(self.server.dsn) as elections:
+                asked = time.monotonic()
+                if via == "http":
+                    answer, said = await self._transfer_http(self.nodes[leader], to)
+                else:
+                    answer, said = await self._transfer_cli(to, until)
+                t = Transfer(kind, via, to, leader, epoch, answer, said)
+                if answer == "refused":
+                    t.after = await self._leadership()
+                else:  # accepted, or an answer of another kind: whatever follows is recorded
+                    t.waited = wait
+                    while elected := await elections.next(asked + wait - time.monotonic()):
+                        name, new_epoch, at = elected
+                        t.elections.append((name, new_epoch, at - asked))
+                        if kind != "transfer_dead" or name != to:
+                            break
+            self.history.transfer(t)
+        finally:
+            if victim is not None:
+                await self.start_node(victim)
+
+    async def _ready_for_transfer(self) -> tuple[int, str, list[str]] | None:
+        """(epoch, leader, its live eligible followers) once the leader holds the lock
+        and at least one follower beats on its session of now, else None."""
+        import psycopg
+
+        query = (
+            "select l.epoch, l.leader, array(select i.instance_id from pgleader.instances i"
+            "   join pg_stat_activity a on a.pid = i.backend_pid"
+            "  where i.election = l.election and i.eligible and not i.is_leader"
+            "    and i.instance_id <> l.leader"
+            "    and i.last_heartbeat > now() - make_interval(secs => %s)"
+            "    and i.last_heartbeat > coalesce((select max(h.released_at)"
+            "          from pgleader.leadership_history h"
+            "         where h.election = i.election and h.instance_id = i.instance_id),"
+            "        '-infinity')"
+            "  order by 1)"
+            " from pgleader.leader l where l.election = %s and l.lock_held"
+        )
+        deadline = time.monotonic() + TRANSFER_READY_WAIT
+        while time.monotonic() < deadline:
+            with contextlib.suppress(Exception):
+                async with await psycopg.AsyncConnection.connect(
+                    self.server.dsn, autocommit=True
+                ) as c:
+                    # beating within half the gateway's live_within: a margin for the request
+                    cur = await c.execute(query, [EVICT_AFTER / 2, ELECTION])
+                    row = await cur.fetchone()
+                if row is not None and self._running(row[1]):
+                    followers = [name for name in row[2] if self._running(name)]
+                    if followers:
+                        return int(row[0]), str(row[1]), followers
+            await asyncio.sleep(0.1)
+        return None
+
+    def _running(self, name: str | None) -> bool:
+        node = self.nodes.get(name or "")
+        return node is not None and node.proc is not None and node.proc.returncode is None
+
+    async def _leadership(self) -> tuple[int, str | None] | None:
+        """The election's epoch and leader (None while nobody holds the lock)."""
+        import psycopg
+
+        with contextlib.suppress(Exception):
+            async with await psycopg.AsyncConnection.connect(self.server.dsn, autocommit=True) as c:
+                cur = await c.execute(
+                    "select epoch, leader from pgleader.leader where election = %s", [ELECTION]
+                )
+                row = await cur.fetchone()
+                return (int(row[0]), row[1]) if row else None
+        return None
+
+    async def _transfer_http(self, leader: GatewayProcess, to: str) -> tuple[str, str]:
+        """POST /coordinator/transfer to the leader's operator listener: ("accepted" |
+        "refused" | "<status> <answer's status>" | "no answer", what it said)."""
+        headers = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+        timeout = aiohttp.ClientTimeout(total=TRANSFER_WAIT)
+        try:
+            async with (
+                aiohttp.ClientSession(timeout=timeout) as http,
+                http.post(
+                    f"{leader.operator_url}/coordinator/transfer", json={"to": to}, headers=headers
+                ) as resp,
+            ):
+                status, body = resp.status, await resp.json(content_type=None)
+        except (aiohttp.ClientError, TimeoutError, json.JSONDecodeError) as exc:
+            return "no answer", f"{type(exc).__name__}: {exc}"
+        if not isinstance(body, dict):
+            return f"{status} (not a JSON object)", str(body)
+        if status == 200 and body.get("status") == "transferred":
+            return "accepted", json.dumps(body)
+        if status == 409 and body.get("status") == "refused":
+            return "refused", str(body.get("error"))
+        return f"{status} {body.get('status')}", str(body.get("error"))
+
+    async def _transfer_cli(self, to: str, until: float) -> tuple[str, str]:
+        """`pgleader transfer --to ID`, waiting `until` seconds for the target's
+        election: ("accepted" | "refused" | "exit N", what it said)."""
+        code, out, err = await pgleader_cli(
+            "transfer", "--to", to, "--dsn", self.server.dsn, "--election", ELECTION,
+            "--bound", f"{TRANSFER_BOUND:g}", "--timeout", f"{until:g}", timeout=until + 60,
+        )  # fmt: skip
+        err = err.strip()
+        if code == 0:
+            return "accepted", out.strip()
+        if err.startswith(CLI_REFUSED):
+            return "refused", err.removeprefix(CLI_REFUSED)
+        if code == 1 and err.startswith(f"pgleader transfer: {to} did not lead within"):
+            return "accepted", err  # accepted; the target never took the lock
+        return f"exit {code}", err or out.strip()
 
     async def broker_fault(self, kind: str, *, last: bool = False) -> None:
         """The fake OpenAlgo misbehaves for a while, or for the next few calls (then
@@ -669,6 +880,37 @@ class Campaign:
                 await self.start_node(node)
 
 
+class Elections:
+    """The gateway election's `elected` announcements (LISTEN pgleader_events) from the
+    moment it is entered: a switchover's outcome is awaited, never polled for."""
+
+    def __init__(self, dsn: str) -> None:
+        self.dsn = dsn
+        self.conn: Any = None
+
+    async def __aenter__(self) -> Elections:
+        import psycopg
+
+        self.conn = await psycopg.AsyncConnection.connect(self.dsn, autocommit=True)
+        await self.conn.execute("listen pgleader_events")  # EVENTS_CHANNEL
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.conn.close()
+
+    async def next(self, timeout: float) -> tuple[str, int, float] | None:
+        """The next instance elected, its epoch and when (time.monotonic()), or None
+        when none was within `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            async with contextlib.aclosing(self.conn.notifies(timeout=left)) as notes:
+                async for note in notes:
+                    event = parse_event(note.payload)
+                    if event.get("event") == "elected" and event.get("election") == ELECTION:
+                        return str(event["leader"]), int(event["epoch"]), time.monotonic()
+        return None
+
+
 async def _next_second(last: datetime | None) -> datetime:
     """Now, in a later second than `last` (waiting for it if need be)."""
     while True:
@@ -716,6 +958,25 @@ def _rollover_rows(rollovers: dict[str, Any]) -> list[str]:
     return rows
 
 
+def _transfer_rows(transfers: list[dict[str, Any]]) -> list[str]:
+    rows = [f"  transfers {len(transfers)}" + (":" if transfers else "")]
+    for t in transfers:
+        rows.append(
+            f"    {t['kind']} {t['leader']} -> {t['to']} via {t['via']}:"
+            f" {describe_transfer(Transfer(**t))}"
+        )
+    return rows
+
+
+def _no_lead_row(n: dict[str, Any]) -> str:
+    led = f"led epochs {n['led']}" if n["led"] else "never led"
+    return (
+        f"  no-lead {n['instance']}: answered 2xx {n['answered_2xx']} of {n['requests']}"
+        f" requests, stored {n['stored']} signals ({n['executed']} executed by the leaders);"
+        f" {led}, claimed {n['claimed']} signals, booked {n['ordered']} orders"
+    )
+
+
 def summary(result: dict[str, Any]) -> str:
     faults = Counter(kind for _, kind, _ in result["faults"])
     broker = result["broker"]
@@ -736,6 +997,8 @@ def summary(result: dict[str, Any]) -> str:
         f" {broker['fills']}, broker answers "
         + ", ".join(f"{k} x{v}" for k, v in sorted(broker["answers"].items())),
         "  faults: " + ", ".join(f"{k} x{v}" for k, v in sorted(faults.items())),
+        *_transfer_rows(result["transfers"]),
+        _no_lead_row(result["no_lead"]),
         f"  202 spooled answers {result['spooled_answers']}, each checked in the inbox;"
         f" spool lines quarantined {result['quarantined']}",
         f"  {_disk_full_row(result['disk_full'])}",

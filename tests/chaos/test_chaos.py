@@ -4,6 +4,7 @@ and the checker's rules on made-up histories."""
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from types import SimpleNamespace
@@ -17,9 +18,20 @@ from tests.chaos.checker import (
     SignalRow,
     broker_promise,
     check,
+    no_lead_promise,
     rollover_promise,
+    transfer_promise,
 )
-from tests.chaos.harness import DISK_FULL_NODE, FAULTS, History, Request, campaign, summary
+from tests.chaos.harness import (
+    DISK_FULL_NODE,
+    FAULTS,
+    TRANSFER_FAULTS,
+    History,
+    Request,
+    Transfer,
+    campaign,
+    summary,
+)
 
 LEADER_FAULTS = {"kill", "pause", "partition", "sigterm"}  # skipped when no leader is alive
 
@@ -36,6 +48,11 @@ async def test_short_campaign_keeps_every_promise_under_every_fault_kind():
     assert result["moves"].get("reversal") and result["moves"].get("partial_exit")
     assert broker["fills"] > 30 and broker["both_ways"] >= 2, "the book did not move both ways"
     assert result["rollovers"]["states"].get("rolled"), "no future was rolled"
+    transfers = result["transfers"]
+    assert {t["kind"] for t in transfers} == set(TRANSFER_FAULTS)
+    assert {t["via"] for t in transfers} == {"http", "cli"}, "both ways of asking"
+    no_lead = result["no_lead"]
+    assert no_lead["answered_2xx"] > 20 and no_lead["executed"] > 10, no_lead
     assert result["violations"] == [], summary(result)
 
 
@@ -256,3 +273,43 @@ def test_a_roll_that_enters_before_it_exits_is_double_exposure():
                             _book(fills))  # fmt: skip
     assert result["instruments"][NAME]["position"] == "matched"
     assert any("exposure" in v and "|260|" in v for v in result["violations"]), result
+
+
+# -- the no-lead and transfer promises, on made-up switchovers ---------------------
+
+
+def test_an_instance_that_may_not_lead_is_named_when_it_led_or_booked_an_order():
+    assert no_lead_promise("gw4", [], 0, 0) == []
+    led, booked = no_lead_promise("gw4", [7], 3, 2)
+    assert "led epoch(s) 7" in led and "claimed 3 signal(s) and booked 2 order(s)" in booked
+
+
+def _transfer(kind: str, to: str, answer: str, said: str = "{}", **outcome: Any) -> Transfer:
+    return Transfer(kind, "http", to, "gw1", 5, answer, said, **outcome)
+
+
+def test_a_switchover_that_elected_another_or_changed_a_refusing_leader_is_named():
+    live = _transfer("transfer_live", "gw2", "accepted", elections=[("gw2", 6, 0.04)])
+    dead = _transfer("transfer_dead", "gw3", "refused", after=(5, "gw1"),
+                     said="instance gw3 is not alive (last heartbeat 0.3 s ago)")  # fmt: skip
+    lost = _transfer("transfer_dead", "gw3", "accepted", elections=[("gw2", 6, 2.6)])
+    ineligible = _transfer("transfer_ineligible", "gw4", "refused", after=(5, "gw1"),
+                           said="instance gw4 may not lead (it runs with --no-lead)")  # fmt: skip
+    assert transfer_promise([live, dead, lost, ineligible]) == []
+
+    named = transfer_promise([
+        replace(live, elections=[("gw3", 6, 0.05)]),  # another follower took the lead
+        replace(live, answer="409 not_leader", elections=[]),
+        replace(lost, elections=[], waited=17.4),  # nobody led after the bound
+        replace(ineligible, after=(6, "gw2")),  # refused, yet the leader resigned
+        replace(ineligible, said="may not lead\nTraceback"),
+        replace(ineligible, answer="accepted", after=None, elections=[("gw4", 6, 0.1)]),
+        # the killed target's session, still waiting on the lock, won it
+        replace(lost, elections=[("gw3", 6, 0.02), ("gw2", 7, 0.4)]),
+    ])  # fmt: skip
+    assert len(named) == 7, named
+    assert "then gw3 elected" in named[0] and "answered 409 not_leader" in named[1]
+    assert "no other instance elected within 17.4 s: leaderless for good" in named[2]
+    assert "the leadership changed: epoch 6 led by gw2" in named[3]
+    assert "not in one line" in named[4] and "may not lead, answered accepted" in named[5]
+    assert "the killed target was elected (epoch 6, 0.02 s after" in named[6]

@@ -112,6 +112,48 @@ async def test_statistics_count_signals_orders_and_positions_with_realised_pnl(o
     assert json.loads(out)["statistics"]["orders_by_outcome"] == {"filled": 3}
 
 
+def by_day(stats: dict[str, Any]) -> dict[tuple[str, str], int]:
+    return {(d["day"], d["status"]): d["signals"] for d in stats["signals_by_day"]}
+
+
+async def test_statistics_count_old_days_once_and_again_only_when_they_change(one):
+    """signals_by_day reads only the days that can still change: a day whose
+    signals all ended keeps the last run's counts (even once retention deleted
+    them), a day with a signal still open or ended since is counted again."""
+    gw, node = one
+    doubtful = await executed(gw, node, instrument="DAY_A", lots=1)
+    settled = await executed(gw, node, instrument="DAY_B", lots=1)
+    await gw.query("update gateway.signals set status = 'in_doubt' where id = %s", doubtful)
+    await gw.query("update gateway.signals set received_at = now() - interval '3 days',"
+                   " finished_at = now() - interval '3 days' where id = any(%s)",
+                   [doubtful, settled])  # fmt: skip
+    day = await gw.scalar("select ((now() - interval '3 days') at time zone 'UTC')::date::text")
+    await run(gw, node, "statistics")
+    _, found = await gw.get(node, "/statistics")
+    assert by_day(found["statistics"])[(day, "in_doubt")] == 1
+    assert by_day(found["statistics"])[(day, "executed")] == 1
+
+    # The doubt is settled (it ends now): its day is counted again.
+    await gw.query("update gateway.signals set status = 'executed', finished_at = now()"
+                   " where id = %s", doubtful)  # fmt: skip
+    await run(gw, node, "statistics")
+    _, found = await gw.get(node, "/statistics")
+    counts = by_day(found["statistics"])
+    assert (day, "in_doubt") not in counts
+    assert counts[(day, "executed")] == 2
+
+    # Retention deletes that day's signals (ended long ago, their positions closed);
+    # the statistics keep counting them.
+    await gw.query("update gateway.signals set finished_at = now() - interval '3 days'"
+                   " where id = %s", doubtful)  # fmt: skip
+    await gw.query("update gateway.positions set status = 'closed' where signal_id = any(%s)",
+                   [doubtful, settled])  # fmt: skip
+    assert (await run(gw, node, "retention"))["result"].startswith("2 signal(s)")
+    await run(gw, node, "statistics")
+    _, found = await gw.get(node, "/statistics")
+    assert by_day(found["statistics"])[(day, "executed")] == 2
+
+
 async def test_stale_instances_leave_the_registry_but_not_the_history(one):
     gw, node = one
     first_run = ("select runs > 0 and not running from pgleader.job_status"

@@ -62,6 +62,7 @@ def test_the_gateway_plugs_its_stream_in_after_the_library():
         "gateway/004_leader_jobs.sql",
         "gateway/005_alert_deliveries.sql",
         "gateway/006_open_signals_index.sql",
+        "gateway/007_rewind_guard.sql",
         "gateway/functions.sql",
     ]
     assert [s.name for s in installed_streams(only=["gateway"])] == ["gateway"]
@@ -93,6 +94,7 @@ async def test_only_applies_the_named_stream(empty_dsn):
             "gateway/004_leader_jobs.sql",
             "gateway/005_alert_deliveries.sql",
             "gateway/006_open_signals_index.sql",
+            "gateway/007_rewind_guard.sql",
             "gateway/functions.sql",
         ]
     assert await migrate(empty_dsn) == [
@@ -102,6 +104,7 @@ async def test_only_applies_the_named_stream(empty_dsn):
         "gateway/004_leader_jobs.sql",
         "gateway/005_alert_deliveries.sql",
         "gateway/006_open_signals_index.sql",
+        "gateway/007_rewind_guard.sql",
         "gateway/functions.sql",
     ]
 
@@ -127,6 +130,7 @@ def test_the_cli_migrates_one_stream_with_only(empty_dsn, capsys):
             "gateway/004_leader_jobs.sql",
             "gateway/005_alert_deliveries.sql",
             "gateway/006_open_signals_index.sql",
+            "gateway/007_rewind_guard.sql",
             "gateway/functions.sql",
         ]
     }

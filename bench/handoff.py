@@ -1,0 +1,174 @@
+"""The bare handoff: the least a lock-and-epoch takeover can cost on this server.
+
+Three candidate processes, each one psycopg connection in autocommit, block on a
+session advisory lock; the one granted bumps an epoch row and NOTIFYs it, three
+statements, then holds the lock until it is killed:
+
+    select pg_advisory_lock(ns, id)                         -- blocks
+    update bench_handoff set epoch = epoch + 1 returning epoch
+    select pg_notify('bench_handoff', '{"holder": ..., "epoch": ...}')
+
+No heartbeat, no registry, no fencing, no history: what pgleader's crash takeover
+is compared with (bench.failover runs both against the same server, rounds
+interleaved). A round: SIGKILL the holder, and time from the kill to the
+NOTIFY seen by an independent LISTEN client in this process (the same measure as
+pgleader's `elected`); then restart the killed candidate, a waiter again.
+
+`python -m bench.handoff candidate --dsn DSN --id ID` runs one candidate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+from bench.harness import uninterrupted
+
+__all__ = ["BareHandoff"]
+
+CHANNEL = "bench_handoff"
+LOCK = (20261202, 1)  # an advisory lock key of the benchmark's own
+_SETUP = (
+    "create table if not exists bench_handoff (id integer primary key, epoch bigint not null);"
+    " insert into bench_handoff values (1, 0) on conflict do nothing"
+)
+_LOCK = "select pg_advisory_lock(%s, %s)"
+_BUMP = "update bench_handoff set epoch = epoch + 1 where id = 1 returning epoch"
+_NOTIFY = "select pg_notify(%s, %s)"
+_LISTEN = "listen bench_handoff"
+
+
+async def candidate(dsn: str, ident: str) -> None:
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        print(json.dumps({"waiting": ident}), flush=True)
+        await conn.execute(_LOCK, LOCK)
+        cur = await conn.execute(_BUMP)
+        row = await cur.fetchone()
+        assert row is not None
+        await conn.execute(_NOTIFY, [CHANNEL, json.dumps({"holder": ident, "epoch": row[0]})])
+        print(json.dumps({"holding": ident, "epoch": row[0]}), flush=True)
+        await asyncio.Event().wait()  # hold the lock until killed
+
+
+class BareHandoff:
+    """Three candidates on `dsn`; `round()` kills the holder and times the handoff."""
+
+    def __init__(self, dsn: str, workdir: Path) -> None:
+        self.dsn, self.workdir = dsn, workdir
+        self.procs: dict[str, asyncio.subprocess.Process] = {}
+        self.seen: list[tuple[float, dict[str, Any]]] = []
+        self._arrived = asyncio.Event()
+        self._listener: psycopg.AsyncConnection[Any] | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> BareHandoff:
+        try:
+            async with await psycopg.AsyncConnection.connect(self.dsn, autocommit=True) as c:
+                await c.execute(_SETUP)
+            self._listener = await psycopg.AsyncConnection.connect(self.dsn, autocommit=True)
+            await self._listener.execute(_LISTEN)
+            self._task = asyncio.create_task(self._listen(self._listener))
+            for ident in ("bare1", "bare2", "bare3"):
+                await self._start(ident)
+            await self._holder(timeout=30)
+        except BaseException:
+            await self.__aexit__()
+            raise
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await uninterrupted(self._cleanup())
+
+    async def _cleanup(self) -> None:
+        for proc in self.procs.values():
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(BaseException):
+                await self._task
+        if self._listener is not None:
+            with contextlib.suppress(Exception):
+                await self._listener.close()
+
+    async def _listen(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        async for n in conn.notifies():
+            self.seen.append((time.monotonic(), json.loads(n.payload)))
+            self._arrived.set()
+
+    async def _start(self, ident: str) -> None:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "bench.handoff", "candidate", "--dsn", self.dsn, "--id", ident,
+            stdout=asyncio.subprocess.PIPE, cwd=Path(__file__).parent.parent,
+        )  # fmt: skip
+        assert proc.stdout is not None
+        line = await asyncio.wait_for(proc.stdout.readline(), 30)  # connected, about to lock
+        if not line:
+            raise RuntimeError(f"bare candidate {ident} ended before it waited on the lock")
+        self.procs[ident] = proc
+
+    async def _holder(self, timeout: float, since: int = 0) -> tuple[float, dict[str, Any]]:
+        async with asyncio.timeout(timeout):
+            while len(self.seen) <= since:
+                self._arrived.clear()
+                await self._arrived.wait()
+        return self.seen[since]
+
+    async def _waiting(self, ident: str) -> bool:
+        """True once `ident`'s session waits on the lock (pg_locks, not granted)."""
+        async with await psycopg.AsyncConnection.connect(self.dsn, autocommit=True) as c:
+            cur = await c.execute(
+                "select count(*) from pg_locks where locktype = 'advisory' and not granted"
+                " and classid = %s and objid = %s",
+                LOCK,
+            )
+            row = await cur.fetchone()
+        return bool(row and row[0] >= 2)
+
+    async def round(self) -> dict[str, Any]:
+        """Kill the holder; ms from the kill to the successor's NOTIFY seen here."""
+        _, last = self.seen[-1]
+        holder = str(last["holder"])
+        mark = len(self.seen)
+        killed_at = time.monotonic()
+        self.procs[holder].kill()
+        at, payload = await self._holder(timeout=30, since=mark)
+        row = {
+            "old_holder": holder,
+            "new_holder": payload["holder"],
+            "epoch": [last["epoch"], payload["epoch"]],
+            "elected_ms": (at - killed_at) * 1000,
+        }
+        await self.procs[holder].wait()
+        await self._start(holder)
+        deadline = time.monotonic() + 30
+        while not await self._waiting(holder):  # both others wait again before the next
+            if time.monotonic() > deadline:
+                raise RuntimeError("bare candidates did not wait on the lock again")
+            await asyncio.sleep(0.02)
+        return row
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.handoff")
+    verbs = parser.add_subparsers(dest="verb", required=True)
+    one = verbs.add_parser("candidate", help="run one bare candidate")
+    one.add_argument("--dsn", required=True)
+    one.add_argument("--id", required=True)
+    args = parser.parse_args()
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(candidate(args.dsn, args.id))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
