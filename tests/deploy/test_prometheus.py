@@ -218,7 +218,7 @@ async def test_metrics_and_dashboard_against_a_real_prometheus_scraping_three_in
             async def rules_evaluated() -> bool:
                 groups = (await api(http, url, "rules"))["groups"]
                 rules = [r for g in groups for r in g["rules"]]
-                return len(rules) == 11 and all(r["health"] == "ok" for r in rules)
+                return len(rules) == 12 and all(r["health"] == "ok" for r in rules)
 
             await until(rules_evaluated, timeout=30)
             # A healthy cluster raises none of them.
