@@ -51,10 +51,10 @@ async def test_a_deposed_leaders_run_deletes_nothing(executor_for, db):
     assert left == 10
 
 
-def test_batches_aim_at_50_ms_within_bounds_and_at_most_double():
+def test_batches_aim_at_20_ms_within_bounds_and_at_most_double():
     retention = Retention(None, 1)  # type: ignore[arg-type]  # sizing only
-    assert retention._next_batch(1000, 0.1) == 500  # twice too slow: half
-    assert retention._next_batch(1000, 0.04) == 1250
-    assert retention._next_batch(1000, 0.001) == 2000  # at most double
-    assert retention._next_batch(4000, 0.01) == 5000  # at most MAX_BATCH
-    assert retention._next_batch(200, 10.0) == 100  # at least MIN_BATCH
+    assert retention._next_batch(1000, 0.04) == 500  # twice too slow: half
+    assert retention._next_batch(1000, 0.016) == 1250
+    assert retention._next_batch(500, 0.001) == 1000  # at most double
+    assert retention._next_batch(1500, 0.005) == 2000  # at most MAX_BATCH
+    assert retention._next_batch(200, 10.0) == 50  # at least MIN_BATCH

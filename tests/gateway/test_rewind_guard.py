@@ -49,8 +49,15 @@ async def test_a_database_back_in_time_halts_trading_until_resumed_after_the_rew
 
         # After the copy: a new epoch (a switchover) and a signal answered as stored.
         other = next(n for n in t.gw.nodes.values() if n is not leader)
-        status, moved = await t.gw.admin(leader, "/coordinator/transfer", {"to": other.instance_id})
-        assert status == 200, moved
+
+        async def transferred() -> bool:  # refused until the target is back after the restart
+            status, moved = await t.gw.admin(
+                leader, "/coordinator/transfer", {"to": other.instance_id}
+            )
+            assert status in (200, 409), moved
+            return status == 200
+
+        await until(transferred, 30)
         led = "select leader = %s from pgleader.leader where election = 'gateway'"
         await until(query_true(t.gw, led, other.instance_id))
         status, lost = await t.post(other, instrument="LOST", lots=2)
