@@ -88,7 +88,8 @@ async def test_a_hung_database_still_gets_every_signal_answered_within_three_sec
         assert elapsed < 3.0, f"answered after {elapsed:.2f} s: TradingView gave up at 3 s"
     await until(lambda: gw_own.scalar("select count(*) = 3 from gateway.signals"), timeout=30)
     ids = [r[0] for r in await gw_own.query("select id from gateway.signals")]
-    assert set((await gw_own.settled(ids)).values()) == {"executed"}
+    # 60 s: a claim caught by the hang is settled after --broker-settle (30 s)
+    assert set((await gw_own.settled(ids, timeout=60)).values()) == {"executed"}
     assert await gw_own.broker_requests_per_signal() == {sid: 1 for sid in ids}
 
 
