@@ -18,7 +18,8 @@ COPY pyproject.toml README.md ./
 COPY pgleader ./pgleader
 COPY service ./service
 COPY sql ./sql
-RUN pip install . && rm -rf /src
+# The redis extra too: PGLEADER_REDIS_URL works in the image (unset, it is never imported).
+RUN pip install '.[redis]' && rm -rf /src
 
 # Never run as root. The data directory belongs to the service user before a
 # volume is mounted on it, so a fresh named volume inherits that ownership.

@@ -27,7 +27,9 @@ round of the bare handoff (bench/handoff.py: lock, bump, NOTIFY in three stateme
 nothing else): the goal is a crash takeover no slower (p50 ratio <= 1.0, p99 ratio
 <= 1.25, 50 rounds at least). Knobs: ROUNDS_CRASH (50), ROUNDS_GRACEFUL (20),
 ROUNDS_HUNG (5), ROUNDS_PARTITION (5), ROUNDS_REDIS (3), REDIS_URL
-(redis://127.0.0.1:6379/0; no Redis there: the baseline is skipped, said so in the JSON).
+(redis://127.0.0.1:6379/0; no Redis there: the baseline is skipped, said so in the JSON),
+PG_SETTINGS (server settings to profile with, e.g. log_min_duration_statement=0 and
+BENCH_KEEP=1 to keep the server's log; never for reported figures).
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ from bench.harness import (
     env_int,
     progress,
     run_main,
+    settings_from_env,
     timings_from_env,
     until,
     webhook_body,
@@ -317,7 +320,7 @@ async def run() -> dict[str, Any]:
     connector = aiohttp.TCPConnector(force_close=True)
     timeout = aiohttp.ClientTimeout(total=30)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as http:
-        async with Cluster(3, timings) as cluster:
+        async with Cluster(3, timings, settings_from_env()) as cluster:
             progress(f"3 instances on PostgreSQL at {cluster.dsn}; rounds {rounds}")
             async with BareHandoff(cluster.dsn, cluster.workdir) as bare:
                 for scenario, count in rounds.items():
@@ -327,7 +330,7 @@ async def run() -> dict[str, Any]:
         if partition_rounds:
             # Its own cluster: the proxies (Python, in this process) would slow every
             # other scenario's database traffic by a hop.
-            async with Cluster(3, timings, proxied=True) as cluster:
+            async with Cluster(3, timings, settings_from_env(), proxied=True) as cluster:
                 progress(f"partition: 3 instances, each behind its own proxy to {cluster.dsn}")
                 rows["partition"], _ = await _rounds(cluster, http, "partition", partition_rounds)
     scenarios: dict[str, dict[str, Any]] = {}

@@ -59,10 +59,10 @@ log = structlog.get_logger("pgleader.election")
 
 _JOIN = QUERIES["join_election"]
 _SET_LOCK_TIMEOUT = QUERIES["set_lock_timeout"]
-_CLEAR_LOCK_TIMEOUT = QUERIES["clear_lock_timeout"]
 _LOCK = QUERIES["acquire_lock"]
 _FOLLOWER_BEAT = QUERIES["follower_beat"]
 _TAKE = QUERIES["take_leadership"]
+_REHEARSE = QUERIES["rehearse_claim"]
 _TERMINATE_BLOCKERS = QUERIES["terminate_blockers"]
 _HEARTBEAT = QUERIES["heartbeat"]
 _RESIGN = QUERIES["resign"]
@@ -71,6 +71,10 @@ _REQUEST_TRANSFER = QUERIES["request_transfer"]
 _HEARTBEAT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 # How often an elector whose database lost pgleader's schema looks again.
 _SCHEMA_RETRY = 5.0
+# The longest pause between attempts to reach the database again: a refused connection
+# costs next to nothing, and a failover's new primary (or a restarted server) must find
+# its instances campaigning within half a second of accepting writes.
+_RECONNECT_CAP = 0.5
 
 
 @dataclass(frozen=True, slots=True)
@@ -362,7 +366,7 @@ class Elector:
                     pause = _SCHEMA_RETRY
                 else:
                     failures += 1
-                    pause = backoff(failures, base=0.05, cap=2.0)
+                    pause = backoff(failures, base=0.05, cap=_RECONNECT_CAP)
                     self._log.log(
                         self.log_levels.heartbeat_failed,
                         "election connection lost, rejoining",
@@ -386,6 +390,9 @@ class Elector:
         self._lock_id = int(row[0])
         # Wait on the lock in slices of one heartbeat, so a follower also polls for a hung leader.
         await conn.execute(_SET_LOCK_TIMEOUT, [f"{int(self.timings.heartbeat * 1000)}ms"])
+        if self.eligible:  # a takeover then finds the claim compiled and planned (~5 ms)
+            params = [self.election, self.instance_id, self.host, self.timings.evict_after]
+            await conn.execute(_REHEARSE, params)
 
     async def _campaign(self, conn: AsyncConnection[Any]) -> tuple[int, Any, float]:
         """Follow until this session holds the lock and has bumped the epoch; returns
@@ -395,9 +402,8 @@ class Elector:
         while True:
             if await self._follow(conn):
                 hold_back = True  # someone led meanwhile: a new vacancy
-            await conn.execute(_CLEAR_LOCK_TIMEOUT)
             sent = time.monotonic()
-            cur = await self._take(conn, hold_back)
+            cur = await self._take(conn, hold_back)  # clears the lock timeout first
             row = await cur.fetchone()
             assert row is not None
             if row[0] is not None:

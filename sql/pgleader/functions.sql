@@ -156,27 +156,46 @@ $$;
 -- live eligible instance of higher priority is there to take it. Then nothing
 -- changes but the lock, released here: epoch is null and yielded_to names the
 -- instance the lock was left to. The named instance itself never holds back.
+--
+-- p_rehearse: a follower calls it so once per session, long before it may lead. Every
+-- statement runs, on no row: nothing is locked, written, released or broadcast, and
+-- every output is null. The first call in a session costs several milliseconds more
+-- than the next (this function compiled, its statements planned, the catalogs of
+-- every table it touches read); rehearsed, a takeover does not pay them between the
+-- lock's grant and the bump.
+drop function if exists pgleader.claim_leadership(text, text, text, boolean, interval);
 create or replace function pgleader.claim_leadership(
     p_election text, p_instance text, p_host text, p_hold_back boolean, p_live_within interval,
+    p_rehearse boolean default false,
     out epoch bigint, out previous text, out acquired_at timestamptz, out yielded_to text
 ) language plpgsql security definer set search_path = pg_catalog, pg_temp as $$
 declare
     e pgleader.election;
     me pgleader.instances;
     h pgleader.leadership_history;
+    holder integer;
     named boolean;
 begin
-    select * into e from pgleader.election where name = p_election for update;
-    if not found then
+    if not p_rehearse then
+        -- From here on the session never gives up waiting on a lock (the bump below
+        -- waits for fenced transactions, and so may the leader's heartbeats); set here
+        -- rather than by a statement of its own, which would stand between the grant
+        -- and the bump. A follower that yields sets its lock-wait slice again.
+        perform set_config('lock_timeout', '0', false);
+    end if;
+    select * into e from pgleader.election el
+     where el.name = p_election and not p_rehearse for update;
+    if not found and not p_rehearse then
         raise exception 'pgleader: unknown election %', p_election using errcode = 'P0002';
     end if;
-    if pgleader.lock_holder(e.lock_id) is distinct from pg_backend_pid() then
+    holder := pgleader.lock_holder(e.lock_id);
+    if holder is distinct from pg_backend_pid() and not p_rehearse then
         raise exception 'pgleader: backend % does not hold the lock of election %',
             pg_backend_pid(), p_election using errcode = '55000';
     end if;
     select * into me from pgleader.instances i
      where i.election = p_election and i.instance_id = p_instance;
-    if found and not me.eligible then
+    if found and not me.eligible and not p_rehearse then
         perform pg_advisory_unlock(pgleader.lock_namespace(), e.lock_id);  -- not transactional
         raise exception 'pgleader: instance % may not lead election % (it joined as not eligible)',
             p_instance, p_election using errcode = '55000';
@@ -184,11 +203,13 @@ begin
     named := coalesce(e.transfer_until > now() and e.transfer_to is not null, false);
     if named and e.transfer_to <> p_instance then
         yielded_to := e.transfer_to;
-    elsif not named and p_hold_back then
+    elsif not named and (p_hold_back or p_rehearse) then
         yielded_to := pgleader.preferred_candidate(
             p_election, p_instance, coalesce(me.priority, 0), p_live_within);
     end if;
-    if yielded_to is not null then
+    if p_rehearse then
+        yielded_to := null;
+    elsif yielded_to is not null then
         perform pg_advisory_unlock(pgleader.lock_namespace(), e.lock_id);
         return;
     end if;
@@ -196,7 +217,7 @@ begin
     for h in
         update pgleader.leadership_history as lh
            set released_at = greatest(now(), lh.acquired_at), release_reason = 'session_ended'
-         where lh.election = p_election and lh.released_at is null
+         where lh.election = p_election and lh.released_at is null and not p_rehearse
         returning lh.*
     loop
         perform pgleader.notify_event('lost', p_election, h.epoch, null, h.instance_id);
@@ -205,16 +226,20 @@ begin
        set epoch = el.epoch + 1, leader = p_instance, host = p_host,
            backend_pid = pg_backend_pid(), acquired_at = now(), heartbeat_at = now(),
            transfer_to = null, transfer_until = null
-     where el.name = p_election
+     where el.name = p_election and not p_rehearse
     returning el.epoch, el.acquired_at into epoch, acquired_at;
     insert into pgleader.leadership_history (election, epoch, instance_id, host, backend_pid, acquired_at)
-    values (p_election, epoch, p_instance, p_host, pg_backend_pid(), acquired_at);
+    select p_election, epoch, p_instance, p_host, pg_backend_pid(), acquired_at
+     where not p_rehearse;
     update pgleader.instances as i set is_leader = (i.instance_id = p_instance)
-     where i.election = p_election and (i.is_leader or i.instance_id = p_instance);
-    perform pgleader.notify_event('elected', p_election, epoch, p_instance, previous);
+     where i.election = p_election and (i.is_leader or i.instance_id = p_instance)
+       and not p_rehearse;
+    if not p_rehearse then
+        perform pgleader.notify_event('elected', p_election, epoch, p_instance, previous);
+    end if;
 end
 $$;
-revoke execute on function pgleader.claim_leadership(text, text, text, boolean, interval) from public;
+revoke execute on function pgleader.claim_leadership(text, text, text, boolean, interval, boolean) from public;
 
 -- The take of releases before switchover (a rolling upgrade): never holds back;
 -- epoch is null (and the lock released) while a switchover names another instance.

@@ -18,11 +18,6 @@ select pgleader.register_instance(%s, %s, %s, %s, %s, %s, %s);
 -- so that it also polls for a hung leader.
 select set_config('lock_timeout', %s, false);
 
--- name: clear_lock_timeout
--- The leader's session never gives up waiting on a lock (the epoch bump may wait
--- for fenced transactions).
-select set_config('lock_timeout', '0', false);
-
 -- name: acquire_lock
 -- Wait for the election's session advisory lock (up to lock_timeout).
 select pg_advisory_lock(pgleader.lock_namespace(), %s);
@@ -31,6 +26,11 @@ select pg_advisory_lock(pgleader.lock_namespace(), %s);
 -- A follower's beat while the lock is taken: evicts a leader silent for longer
 -- than the interval; returns the evicted backend's pid, or null.
 select pgleader.follower_beat(%s, %s, make_interval(secs => %s));
+
+-- name: rehearse_claim
+-- Once per session of an instance that may lead: claim_leadership run on no row (it
+-- changes nothing), so that the takeover finds it compiled and planned.
+select epoch from pgleader.claim_leadership(%s, %s, %s, true, make_interval(secs => %s), true);
 
 -- name: take_leadership
 -- The lock holder bumps the epoch: returns the new epoch and the previous leader.

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -455,6 +456,18 @@ def test_image_runs_pgleader_as_a_non_root_user(dockerfile):
     assert users, "the image runs as root: add a USER line"
     assert users[-1].split(":")[0] not in ("root", "0")
     assert "/health" in instructions(dockerfile, "HEALTHCHECK")[-1]
+
+
+def test_the_image_installs_the_extra_that_pgleader_redis_url_needs(dockerfile):
+    """Without it, an image started with PGLEADER_REDIS_URL refuses to start."""
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"
+    ]
+    assert "redis" in extras
+    installs = [args for args in instructions(dockerfile, "RUN") if "pip install" in args]
+    assert any(re.search(r"['\"]?\.\[([\w,]*,)?redis(,[\w,]*)?\]", args) for args in installs), (
+        installs
+    )
 
 
 def test_every_pgleader_variable_in_the_image_is_one_the_cli_reads(dockerfile):

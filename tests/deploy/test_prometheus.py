@@ -26,6 +26,7 @@ import yaml
 from pgleader.embedded import EmbeddedPostgres, free_port
 from tests.support.gateway import Cluster, GatewayProcess, cluster, signal_body, until
 from tests.support.metrics import samples, value
+from tests.support.redis import redis_server
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 RULES = DEPLOY / "prometheus" / "alerts.yml"
@@ -45,7 +46,8 @@ FAMILIES = {
     "gateway_spooled_signals", "gateway_inbox_write_seconds_bucket",
     "gateway_db_pool_connections", "gateway_db_pool_requests_waiting",
     "pgleader_job_runs_total", "pgleader_job_seconds_since_success", "gateway_trading_halt",
-    "gateway_last_reconciliation", "gateway_alert_deliveries_total", "pgleader_build_info", "process_cpu_seconds_total",
+    "gateway_last_reconciliation", "gateway_alert_deliveries_total", "gateway_redis_operations_total",
+    "pgleader_build_info", "process_cpu_seconds_total",
     "process_resident_memory_bytes", "python_info",
 }  # fmt: skip
 
@@ -176,8 +178,14 @@ def metric_names(expr: str) -> set[str]:
 async def test_metrics_and_dashboard_against_a_real_prometheus_scraping_three_instances(
     dsn: str, tmp_path: Path
 ):
+    # With the optional Redis: its panel reads a family only an instance using it has.
+    with redis_server() as redis:
+        await _metrics_and_dashboard(dsn, tmp_path, {"PGLEADER_REDIS_URL": redis.url})
+
+
+async def _metrics_and_dashboard(dsn: str, tmp_path: Path, env: dict[str, str]) -> None:
     async with cluster(dsn, tmp_path) as gw:
-        nodes = await gw.start(3)
+        nodes = await gw.start(3, env=env)
         leader = await gw.leader()
         status, answer = await gw.post(leader, signal_body())
         assert (status, answer["status"]) in ((200, "executed"), (202, "accepted")), answer

@@ -771,7 +771,7 @@ SECURITY_DEFINER = {
     "pgleader.heartbeat(text,text,bigint)",
     # switchover and eligibility (sql/pgleader/migrations/003_switchover.sql)
     "pgleader.register_instance(text,text,text,integer,text,boolean,integer)",
-    "pgleader.claim_leadership(text,text,text,boolean,interval)",
+    "pgleader.claim_leadership(text,text,text,boolean,interval,boolean)",
     "pgleader.leader_heartbeat(text,text,bigint)",
     "pgleader.request_transfer(text,text,bigint,interval,interval)",
     "pgleader.resign(text,text,bigint,text)",

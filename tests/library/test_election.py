@@ -311,3 +311,49 @@ async def test_a_partitioned_leader_steps_down_on_its_lease_before_anyone_is_ele
         proxy.heal()
         await asyncio.gather(cut_off.stop(), other.stop())
         await proxy.stop()
+
+
+async def test_a_rehearsed_claim_changes_nothing_and_waits_for_nothing(electors, db, dsn):
+    """Every follower rehearses claim_leadership once per session (a takeover then finds
+    it compiled and planned): on no row, so it locks, writes, releases and broadcasts
+    nothing, even while the leader's fenced transaction holds the election row."""
+    group = await electors(2)
+    leader = await first_leader(group)
+    follower = next(e for e in group if e is not leader)
+    before = (await observe(db), await history(db))
+    fenced = await psycopg.AsyncConnection.connect(dsn)
+    listener = await psycopg.AsyncConnection.connect(dsn, autocommit=True)
+    try:
+        await check_epoch(fenced, "main", leader.epoch)  # the row held FOR SHARE
+        await listener.execute("listen pgleader_events")
+        async with await psycopg.AsyncConnection.connect(dsn) as rehearsal:
+            await rehearsal.execute("set lock_timeout = '200ms'")  # a wait would fail it
+            cur = await rehearsal.execute(
+                "select * from pgleader.claim_leadership(%s, %s, 'h', true,"
+                " make_interval(secs => 1), true)",
+                ["main", follower.instance_id],
+            )
+            assert await cur.fetchone() == (None, None, None, None)
+            cur = await rehearsal.execute(
+                "select pg_current_xact_id_if_assigned(), current_setting('lock_timeout'),"
+                " (select count(*) from pg_locks where pid = pg_backend_pid()"
+                "  and locktype in ('tuple', 'transactionid', 'advisory'))"
+            )
+            assert await cur.fetchone() == (None, "200ms", 0)  # no write, no row, no lock
+            await rehearsal.commit()  # a NOTIFY it had queued would go out now
+            await rehearsal.execute("select pg_notify('pgleader_events', 'end')")
+            await rehearsal.commit()
+            pid = rehearsal.info.backend_pid
+        await fenced.rollback()
+        heard = []
+        async with asyncio.timeout(10):
+            async for n in listener.notifies():
+                if n.pid == pid and n.payload == "end":
+                    break
+                heard.append((n.pid, n.payload))
+        assert [payload for sender, payload in heard if sender == pid] == []
+    finally:
+        await fenced.close()
+        await listener.close()
+    assert (await observe(db), await history(db)) == before
+    assert leader.is_leader and leader.epoch == before[0]["epoch"]
