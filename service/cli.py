@@ -69,6 +69,12 @@ def register(verbs: Any) -> None:
         help="trade again after the database went back in time (a failover lost commits):"
         " only once the broker's positions and the ledger agree (`pgleader reconcile`)",
     )  # fmt: skip
+    p.add_argument(
+        "--open", type=Choice("end", "requeue"), default=None,
+        help="with --after-rewind, for signals the database held from before it went back"
+        " in time and still shows open (the lost commits may have executed them): end"
+        " (never sent) or requeue (sent as usual); needed only when there are some",
+    )  # fmt: skip
     p = verb(
         "reconcile",
         _reconcile,
@@ -142,12 +148,26 @@ async def _halt(args: argparse.Namespace) -> int:
 
 
 async def _resume(args: argparse.Namespace) -> int:
+    if args.open is not None and not args.after_rewind:
+        raise ConfigError("--open goes with --after-rewind only")
     if args.after_rewind:
         async with await connect(require_dsn(args), autocommit=True) as conn:
             await _require_schema(conn)
-            cur = await conn.execute(QUERIES["resume_after_rewind"], [_by()])
-            (before,) = await cur.fetchone() or (None,)
-        _print({"trading": "running", "before": before, "reason": None})
+            cur = await conn.execute(QUERIES["resume_after_rewind"], [_by(), args.open])
+            before, held, resumed = await cur.fetchone() or (None, [], False)
+        if not resumed:
+            shown = ", ".join(str(i) for i in held[:20]) + (" ..." if len(held) > 20 else "")
+            print(
+                f"pgleader resume: error: {len(held)} signal(s) the database held from before"
+                f" it went back in time are still open (ids {shown}): the lost commits may have"
+                " executed them. Compare each with the broker (`pgleader reconcile`), then"
+                " resume --after-rewind with --open end (never sent) or --open requeue (sent"
+                " as usual); trading stays halted",
+                file=sys.stderr,
+            )
+            return 1
+        _print({"trading": "running", "before": before, "reason": None,
+                "open_signals": list(held), "open": args.open if held else None})  # fmt: skip
         return 0
     return await _set_halt(args, "running", None)
 

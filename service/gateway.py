@@ -85,8 +85,10 @@ _OPEN_SIGNALS = QUERIES["open_signals"]
 # Signals not yet ended, by status, as /metrics shows them (counted this often).
 OPEN_STATUSES = ("pending", "executing", "in_doubt", "awaiting_approval")
 _COUNT_EVERY = 5.0
-# A pool slot's reconnection attempts (1 s, then 2 s apart) give up after this.
-_RECONNECT_WINDOW = 3.0
+# A pool slot's reconnection attempts give up after this (psycopg_pool's first pause,
+# 1 s, is cut to it), and _reconnect_failed starts new ones at once: the pool tries again
+# every half second however long the outage.
+_RECONNECT_WINDOW = 0.5
 # How long Redis keeps a stored signal's fingerprint (at least the max signal age).
 _FINGERPRINT_TTL = 24 * 3600.0
 
@@ -106,10 +108,10 @@ class Gateway:
             open=False,
             kwargs={"autocommit": True, "application_name": f"gateway:{config.instance_id}"[:63]},
             timeout=1.0,  # a webhook must answer within TradingView's 3 s: spool instead
-            # A slot that cannot reconnect gives up after this and the next request opens
-            # a new one at once: the backoff between attempts stays within ~2 s however
-            # long the outage (psycopg_pool's doubles without a cap), so the pool is back
-            # within a few seconds of the database (a failover of 20-30 s included).
+            # psycopg_pool's own backoff (1 s, doubling without a cap) would leave the new
+            # leader without connections for seconds after a failover: a slot gives up
+            # after half a second and the next attempt starts at once, so the pool is back
+            # within half a second of the database (a failover of 20-30 s included).
             reconnect_timeout=_RECONNECT_WINDOW,
             reconnect_failed=_reconnect_failed,
         )
@@ -295,7 +297,9 @@ class Gateway:
 
     async def _execute_inline(self, signal_id: int, budget: float) -> str:
         """Execute a signal this (leading) instance just stored without a NOTIFY,
-        waiting at most `budget` seconds (or the inline timeout) for its outcome."""
+        waiting at most `budget` seconds (or the inline timeout) for its outcome; the
+        NOTIFY of one left pending is sent within what remains of `budget` too."""
+        deadline = time.monotonic() + budget
         try:
             async with asyncio.timeout(max(0.0, min(self.config.inline_timeout, budget))):
                 status = await self.executor.execute(signal_id)
@@ -305,10 +309,13 @@ class Gateway:
             log.exception("inline execution failed; the sweep retries", signal_id=signal_id)
             status = "pending"
         if status in ("not_leader", "pending"):
-            # Nobody else knows of it yet: the NOTIFY skipped at store time goes out now.
-            with contextlib.suppress(*DATABASE_UNAVAILABLE):
-                async with self.pool.connection() as conn:
-                    await notify_signal(conn, signal_id)
+            # Nobody else knows of it yet: the NOTIFY skipped at store time goes out now,
+            # unless the answer's budget is spent (a database that hangs): it only hastens
+            # what the leader's sweep does within a second anyway.
+            with contextlib.suppress(*DATABASE_UNAVAILABLE, TimeoutError):
+                async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                    async with self.pool.connection() as conn:
+                        await notify_signal(conn, signal_id)
         if status not in _ANSWERED:
             log.info(
                 "inline execution left to the leader's loop", signal_id=signal_id, status=status
@@ -715,6 +722,13 @@ async def _wait_for_database(dsn: str, limit: float) -> None:
 
 
 async def _reconnect_failed(pool: AsyncConnectionPool[Any]) -> None:
-    """A pool slot gave up reconnecting (every _RECONNECT_WINDOW s of an outage): the
-    next request that needs a connection starts a new attempt at once."""
-    log.debug("pool reconnection window over; the next request tries again", pool=pool.name)
+    """A pool slot gave up reconnecting (every _RECONNECT_WINDOW s of an outage): a new
+    attempt starts now (check() grows a pool short of connections), not when a request
+    next needs a connection, which a quiet instance may not make for seconds."""
+    if pool.closed:
+        return
+    log.debug("pool reconnection window over; trying again", pool=pool.name)
+    try:
+        await pool.check()
+    except Exception as exc:  # in the pool's worker, which only a client error may leave
+        log.warning("pool check after a failed reconnection failed", error=first_line(exc))

@@ -32,7 +32,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -126,7 +126,9 @@ class Watermark:
             self.mark = Mark(database=database)
             self._dirty = True
             return None
-        m = self.mark
+        # A copy: webhooks answered while these queries are on their way move the mark
+        # on, and a signal id checked against the next one's fingerprint is "missing".
+        m = replace(self.mark)
         if m.epoch is not None and m.leader is not None:
             cur = await conn.execute(_EPOCH_SEEN, [self.election, m.epoch, m.leader])
             row = await cur.fetchone()

@@ -525,24 +525,64 @@ $$;
 revoke execute on function gateway.set_trading_halt(text, text, text) from public;
 
 -- An operator, having reconciled the broker's positions with the ledger, lets
--- trading go on after the database went back in time. Returns the mode before.
-create or replace function gateway.resume_after_rewind(p_by text)
-returns text language plpgsql security definer set search_path = pg_catalog, pg_temp as $$
+-- trading go on after the database went back in time. before: the mode before.
+--
+-- A signal the database held before it was found rewound and still shows open
+-- (pending, or executing under an old claim) may have been executed by the lost
+-- commits: sent again, it would repeat an order the broker has (a second entry, or
+-- an entry after its exit). So while any is open, nothing changes unless p_open says
+-- what to do with them: 'end' (never sent: rejected, an order of theirs still
+-- 'sending' becomes 'unknown') or 'requeue' (executed as usual: the reconciliation
+-- showed the lost commits never sent them). open_signals lists them either way;
+-- resumed is false when p_open was needed and missing.
+drop function if exists gateway.resume_after_rewind(text);
+create or replace function gateway.resume_after_rewind(
+    p_by text, p_open text default null,
+    out before text, out open_signals bigint[], out resumed boolean
+) language plpgsql security definer set search_path = pg_catalog, pg_temp as $$
 declare
-    before text;
+    since timestamptz;
+    why constant text := 'not sent: held before the database went back in time (the lost'
+        ' commits may have executed it); ended by the operator at resume --after-rewind';
 begin
-    select mode into before from gateway.trading_halt for update;
+    if p_open is not null and p_open not in ('end', 'requeue') then
+        raise exception 'p_open must be end or requeue, not %', p_open using errcode = '22023';
+    end if;
+    select h.mode, h.changed_at into before, since from gateway.trading_halt h for update;
+    open_signals := '{}';
+    if before = 'rewound' then
+        select coalesce(array_agg(s.id order by s.id), '{}') into open_signals
+          from gateway.signals s
+         where s.status in ('pending', 'executing') and s.received_at < since;
+        if cardinality(open_signals) > 0 and p_open is null then
+            resumed := false;
+            return;
+        end if;
+        if p_open = 'end' then
+            update gateway.orders o set outcome = 'unknown', detail = why, updated_at = now()
+             where o.signal_id = any(open_signals) and o.outcome = 'sending';
+            update gateway.signals s set status = 'rejected', finished_at = now(),
+                   updated_at = now(), detail = why
+             where s.id = any(open_signals) and s.status in ('pending', 'executing');
+        end if;
+    end if;
     update gateway.trading_halt set mode = 'running', reason = null, changed_by = p_by,
            changed_at = now();
+    resumed := true;
     if before is distinct from 'running' then
         perform gateway.raise_alert('trading_resumed', null, p_by,
-            format('trading resumed by %s after the database went back in time', p_by));
+            format('trading resumed by %s after the database went back in time%s', p_by,
+                   case when cardinality(open_signals) = 0 then ''
+                        else format('; %s signal(s) held from before it %s: %s',
+                                    cardinality(open_signals),
+                                    case p_open when 'end' then 'ended unsent'
+                                                else 'requeued' end,
+                                    array_to_string(open_signals[1:20], ', ')) end));
         perform pg_notify('gateway_signals', 'halt');
     end if;
-    return before;
 end
 $$;
-revoke execute on function gateway.resume_after_rewind(text) from public;
+revoke execute on function gateway.resume_after_rewind(text, text) from public;
 
 
 -- Reconciliation with the broker --------------------------------------------------

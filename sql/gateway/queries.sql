@@ -173,8 +173,9 @@ select mode, reason, changed_by, changed_at from gateway.trading_halt;
 select gateway.set_trading_halt(%s, %s, %s);
 
 -- name: resume_after_rewind
--- `pgleader resume --after-rewind` (by); returns the mode before.
-select gateway.resume_after_rewind(%s);
+-- `pgleader resume --after-rewind [--open end|requeue]` (by, open): the mode before,
+-- the signals open from before the rewind, and whether trading resumed.
+select before, open_signals, resumed from gateway.resume_after_rewind(%s, %s);
 
 -- name: watermark_database
 -- The rewind guard: which database this is (its name and when pgleader's schema was

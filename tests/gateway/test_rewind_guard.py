@@ -24,7 +24,7 @@ from tests.support.gateway import futures, pgleader_cli, query_true, trading_at,
 
 pytestmark = pytest.mark.asyncio(loop_scope="function")
 
-TRADED = futures("BEFORE", "LOST", "AFTER")
+TRADED = futures("BEFORE", "LOST", "AFTER", "HELD")
 
 
 def _copy(source: Path, target: Path) -> None:
@@ -92,12 +92,36 @@ async def test_a_database_back_in_time_halts_trading_until_resumed_after_the_rew
         assert await t.status(int(after["signal_id"])) == "pending"
         assert len(t.fake.orders) == orders_before_rewind
 
-        # The operator reconciled with the broker and resumes on purpose.
+        # A signal the database held from before the rewind and still shows pending (the
+        # lost commits may have executed it): here one taken now, its receipt put back.
+        status, held = await t.post(other, instrument="HELD", lots=1)
+        assert status == 202, held
+        held_id = int(held["signal_id"])
+        await t.gw.query(
+            "update gateway.signals set received_at = received_at - interval '1 hour'"
+            " where id = %s", held_id,
+        )  # fmt: skip
+        code, out, err = await pgleader_cli("resume", "--open", "end", "--dsn", own_server.dsn)
+        assert code == 2 and err.count("\n") == 1 and "--after-rewind" in err, (code, err)
+
+        # The operator reconciled with the broker and resumes on purpose: refused until it
+        # says what becomes of the held signal (its reconciliation: never sent, so requeue).
         code, out, err = await pgleader_cli("resume", "--after-rewind", "--dsn", own_server.dsn)
+        assert code == 1 and out == "" and err.count("\n") == 1, (code, out, err)
+        assert f"(ids {held_id})" in err, err
+        assert await t.gw.scalar("select mode from gateway.trading_halt") == "rewound"
+        code, out, err = await pgleader_cli(
+            "resume", "--after-rewind", "--open", "requeue", "--dsn", own_server.dsn
+        )
         assert code == 0, err
-        assert json.loads(out)["before"] == "rewound"
+        assert json.loads(out) == {
+            "trading": "running", "before": "rewound", "reason": None,
+            "open_signals": [held_id], "open": "requeue",
+        }  # fmt: skip
         await t.reaches(int(after["signal_id"]), "executed")
-        assert t.orders("AFTER") and len(t.fake.orders) == orders_before_rewind + 1
+        await t.reaches(held_id, "executed")
+        assert t.orders("AFTER") and t.orders("HELD")
+        assert len(t.fake.orders) == orders_before_rewind + 2
 
 
 async def test_the_watermark_checks_what_it_saw_by_identity_not_by_number(db, tmp_path: Path):

@@ -12,6 +12,10 @@ gateway can make safe (that is the platform's job, as Patroni does it).
 Clients reach whichever node is primary through `dsn_for()`, a multi-host DSN with
 `target_session_attrs=read-write`: libpq tries the nodes in turn and keeps the first
 that accepts writes.
+
+Asynchronous, the pair can lose commits on purpose: `wait_replayed()`, then
+`stop_standby()` (the primary goes on alone), `stop_primary()`, `start_standby()` and
+`promote()`: the promoted standby lacks everything committed after the first stop.
 """
 
 from __future__ import annotations
@@ -102,6 +106,40 @@ class ReplicatedPostgres:
             f"standby {self.standby_name} not streaming ({wanted}) after {timeout} s:"
             f" pg_stat_replication shows {seen}; standby log: {self.standby.log_tail()}"
         )
+
+    def wait_replayed(self, timeout: float = 30.0) -> str:
+        """Until the standby has replayed all the primary has written so far; returns
+        that position (an LSN)."""
+        with psycopg.connect(self.primary.dsn, autocommit=True) as conn:
+            row = conn.execute("select pg_current_wal_lsn()::text").fetchone()
+        assert row is not None
+        wanted = str(row[0])
+        deadline = time.monotonic() + timeout
+        replayed = None
+        while time.monotonic() < deadline:
+            with psycopg.connect(self.standby.dsn, autocommit=True) as conn:
+                row = conn.execute(
+                    "select pg_last_wal_replay_lsn()::text, pg_last_wal_replay_lsn() >= %s::pg_lsn",
+                    [wanted],
+                ).fetchone()
+            assert row is not None
+            replayed = row[0]
+            if row[1]:
+                return wanted
+            time.sleep(0.02)
+        raise TimeoutError(f"the standby replayed up to {replayed}, not {wanted}, in {timeout} s")
+
+    def stop_standby(self) -> None:
+        """The standby goes away cleanly (mode fast): what the primary commits from now
+        on, it never receives (asynchronous: the primary does not wait for it)."""
+        if self.synchronous:
+            raise RuntimeError("a synchronous primary would wait for its standby for ever")
+        self.standby.stop("fast")
+
+    def start_standby(self) -> None:
+        """The standby back, still a standby: it streams again from the primary if that
+        is up, else it waits in recovery (readable) for `promote()`."""
+        self.standby.start()
 
     def stop_primary(self) -> None:
         """The primary crashes (pg_ctl stop -m immediate); it never comes back."""
