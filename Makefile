@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 ROUNDS   ?= 3
 SEED     ?=
 DURATION ?= 120
-FAULTS   ?= 20
+FAULTS   ?= 24
 
 .PHONY: install debs run test lint format chaos bench clean
 
@@ -74,7 +74,7 @@ bench: $(BENCH_STAMP)
 	$(BIN)/python -m bench.adapter_overhead
 
 # Long randomized fault campaigns (the short fixed-seed one is part of `make test`).
-# Knobs: ROUNDS, SEED, DURATION (s per round), FAULTS (per round: 18 kinds, each at least
+# Knobs: ROUNDS, SEED, DURATION (s per round), FAULTS (per round: 22 kinds, each at least
 # once when FAULTS allows; three are switchovers, to a live, a killed and a --no-lead
 # instance). Each round trades on the fake OpenAlgo, a process of its own.
 chaos: $(STAMP)

@@ -77,6 +77,7 @@ _SET_HALT = QUERIES["set_trading_halt"]
 _RECORD_SETTINGS = QUERIES["record_settings"]
 _SETTINGS_OF_INSTANCES = QUERIES["settings_of_instances"]
 _ELECTION_LEADER = QUERIES["election_leader"]
+_WATERMARK_ELECTION = QUERIES["watermark_election"]
 _STATISTICS = QUERIES["statistics"]
 _JOB_LIST = LIBRARY_QUERIES["job_list"]
 _REQUEST_JOB = LIBRARY_QUERIES["request_job"]
@@ -387,9 +388,9 @@ class Gateway:
         """The election's epoch and leader into the watermark (a follower learns of
         every election here); the watermark to disk at most once a second."""
         async with self.pool.connection(timeout=1.0) as conn:
-            row = await (await conn.execute(_ELECTION_LEADER, [self.config.election])).fetchone()
+            row = await (await conn.execute(_WATERMARK_ELECTION, [self.config.election])).fetchone()
         if row is not None:
-            self.watermark.saw_epoch(row[0], row[1])
+            self.watermark.saw_epoch(row[0], row[1], row[2])
         if time.monotonic() - self._watermark_saved_at >= 1.0:
             self._watermark_saved_at = time.monotonic()
             await asyncio.to_thread(self.watermark.save)

@@ -57,6 +57,7 @@ class Mark:
     database: str | None = None  # which database the rest was seen in
     epoch: int | None = None
     leader: str | None = None
+    acquired_at: str | None = None  # the term's start, ISO 8601 (once a sweep read it)
     signal_id: int | None = None
     fingerprint: str | None = None
     received_at: str | None = None  # ISO 8601, UTC
@@ -79,11 +80,18 @@ class Watermark:
                 return Mark(**{k: data.get(k) for k in Mark.__dataclass_fields__})
         return Mark()
 
-    def saw_epoch(self, epoch: int | None, leader: str | None) -> None:
+    def saw_epoch(
+        self, epoch: int | None, leader: str | None, acquired_at: datetime | None = None
+    ) -> None:
         if epoch is None or leader is None:
             return
-        if self.mark.epoch is None or epoch > self.mark.epoch:
-            self.mark.epoch, self.mark.leader = epoch, leader
+        started = acquired_at.isoformat() if acquired_at is not None else None
+        m = self.mark
+        if m.epoch is None or epoch > m.epoch:
+            m.epoch, m.leader, m.acquired_at = epoch, leader, started
+            self._dirty = True
+        elif (epoch, leader) == (m.epoch, m.leader) and m.acquired_at is None and started:
+            m.acquired_at = started  # its own election, the term's start read since
             self._dirty = True
 
     def answered(self, signal_id: int, fingerprint: str) -> None:
@@ -130,11 +138,15 @@ class Watermark:
         # on, and a signal id checked against the next one's fingerprint is "missing".
         m = replace(self.mark)
         if m.epoch is not None and m.leader is not None:
-            cur = await conn.execute(_EPOCH_SEEN, [self.election, m.epoch, m.leader])
+            cur = await conn.execute(_EPOCH_SEEN, {
+                "election": self.election, "epoch": m.epoch, "leader": m.leader,
+                "acquired_at": m.acquired_at,
+            })  # fmt: skip
             row = await cur.fetchone()
             if not (row and row[0]):
                 return (
-                    f"the database lacks epoch {m.epoch} of {m.leader}, which instance"
+                    f"the database lacks epoch {m.epoch} of {m.leader}"
+                    f"{f' begun {m.acquired_at}' if m.acquired_at else ''}, which instance"
                     f" {self.instance_id} saw (a failover lost commits?)"
                 )
         if m.signal_id is not None and m.fingerprint is not None and not self._may_be_deleted():

@@ -187,9 +187,18 @@ select current_database() || ' ' || coalesce((
 
 -- name: watermark_epoch_seen
 -- The rewind guard: does the database still hold the epoch this instance saw, with
--- the same leader (election, epoch, leader)?
+-- the same leader and, when it saw it, the same start of term (election, epoch,
+-- leader, acquired_at or null)? A term re-issued after a rewind may have the same
+-- number and even the same leader, never the same start.
 select exists (select from pgleader.leadership_history
-                where election = %s and epoch = %s and instance_id = %s);
+                where election = %(election)s and epoch = %(epoch)s
+                  and instance_id = %(leader)s
+                  and (%(acquired_at)s::timestamptz is null
+                       or acquired_at = %(acquired_at)s::timestamptz));
+
+-- name: watermark_election
+-- The rewind guard: the election's term as every sweep reads it (election).
+select epoch, leader, acquired_at from pgleader.leader where election = %s;
 
 -- name: watermark_signal_seen
 -- The rewind guard: the fingerprint of the signal this instance last answered as

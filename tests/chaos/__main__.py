@@ -6,7 +6,9 @@ Each round trades eight instruments long and short on the fake OpenAlgo (a proce
 of its own, tests.chaos.broker), two of them futures rolled to their next contract
 (the rollover fault), and ends with its book compared with the ledger. Of its four
 instances the fourth runs with --no-lead; switchovers go to a live, a killed and the
-no-lead instance (transfer_live, transfer_dead, transfer_ineligible).
+no-lead instance (transfer_live, transfer_dead, transfer_ineligible). Its PostgreSQL is
+a primary with a synchronous standby (db_failover promotes it, and a new standby is
+made), its instances share a redis-server (redis_kill, redis_pause, redis_garbage).
 
 The disk_full fault's small disk is a tmpfs mount as root, else (or with
 PGLEADER_TEST_DISK=rlimit) a file-size limit on the instance (tests/diskfull.py).
@@ -30,7 +32,7 @@ def main() -> int:
     rounds = int(os.environ.get("ROUNDS", "3"))
     seed = int(os.environ.get("SEED") or random.SystemRandom().randrange(1, 10**9))
     duration = float(os.environ.get("DURATION", "120"))
-    faults = int(os.environ.get("FAULTS", "20"))
+    faults = int(os.environ.get("FAULTS", "24"))
     print(f"chaos: ROUNDS={rounds} SEED={seed} DURATION={duration} FAULTS={faults}", flush=True)
     results = []
     for n in range(rounds):
@@ -43,6 +45,14 @@ def main() -> int:
     in_doubt = Counter(name for r in results for _, name, _, _ in r["broker"]["in_doubt"])
     rolls = Counter(roll["state"] for r in results for roll in r["rollovers"]["rolls"])
     transfers = Counter(f"{t['kind']} {t['answer']}" for r in results for t in r["transfers"])
+    elected = sorted(
+        f["promote_to_elected_s"]
+        for r in results
+        for f in r["failovers"]
+        if f["promote_to_elected_s"] is not None
+    )
+    failovers = sum(len(r["failovers"]) for r in results)
+    planted = sum(len(r["redis"]["answered_duplicate"]) for r in results)
     print(
         f"\nall rounds: {sum(len(r['faults']) for r in results)} faults"
         f" ({', '.join(f'{k} x{v}' for k, v in sorted(kinds.items()))});"
@@ -58,6 +68,9 @@ def main() -> int:
         f" ({', '.join(f'{k} x{v}' for k, v in sorted(rolls.items())) or 'none'});"
         f" transfers {sum(transfers.values())}"
         f" ({', '.join(f'{k} x{v}' for k, v in sorted(transfers.items())) or 'none'});"
+        f" db_failovers {failovers}, promote -> elected"
+        f" {', '.join(f'{s:.2f}' for s in elected) or 'none'} s;"
+        f" signals answered 200 duplicate from Redis's planted entries {planted};"
         f" the no-lead instance answered 2xx"
         f" {sum(r['no_lead']['answered_2xx'] for r in results)}, led"
         f" {sum(len(r['no_lead']['led']) for r in results)} epochs;"

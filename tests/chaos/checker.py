@@ -54,6 +54,15 @@ Invariants:
                 session of it outliving its process)
     ineligible  to the --no-lead instance: refused with a one-line reason,
                 the leadership unchanged
+  failover    after each db_failover (the primary crashed, its synchronous standby
+              promoted) an instance is elected on the promoted node; the other
+              invariants hold across it (nothing acknowledged is lost: once,
+              no-loss, epochs). Reported: promotion -> elected, -> first signal
+              executed, the new standby's rebuild (`failover_figures`)
+  redis       Redis decides nothing: killed, paused or holding wrong entries
+              (fingerprints of signals never stored, answered `200 duplicate` in
+              an outage), the invariants above hold; reported: how many such
+              duplicates were answered, each kept and executed (no-loss)
   rollover    each futures roll (gateway.rollovers, `rollover_promise`):
     done        no roll is left active after the quiet period, and once rolled
                 the broker holds nothing of the contract it left (no double
@@ -86,14 +95,22 @@ from zoneinfo import ZoneInfo
 import psycopg
 
 from tests.chaos.broker import Traded
-from tests.chaos.harness import DISK_FULL_NODE, NO_LEAD_NODE, Transfer, answer_of
+from tests.chaos.harness import (
+    DISK_FULL_NODE,
+    NO_LEAD_NODE,
+    REDIS_FAULTS,
+    Failover,
+    Request,
+    Transfer,
+    answer_of,
+)
 
 if TYPE_CHECKING:
     from tests.chaos.harness import Campaign
 
 INVARIANTS = [
     "once", "no-loss", "fenced", "epochs", "spool", "soak", "broker", "rollover", "no-lead",
-    "transfer",
+    "transfer", "failover", "redis",
 ]  # fmt: skip
 # A gateway holds its pool (max 10), the election session, the listener, and briefly a
 # side session (blocker termination). More than that is a leak.
@@ -540,6 +557,70 @@ def transfer_promise(transfers: Sequence[Transfer]) -> list[str]:
     return violations
 
 
+async def failover_figures(
+    conn: psycopg.AsyncConnection[Any], failovers: Sequence[Failover]
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """Each db_failover's figures, from the first election after its crash (none is
+    possible before the promotion: no node accepts writes) and the first signal
+    executed after it; and the violations: a failover after which nobody led."""
+    rows, violations = [], []
+    for f in failovers:
+        (before, elected, executed) = (
+            await _rows(
+                conn,
+                "select (select max(epoch) from pgleader.leadership_history"
+                "         where election = 'gateway' and acquired_at < to_timestamp(%(t)s)),"
+                " (select array[epoch::text, instance_id,"
+                "         extract(epoch from acquired_at)::float8::text]"
+                "    from pgleader.leadership_history"
+                "   where election = 'gateway' and acquired_at >= to_timestamp(%(t)s)"
+                "   order by acquired_at, epoch limit 1),"
+                " (select extract(epoch from min(finished_at))::float8 from gateway.signals"
+                "   where status = 'executed' and finished_at >= to_timestamp(%(p)s))",
+                {"t": f.crashed_at, "p": f.promoting_at},
+            )
+        )[0]
+        row = {
+            "gap_s": round(f.promoting_at - f.crashed_at, 3),
+            "promote_s": round(f.promoted_at - f.promoting_at, 3),
+            "epoch_before": before,
+            "epoch": int(elected[0]) if elected else None,
+            "leader": elected[1] if elected else None,
+            # from `pg_ctl promote` asked (the figure tests/gateway/test_db_failover.py prints)
+            "promote_to_elected_s": round(float(elected[2]) - f.promoting_at, 3)
+            if elected
+            else None,
+            "promoted_to_elected_s": round(float(elected[2]) - f.promoted_at, 3)
+            if elected
+            else None,
+            "promote_to_first_executed_s": round(executed - f.promoting_at, 3)
+            if executed is not None
+            else None,
+            "rebuilt_s": None if f.rebuilt_s is None else round(f.rebuilt_s, 3),
+            "rebuild_error": f.rebuild_error,
+        }
+        rows.append(row)
+        if elected is None:
+            violations.append(
+                f"failover: the primary :{f.old_port} crashed, :{f.new_port} promoted; nobody"
+                " was elected after it"
+            )
+    return rows, violations
+
+
+def redis_figures(requests: Sequence[Request], planted: set[str]) -> dict[str, Any]:
+    """What Redis's wrong entries changed in the answers: the planted fingerprints
+    whose first send was answered `200 duplicate` (the gateway asked Redis, the
+    database being down). Whether each was kept and executed is no-loss's."""
+    first: dict[str, Request] = {}
+    for r in sorted(requests, key=lambda r: r.sent_at):
+        first.setdefault(r.fingerprint, r)
+    duplicates = sorted(
+        fp for fp in planted if fp in first and answer_of(first[fp]) == "200 duplicate"
+    )
+    return {"planted": len(planted), "answered_duplicate": duplicates}
+
+
 def _of(signals: Mapping[int, SignalRow], o: OrderRow) -> str | None:
     """The instrument of an order."""
     return o.instrument or (signals[o.signal_id].instrument if o.signal_id in signals else None)
@@ -718,6 +799,13 @@ async def check(c: Campaign, quiet: float) -> dict[str, Any]:
             "ordered": ordered,
         }
         violations += transfer_promise(c.history.transfers)
+        failovers, named = await failover_figures(conn, c.history.failovers)
+        violations += named
+        redis = redis_figures(c.history.requests, c.history.planted)
+        redis["ended"] = dict(
+            Counter(signals[fp][1] for fp in redis["answered_duplicate"] if fp in signals)
+        )
+        redis["faults"] = dict(Counter(k for _, k, _ in c.history.faults if k in REDIS_FAULTS))
 
         soak = _soak(c)
         if soak["max_sessions"] > MAX_SESSIONS:
@@ -774,6 +862,8 @@ async def check(c: Campaign, quiet: float) -> dict[str, Any]:
         "resent": sum(r.resent > 0 for r in c.history.requests),
         "faults": c.history.faults,
         "transfers": [asdict(t) for t in c.history.transfers],
+        "failovers": failovers,
+        "redis": redis,
         "no_lead": no_lead,
         "invariants": INVARIANTS,
         "soak": soak,

@@ -1,12 +1,15 @@
 """A Jepsen-style campaign: real processes, injected faults, a recorded history.
 
-    PostgreSQL (owned by the campaign: restarted, stopped)
-      ^ ^ ^ ^   one blackholing proxy per instance (partitions)
+    PostgreSQL, a primary and a synchronous standby (owned by the campaign: restarted,
+      ^ ^ ^ ^   stopped, failed over; tests.chaos.database), reached through a multi-host
+      ^ ^ ^ ^   DSN; one blackholing proxy per instance and node (partitions)
     gw1 gw2 gw3 gw4   real `pgleader serve` processes (SIGKILL, SIGSTOP, SIGTERM);
       |  ^ ^ ^ ^      gw4 runs with --no-lead: it takes webhooks, never leads;
       |  ^            switchovers to a live, a killed and the no-lead instance (transfer_*)
       |  ^            gw3's data directory (its spool) on a small disk of its own (disk_full)
       |  ^            their instruments file, rewritten once: a futures roll falls due (rollover)
+      |  ^            their optional cache, a redis-server of the campaign's own (SIGKILL,
+      |  ^            SIGSTOP, wrong entries: it must never change what is kept or executed)
       |  load generator: one strategy per instrument (tests.chaos.workload), long
       |  and short, round-robin over the instances; every request and answer logged
       v
@@ -39,7 +42,6 @@ from typing import Any
 
 import aiohttp
 
-from pgleader.embedded import EmbeddedPostgres
 from pgleader.events import parse_event
 from pgleader.migrations import migrate
 from service.intake.signals import fingerprint_raw
@@ -52,10 +54,12 @@ from tests.chaos.broker import (
     futures,
     write_instruments_file,
 )
+from tests.chaos.database import FailoverPair
 from tests.chaos.proxy import BlackholeProxy
 from tests.chaos.workload import MOVES, SLOW, SLOW_EVERY, Trader
 from tests.support.diskfull import SmallDisk
 from tests.support.gateway import ADMIN_TOKEN, GatewayProcess, pgleader_cli
+from tests.support.redis import RedisServer
 
 BROKER_FAULTS = (
     "broker_latency",  # answers after the client gave up, applied before settling
@@ -70,6 +74,11 @@ TRANSFER_FAULTS = (
     "transfer_dead",  # to a follower just SIGKILLed: refused, or accepted and another leads
     "transfer_ineligible",  # to the --no-lead instance: refused, the leadership unchanged
 )
+REDIS_FAULTS = (
+    "redis_kill",  # SIGKILL, restarted empty a few seconds later
+    "redis_pause",  # SIGSTOP, then SIGCONT
+    "redis_garbage",  # wrong entries, and fingerprints of signals never stored (planted)
+)
 FAULTS = (
     "kill",
     "pause",
@@ -79,10 +88,27 @@ FAULTS = (
     "db_down",
     "sigterm",
     "disk_full",
+    "db_failover",  # the primary crashes, its synchronous standby is promoted
     "rollover",  # at most once a round: the futures' roll falls due (Campaign.rollover)
     *TRANSFER_FAULTS,
     *BROKER_FAULTS,
+    *REDIS_FAULTS,
 )
+# The faults during which the primary is down (a planting redis_garbage lasts until
+# the end of the next one: Redis is read only then).
+DB_OUTAGES = ("restart_fast", "restart_immediate", "db_down", "disk_full", "db_failover")
+# db_failover: crash -> promote, s; how long a standby's rebuild (or the next failover's
+# wait for it to stream synchronously) may take.
+FAILOVER_GAP = (0.2, 3.0)
+REBUILD_WAIT = 120.0
+# redis_kill's and redis_pause's length, s; what the gateways name their entries
+# (pgleader.redis, service.intake.fingerprint_cache); how long redis_garbage plants
+# fingerprints at most, waiting for a database outage to end.
+REDIS_DOWN = (1.0, 4.0)
+LEADER_KEY = "pgleader:gateway:leader"
+FP_KEY = "pgleader:gateway:fp:"
+PLANT_AT_MOST = 30.0
+GARBAGE = ("", "not-a-signal-id", "-1", "0", "3.5", "99999999999999999999", "\xff\xfe")
 # Fast election timings so a campaign fits in minutes; the rules of Timings still hold.
 TIMINGS = ["--heartbeat", "0.2", "--lease", "0.6", "--evict-after", "1.2"]
 BROKER_TIMEOUT = 1.0
@@ -188,6 +214,20 @@ def answer_of(r: Request) -> str:
 
 
 @dataclass
+class Failover:
+    """One db_failover, by the wall clock (as the database's timestamps): the checker
+    finds the first election after it in pgleader.leadership_history."""
+
+    crashed_at: float  # the old primary's pg_ctl stop -m immediate returned
+    promoting_at: float  # pg_ctl promote asked, after the gap
+    promoted_at: float  # the standby accepts writes
+    old_port: int
+    new_port: int
+    rebuilt_s: float | None = None  # the next standby streaming synchronously, after promotion
+    rebuild_error: str | None = None
+
+
+@dataclass
 class History:
     seed: int
     started: float = field(default_factory=time.monotonic)
@@ -202,6 +242,9 @@ class History:
     # the breakdown (application_name, state, count) of the most sessions one instance held
     session_peak: dict[str, Any] = field(default_factory=dict)
     transfers: list[Transfer] = field(default_factory=list)
+    failovers: list[Failover] = field(default_factory=list)
+    # fingerprints Redis was made to hold before their signal was first sent
+    planted: set[str] = field(default_factory=set)
 
     def fault(self, kind: str, target: str, detail: str = "") -> None:
         self.faults.append((time.monotonic(), kind, target))
@@ -220,12 +263,20 @@ class Campaign:
         self.seed = seed
         self.random = random.Random(seed)
         self.broker_random = random.Random(seed + 10**9)  # its lane's: replays whatever the timing
+        self.redis_random = random.Random(seed + 2 * 10**9)  # the Redis lane's
+        self._plant_ids = random.Random(seed * 31)  # the wrong ids planted fingerprints name
         self.duration = duration
         self.rate = rate  # signals per second, all instruments together (about)
         self.workdir = workdir
         self.history = History(seed)
-        self.server = EmbeddedPostgres(workdir / "pg")
-        self.proxies: dict[str, BlackholeProxy] = {}
+        self.server = FailoverPair(workdir / "pg")
+        self._rebuilt: asyncio.Task[None] | None = None  # the standby's, after a failover
+        # one proxy per instance and database node (slot): a partition blackholes both
+        self.proxies: dict[str, list[BlackholeProxy]] = {}
+        self.redis = RedisServer(workdir / "redis")
+        self._planting: Any = None  # redis_garbage's client while it plants fingerprints
+        self._outages = 0  # database outages over so far (DB_OUTAGES)
+        self._outage_over = asyncio.Condition()
         self.nodes: dict[str, GatewayProcess] = {}
         self.disk: SmallDisk | None = None
         self.broker = FakeBroker(workdir / "openalgo.log", rate=broker_rate)
@@ -245,8 +296,10 @@ class Campaign:
     # -- set-up ---------------------------------------------------------------
 
     async def start(self) -> None:
-        await asyncio.to_thread(self.server.start)
+        await asyncio.to_thread(self.server.create)
         await migrate(self.server.dsn)
+        self.redis.directory.mkdir()
+        await asyncio.to_thread(self.redis.start)
         url = await self.broker.start()
         write_instruments_file(self.instruments_file, tuple(self.instruments.values()))
         broker = [
@@ -256,16 +309,18 @@ class Campaign:
             "--openalgo-order-rate", f"{self.broker_rate * 0.9:g}",
         ]  # fmt: skip
         self.disk = SmallDisk(SMALL_DISK_BYTES)
+        env = {**ENV, "PGLEADER_REDIS_URL": self.redis.url}
         for name in ("gw1", "gw2", "gw3", NO_LEAD_NODE):
-            proxy = BlackholeProxy(self.server.port)
-            await proxy.start()
-            self.proxies[name] = proxy
-            dsn = f"host=127.0.0.1 port={proxy.port} user=postgres dbname=postgres"
+            proxies = [BlackholeProxy(port) for port in self.server.ports]
+            for proxy in proxies:
+                await proxy.start()
+            self.proxies[name] = proxies
+            dsn = self.server.dsn_via([proxy.port for proxy in proxies])
             data_dir = self.disk.path if name == DISK_FULL_NODE else self.workdir
             lead = ["--no-lead"] if name == NO_LEAD_NODE else []
             self.nodes[name] = GatewayProcess(
                 dsn, name, data_dir, *TIMINGS, *EXTRA, *broker, *lead, log_dir=self.workdir,
-                env=ENV,
+                env=env,
             )  # fmt: skip
         await asyncio.gather(*(self.start_node(node) for node in self.nodes.values()))
 
@@ -280,11 +335,15 @@ class Campaign:
         try:
             for node in self.nodes.values():
                 await node.stop()
-            for proxy in self.proxies.values():
-                await proxy.stop()
+            for proxies in self.proxies.values():
+                for proxy in proxies:
+                    await proxy.stop()
             await self.broker.stop()
-            await asyncio.to_thread(self.server.stop, "immediate")
+            await asyncio.to_thread(self.redis.kill)
         finally:
+            await asyncio.to_thread(self.server.close)  # a rebuild under way gives up
+            if self._rebuilt is not None:
+                await self._rebuilt
             if self.disk is not None:  # whatever failed: a mount would outlive the campaign
                 self.disk.close()
 
@@ -338,6 +397,10 @@ class Campaign:
         body: dict[str, Any],
         resent: int = 0,
     ) -> None:
+        # Not to the small disk's instance while disk_full asks it for `202 spooled`
+        # answers (a planted fingerprint's is `200 duplicate`, spooled all the same).
+        if self._planting is not None and not resent and node.instance_id != self._focus:
+            await self._plant(fingerprint_raw(body))
         sent = time.monotonic()
         status: int | None = None
         answer: dict[str, Any] | None = None
@@ -434,6 +497,30 @@ class Campaign:
 
     async def inject(self, kind: str, *, last: bool = False) -> None:
         """One fault; `last`: the last of its lane (nothing after it to wait for)."""
+        if kind in DB_OUTAGES:
+            try:
+                await self.db_outage(kind)
+            finally:
+                async with self._outage_over:
+                    self._outages += 1
+                    self._outage_over.notify_all()
+            return
+        if kind in REDIS_FAULTS:
+            await self.redis_fault(kind)
+            return
+        if kind == "rollover":
+            await self.rollover()
+            return
+        if kind in BROKER_FAULTS:
+            await self.broker_fault(kind, last=last)
+            return
+        if kind in TRANSFER_FAULTS:
+            await self.transfer(kind)
+            return
+        await self.leader_fault(kind)
+
+    async def db_outage(self, kind: str) -> None:
+        """One of DB_OUTAGES, on whichever node is the primary."""
         rnd = self.random
         if kind in ("restart_fast", "restart_immediate"):
             mode = kind.split("_")[1]
@@ -449,15 +536,14 @@ class Campaign:
         if kind == "disk_full":
             await self.disk_full()
             return
-        if kind == "rollover":
-            await self.rollover()
+        if kind == "db_failover":
+            await self.db_failover()
             return
-        if kind in BROKER_FAULTS:
-            await self.broker_fault(kind, last=last)
-            return
-        if kind in TRANSFER_FAULTS:
-            await self.transfer(kind)
-            return
+        raise ValueError(f"not a database outage: {kind}")
+
+    async def leader_fault(self, kind: str) -> None:
+        """kill, sigterm, pause or partition of the leader (skipped without a live one)."""
+        rnd = self.random
         target = await self.leader()
         if target is None:
             return
@@ -478,10 +564,115 @@ class Campaign:
             await asyncio.sleep(EVICT_AFTER + rnd.uniform(0.5, 2))
             target.signal(signal.SIGCONT)
         elif kind == "partition":
-            proxy = self.proxies[name]
-            proxy.blackhole()
+            for proxy in self.proxies[name]:
+                proxy.blackhole()
             await asyncio.sleep(EVICT_AFTER + rnd.uniform(0.5, 3))
-            proxy.heal()
+            for proxy in self.proxies[name]:
+                proxy.heal()
+
+    async def db_failover(self) -> None:
+        """PostgreSQL fails over: the primary crashes (immediate), after a gap of
+        FAILOVER_GAP its synchronous standby is promoted, and a new standby is made
+        from the new primary in the background (tests.chaos.database). The instances
+        find the new primary through their multi-host DSN by themselves.
+
+        A failover waits first until the standby streams synchronously (the last
+        failover's rebuild, or a reconnection after a restart of the primary): a
+        standby that lags may lack acknowledged commits, which is not this fault."""
+        if self._rebuilt is not None:
+            await self._rebuilt
+        server = self.server
+        if server.standby is None:
+            print("  db_failover skipped: the last failover's standby was not rebuilt", flush=True)
+            return
+        await asyncio.to_thread(server.wait_sync, REBUILD_WAIT)
+        gap = self.random.uniform(*FAILOVER_GAP)
+        old, new = server.primary.port, server.standby.port
+        self.history.fault(
+            "db_failover", "postgres", f"primary :{old} crashed, :{new} promoted {gap:.1f} s later"
+        )
+        await asyncio.to_thread(server.crash_primary)
+        crashed = time.time()
+        await asyncio.sleep(gap)
+        promoting = time.time()
+        await asyncio.to_thread(server.promote)
+        failover = Failover(crashed, promoting, time.time(), old, new)
+        self.history.failovers.append(failover)
+        self._rebuilt = asyncio.create_task(self._rebuild(failover))
+
+    async def _rebuild(self, failover: Failover) -> None:
+        try:
+            failover.rebuilt_s = await asyncio.to_thread(self.server.rebuild, REBUILD_WAIT)
+        except Exception as exc:  # the next failover is skipped; the summary says why
+            failover.rebuild_error = f"{type(exc).__name__}: {exc}"
+        print(
+            f"    standby :{failover.old_port} rebuilt from :{failover.new_port}"
+            + (f" in {failover.rebuilt_s:.1f} s" if failover.rebuilt_s is not None else "")
+            + (f": FAILED {failover.rebuild_error}" if failover.rebuild_error else ""),
+            flush=True,
+        )
+
+    async def redis_fault(self, kind: str) -> None:
+        """The gateways' Redis dies (SIGKILL, restarted empty), pauses (SIGSTOP), or
+        holds wrong entries (`redis_garbage`). Redis decides nothing: the checker's
+        invariants must hold whatever it does."""
+        rnd = self.redis_random
+        if kind == "redis_garbage":
+            await self.redis_garbage(rnd)
+            return
+        seconds = rnd.uniform(*REDIS_DOWN)
+        if kind == "redis_kill":
+            self.history.fault(kind, "redis", f"SIGKILL, restarted empty {seconds:.1f} s later")
+            await asyncio.to_thread(self.redis.kill)
+            await asyncio.sleep(seconds)
+            await asyncio.to_thread(self.redis.start)
+        else:
+            self.history.fault(kind, "redis", f"SIGSTOP {seconds:.1f} s")
+            self.redis.pause()
+            await asyncio.sleep(seconds)
+            self.redis.resume()
+
+    async def redis_garbage(self, rnd: random.Random) -> None:
+        """Every stored fingerprint's entry rewritten (another signal's id, or not an
+        id at all), the leader's entry naming an instance that does not exist; then,
+        until the next database outage is over (at most PLANT_AT_MOST), each new
+        signal's fingerprint planted before it is sent, naming some other signal: in
+        the outage the gateways answer it `200 duplicate`, and must still keep
+        (spool) and execute it."""
+        import redis.asyncio as aioredis
+
+        client = aioredis.Redis.from_url(self.redis.url, socket_timeout=1, socket_connect_timeout=1)
+        try:
+            keys = [key async for key in client.scan_iter(match=f"{FP_KEY}*", count=1000)]
+            wrong = json.dumps({"leader": "gw9", "epoch": 1, "url": "http://127.0.0.1:9"})
+            async with client.pipeline(transaction=False) as pipe:
+                for key in keys:
+                    value = rnd.choice((*GARBAGE, str(rnd.randint(1, 10**6))))
+                    pipe.set(key, value, keepttl=True)
+                pipe.set(LEADER_KEY, wrong, px=60_000)
+                await pipe.execute()
+            self.history.fault(
+                "redis_garbage", "redis", f"{len(keys)} fingerprints rewritten, the leader's"
+                " entry wrong; planting fingerprints until a database outage is over",
+            )  # fmt: skip
+            since = self._outages
+            self._planting = client
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(PLANT_AT_MOST), self._outage_over:
+                    await self._outage_over.wait_for(lambda: self._outages > since)
+        except aioredis.RedisError as exc:
+            print(f"  redis_garbage skipped: {type(exc).__name__}: {exc}", flush=True)
+        finally:
+            self._planting = None
+            await client.aclose()
+
+    async def _plant(self, fingerprint: str) -> None:
+        """Redis holds `fingerprint` as some signal's before it is first sent."""
+        value = str(self._plant_ids.randint(1, max(1, len(self.history.requests))))
+        with contextlib.suppress(Exception):  # a cache may lose it: nothing rides on it
+            async with asyncio.timeout(0.5):
+                await self._planting.set(FP_KEY + fingerprint, value, px=60_000)
+                self.history.planted.add(fingerprint)
 
     async def transfer(self, kind: str) -> None:
         """A switchover asked of the leader, over HTTP (POST /coordinator/transfer) and
@@ -813,17 +1004,20 @@ class Campaign:
             await asyncio.sleep(0.1)
 
     async def faults(self, kinds: list[str]) -> None:
-        """Two lanes side by side, each one fault at a time: the instances' and the
-        database's, and the broker's (their faults combine, as they would)."""
+        """Three lanes side by side, each one fault at a time: the instances' and the
+        database's, the broker's, and Redis's (their faults combine, as they would).
+        Redis's few faults are spread over the round, to meet the database's outages."""
 
-        async def lane(kinds: list[str], rnd: random.Random) -> None:
+        async def lane(kinds: list[str], rnd: random.Random, most: float = 2.5) -> None:
             for n, kind in enumerate(kinds, 1):
-                await asyncio.sleep(rnd.uniform(1.0, 2.5))
+                await asyncio.sleep(rnd.uniform(1.0, most))
                 await self.inject(kind, last=n == len(kinds))
 
+        redis = [k for k in kinds if k in REDIS_FAULTS]
         await asyncio.gather(
-            lane([k for k in kinds if k not in BROKER_FAULTS], self.random),
+            lane([k for k in kinds if k not in BROKER_FAULTS + REDIS_FAULTS], self.random),
             lane([k for k in kinds if k in BROKER_FAULTS], self.broker_random),
+            lane(redis, self.redis_random, max(2.5, self.duration / (len(redis) + 1))),
         )
 
     def schedule(self, count: int) -> list[str]:
@@ -870,10 +1064,17 @@ class Campaign:
         await self.broker.faults(clear=True)
         if self.disk is not None:
             await asyncio.to_thread(self.disk.free)
-        for proxy in self.proxies.values():
-            proxy.heal()
+        for proxies in self.proxies.values():
+            for proxy in proxies:
+                proxy.heal()
+        if self.redis.proc is None or self.redis.proc.poll() is not None:
+            await asyncio.to_thread(self.redis.start)
+        else:
+            self.redis.resume()
         if not await asyncio.to_thread(self.server.is_running):
             await asyncio.to_thread(self.server.start)
+        if self._rebuilt is not None:  # the summary reports the last failover's rebuild too
+            await self._rebuilt
         for node in self.nodes.values():
             node.signal(signal.SIGCONT)
             if node.proc is None or node.proc.returncode is not None:
@@ -968,6 +1169,32 @@ def _transfer_rows(transfers: list[dict[str, Any]]) -> list[str]:
     return rows
 
 
+def _failover_rows(failovers: list[dict[str, Any]]) -> list[str]:
+    def s(value: float | None) -> str:
+        return "never" if value is None else f"{value:.2f} s"
+
+    rows = [f"  db_failovers {len(failovers)}" + (":" if failovers else "")]
+    for f in failovers:
+        rebuilt = f"FAILED: {f['rebuild_error'][:160]}" if f["rebuild_error"] else s(f["rebuilt_s"])
+        rows.append(
+            f"    crash -> promote {f['gap_s']:.2f} s, promote took {f['promote_s']:.2f} s;"
+            f" promote -> elected {s(f['promote_to_elected_s'])} ({f['leader']}, epoch"
+            f" {f['epoch_before']} -> {f['epoch']}), -> first executed"
+            f" {s(f['promote_to_first_executed_s'])}; standby rebuilt {rebuilt}"
+        )
+    return rows
+
+
+def _redis_row(r: dict[str, Any]) -> str:
+    faults = ", ".join(f"{k} x{v}" for k, v in sorted(r["faults"].items())) or "none"
+    ended = ", ".join(f"{k} x{v}" for k, v in sorted(r["ended"].items())) or "none in the inbox"
+    return (
+        f"  redis faults {faults}; fingerprints planted before their signal was sent"
+        f" {r['planted']}, answered 200 duplicate from Redis {len(r['answered_duplicate'])}"
+        f" (in the inbox: {ended})"
+    )
+
+
 def _no_lead_row(n: dict[str, Any]) -> str:
     led = f"led epochs {n['led']}" if n["led"] else "never led"
     return (
@@ -998,6 +1225,8 @@ def summary(result: dict[str, Any]) -> str:
         + ", ".join(f"{k} x{v}" for k, v in sorted(broker["answers"].items())),
         "  faults: " + ", ".join(f"{k} x{v}" for k, v in sorted(faults.items())),
         *_transfer_rows(result["transfers"]),
+        *_failover_rows(result["failovers"]),
+        _redis_row(result["redis"]),
         _no_lead_row(result["no_lead"]),
         f"  202 spooled answers {result['spooled_answers']}, each checked in the inbox;"
         f" spool lines quarantined {result['quarantined']}",

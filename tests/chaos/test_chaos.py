@@ -3,12 +3,17 @@ and the checker's rules on made-up histories."""
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 import time
 from dataclasses import replace
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
+
+import psycopg
+import pytest
 
 from tests.chaos.broker import Traded
 from tests.chaos.checker import (
@@ -18,14 +23,18 @@ from tests.chaos.checker import (
     SignalRow,
     broker_promise,
     check,
+    failover_figures,
     no_lead_promise,
+    redis_figures,
     rollover_promise,
     transfer_promise,
 )
+from tests.chaos.database import FailoverPair
 from tests.chaos.harness import (
     DISK_FULL_NODE,
     FAULTS,
     TRANSFER_FAULTS,
+    Failover,
     History,
     Request,
     Transfer,
@@ -53,6 +62,9 @@ async def test_short_campaign_keeps_every_promise_under_every_fault_kind():
     assert {t["via"] for t in transfers} == {"http", "cli"}, "both ways of asking"
     no_lead = result["no_lead"]
     assert no_lead["answered_2xx"] > 20 and no_lead["executed"] > 10, no_lead
+    (failover,) = result["failovers"]  # one db_failover, its standby rebuilt
+    assert failover["promote_to_elected_s"] is not None and failover["rebuilt_s"], failover
+    assert result["redis"]["planted"], "redis_garbage planted no fingerprint"
     assert result["violations"] == [], summary(result)
 
 
@@ -313,3 +325,75 @@ def test_a_switchover_that_elected_another_or_changed_a_refusing_leader_is_named
     assert "the leadership changed: epoch 6 led by gw2" in named[3]
     assert "not in one line" in named[4] and "may not lead, answered accepted" in named[5]
     assert "the killed target was elected (epoch 6, 0.02 s after" in named[6]
+
+
+# -- the campaign's database, and the failover and redis figures ---------------------
+
+
+def test_the_campaign_database_fails_over_again_and_again_keeping_every_commit():
+    """Each failover promotes a synchronous standby (in the other slot each time) and
+    a rebuilt one takes its place: the multi-host DSN reaches the new primary, and
+    every commit acknowledged before a crash is there."""
+    root = Path(tempfile.mkdtemp(prefix="pgleader-chaos-pair-"))
+    root.chmod(0o755)  # the postgres user must pass through (pytest's tmp_path is 700)
+    pair = FailoverPair(root)
+    try:
+        pair.create()
+        with psycopg.connect(pair.dsn, autocommit=True) as conn:
+            conn.execute("create table kept (n int)")
+            conn.execute("insert into kept values (0)")
+        for n in (1, 2):
+            before = pair.primary.port
+            pair.crash_primary()
+            pair.promote()
+            with psycopg.connect(pair.dsn, autocommit=True) as conn:
+                row = conn.execute("select inet_server_port(), pg_is_in_recovery()").fetchone()
+                assert row == (next(p for p in pair.ports if p != before), False)
+                conn.execute("insert into kept values (%s)", [n])
+            assert pair.rebuild() > 0 and pair.standby is not None
+            assert pair.standby.port == before  # the crashed node's slot
+        with psycopg.connect(pair.dsn, autocommit=True) as conn:
+            assert conn.execute("select array_agg(n order by n) from kept").fetchone() == (
+                [0, 1, 2],
+            )
+    finally:
+        pair.close()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+async def test_a_failover_after_which_nobody_led_is_named(db: psycopg.AsyncConnection[Any]):
+    """Its figures come from the first election after the crash (epoch 5, 1 s after
+    `pg_ctl promote` was asked); a failover with no election after it is a violation."""
+    now = time.time()
+    await db.execute("insert into pgleader.election (name) values ('gateway')")
+    await db.execute(
+        "insert into pgleader.leadership_history"
+        " (election, epoch, instance_id, acquired_at, released_at)"
+        " values ('gateway', 4, 'gw1', to_timestamp(%s), to_timestamp(%s)),"
+        "        ('gateway', 5, 'gw2', to_timestamp(%s), null)",
+        [now - 60, now - 10.5, now - 8],
+    )
+    (row,), violations = await failover_figures(db, [Failover(now - 10, now - 9, now - 8.5, 1, 2)])
+    assert violations == []
+    assert (row["epoch_before"], row["epoch"], row["leader"]) == (4, 5, "gw2")
+    assert row["promote_to_elected_s"] == pytest.approx(1.0, abs=0.01)
+
+    (row,), violations = await failover_figures(db, [Failover(now - 5, now - 4, now - 3, 2, 1)])
+    assert row["epoch"] is None and row["promote_to_elected_s"] is None
+    assert violations == [
+        "failover: the primary :2 crashed, :1 promoted; nobody was elected after it"
+    ]
+
+
+def test_redis_figures_count_planted_signals_answered_duplicate_on_their_first_send():
+    now = time.monotonic()
+    requests = [
+        Request(now + 1, "gw1", "a", 200, {"status": "duplicate", "signal_id": 7}, now + 1.1),
+        Request(now + 2, "gw2", "a", 200, {"status": "duplicate", "signal_id": 9}, now + 2.1),
+        Request(now, "gw1", "b", 202, {"status": "spooled"}, now + 0.1),
+        Request(now + 3, "gw2", "b", 200, {"status": "duplicate", "signal_id": 3}, now + 3.1),
+        Request(now, "gw3", "c", 200, {"status": "duplicate", "signal_id": 4}, now + 0.1),
+    ]
+    figures = redis_figures(requests, planted={"a", "b", "d"})
+    # "b" was first answered spooled, "c" was not planted, "d" never sent
+    assert figures == {"planted": 3, "answered_duplicate": ["a"]}

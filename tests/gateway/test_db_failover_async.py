@@ -188,7 +188,7 @@ async def test_a_standby_that_lost_commits_is_promoted_and_nothing_is_sent_until
         assert await gw.alerts("database_rewound"), "no database_rewound alert"
         # Each finds what it saw missing: the epoch, or (should the lost epoch's number
         # have been handed out again to the same leader meanwhile) the signal it answered.
-        lacks_epoch = f"lacks epoch {second_epoch} of {second.instance_id},"
+        lacks_epoch = f"lacks epoch {second_epoch} of {second.instance_id}"
         lacks_signal = f"lacks signal {lost_id},"
         for node, seen in ((second, (lacks_epoch,)), (follower, (lacks_epoch, lacks_signal))):
             await eventually(lambda node=node: bool(_logged(node, REWOUND_LOG)), 30)

@@ -14,6 +14,8 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+from dataclasses import replace
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -138,6 +140,18 @@ async def test_the_watermark_checks_what_it_saw_by_identity_not_by_number(db, tm
     assert await mark.check(db) is None  # first sight: this database is the one
     mark.saw_epoch(7, "gw1")
     assert await mark.check(db) is None
+    cur = await db.execute(
+        "select acquired_at from pgleader.leadership_history where election = 'w' and epoch = 7"
+    )
+    (started,) = await cur.fetchone() or (None,)
+    mark.saw_epoch(7, "gw1", started)  # the sweep read the term's start
+    assert mark.mark.acquired_at == started.isoformat()
+    assert await mark.check(db) is None
+    # The same number and leader, another term: one re-issued after a rewind.
+    reissued = Watermark(tmp_path / "other.json", "w", "gw2")
+    reissued.mark = replace(mark.mark, acquired_at=(started - timedelta(seconds=1)).isoformat())
+    why = await reissued._missing(db)
+    assert why is not None and "epoch 7 of gw1 begun" in why, why
 
     mark.saw_epoch(7, "gw9")  # not higher: ignored
     mark.saw_epoch(8, "gw3")  # a higher epoch this database never had
@@ -146,7 +160,7 @@ async def test_the_watermark_checks_what_it_saw_by_identity_not_by_number(db, tm
     why = await again._missing(db)
     assert why is not None and "epoch 8 of gw3" in why, why
 
-    again.mark.epoch, again.mark.leader = 7, "gw1"
+    again.mark.epoch, again.mark.leader, again.mark.acquired_at = 7, "gw1", None
     again.answered(123456789, "f" * 64)  # an id this database never stored
     why = await again._missing(db)
     assert why is not None and "signal 123456789" in why, why

@@ -34,7 +34,10 @@ import psycopg
 
 from pgleader.embedded import EmbeddedPostgres
 
-__all__ = ["ReplicatedPostgres", "replicated_postgres"]
+__all__ = [
+    "ReplicatedPostgres", "append_settings", "as_server_user", "base_backup",
+    "replicated_postgres",
+]  # fmt: skip
 
 
 class ReplicatedPostgres:
@@ -54,7 +57,7 @@ class ReplicatedPostgres:
     def start(self, timeout: float = 60.0) -> None:
         self.primary.init()
         sync_names = f"'{self.standby_name}'" if self.synchronous else "''"
-        _append_settings(
+        append_settings(
             self.primary.data_dir / "postgresql.conf",
             wal_level="replica",
             max_wal_senders="5",
@@ -65,27 +68,12 @@ class ReplicatedPostgres:
         self._base_backup()
         # The copy carries the primary's settings: once promoted, with no standby of its
         # own, a synchronous_standby_names naming itself would make every commit wait.
-        _append_settings(self.standby.data_dir / "postgresql.conf", synchronous_standby_names="''")
+        append_settings(self.standby.data_dir / "postgresql.conf", synchronous_standby_names="''")
         self.standby.start()
         self.wait_streaming(timeout)
 
     def _base_backup(self) -> None:
-        target = self.standby.data_dir
-        target.mkdir(parents=True, exist_ok=True)
-        if os.geteuid() == 0:  # the server user writes the copy, and owns it
-            shutil.chown(target, "postgres", "postgres")
-        target.chmod(0o700)
-        source = (
-            f"host=127.0.0.1 port={self.primary.port} user={self.primary.user}"
-            f" application_name={self.standby_name}"
-        )
-        result = _as_server_user(
-            self.primary,
-            "pg_basebackup", "-D", str(target), "-d", source, "-R", "-X", "stream",
-            "-c", "fast", "--no-sync",
-        )  # fmt: skip
-        if result.returncode != 0:
-            raise RuntimeError(f"pg_basebackup failed: {result.stderr.strip()}")
+        base_backup(self.primary, self.standby.data_dir, self.standby_name)
 
     def wait_streaming(self, timeout: float = 30.0) -> None:
         """Until the primary shows the standby streaming (and, synchronous, as `sync`)."""
@@ -150,7 +138,7 @@ class ReplicatedPostgres:
         """`pg_ctl promote` the standby and wait until it accepts writes."""
         if not self.primary_stopped:
             raise RuntimeError("stop the primary first: two writable nodes must never coexist")
-        result = _as_server_user(
+        result = as_server_user(
             self.standby, "pg_ctl", "-D", str(self.standby.data_dir), "-w",
             "-t", str(int(timeout)), "promote",
         )  # fmt: skip
@@ -191,14 +179,34 @@ class ReplicatedPostgres:
         return self.dsn_for()
 
 
-def _append_settings(path: Path, **settings: str) -> None:
+def base_backup(primary: EmbeddedPostgres, target: Path, application_name: str) -> None:
+    """`pg_basebackup -R` of `primary` into `target`: a standby that will stream from it
+    under `application_name` (the name synchronous_standby_names may give)."""
+    target.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() == 0:  # the server user writes the copy, and owns it
+        shutil.chown(target, "postgres", "postgres")
+    target.chmod(0o700)
+    source = (
+        f"host=127.0.0.1 port={primary.port} user={primary.user}"
+        f" application_name={application_name}"
+    )
+    result = as_server_user(
+        primary,
+        "pg_basebackup", "-D", str(target), "-d", source, "-R", "-X", "stream",
+        "-c", "fast", "--no-sync",
+    )  # fmt: skip
+    if result.returncode != 0:
+        raise RuntimeError(f"pg_basebackup failed: {result.stderr.strip()}")
+
+
+def append_settings(path: Path, **settings: str) -> None:
     """Settings at the end of a postgresql.conf (a later line wins)."""
     with path.open("a") as conf:
         conf.write("\n# tests.support.replication\n")
         conf.writelines(f"{name} = {value}\n" for name, value in settings.items())
 
 
-def _as_server_user(server: EmbeddedPostgres, *args: str) -> subprocess.CompletedProcess[str]:
+def as_server_user(server: EmbeddedPostgres, *args: str) -> subprocess.CompletedProcess[str]:
     """A PostgreSQL program run as the server's user (root may not run the server)."""
     cmd = [str(server.bindir / args[0]), *args[1:]]
     if os.geteuid() == 0:
