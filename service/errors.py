@@ -23,10 +23,15 @@ __all__ = [
 ]
 
 # What "the database cannot be reached right now" looks like from a pool: retry,
-# spool, or answer 503; never a crash.
-DATABASE_UNAVAILABLE: tuple[type[psycopg.OperationalError], type[PoolTimeout]] = (
+# spool, or answer 503; never a crash. A server that refuses a write as read-only (a
+# standby, or an old primary fenced with default_transaction_read_only) is no
+# primary: the same.
+DATABASE_UNAVAILABLE: tuple[
+    type[psycopg.OperationalError], type[PoolTimeout], type[psycopg.errors.ReadOnlySqlTransaction]
+] = (
     psycopg.OperationalError,
     PoolTimeout,
+    psycopg.errors.ReadOnlySqlTransaction,
 )
 
 

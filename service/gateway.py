@@ -14,6 +14,7 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 
+import psycopg
 import structlog
 from psycopg_pool import AsyncConnectionPool
 
@@ -115,6 +116,7 @@ class Gateway:
             # within half a second of the database (a failover of 20-30 s included).
             reconnect_timeout=_RECONNECT_WINDOW,
             reconnect_failed=_reconnect_failed,
+            reset=_writable,
         )
         # What this instance saw of the database, checked on every reconnection of the
         # election session before it campaigns (a failover that lost commits).
@@ -720,6 +722,19 @@ async def _wait_for_database(dsn: str, limit: float) -> None:
                 "database not reachable yet; retrying", error=str(exc), retry_in=round(pause, 2)
             )
             await asyncio.sleep(pause)
+
+
+async def _writable(conn: psycopg.AsyncConnection[Any]) -> None:
+    """The pool's reset of a connection given back, with no round trip: a server that
+    turned read-only (in recovery, or an old primary fenced with
+    default_transaction_read_only) said so in a ParameterStatus message with its last
+    answer (PostgreSQL 14+ reports both). Raising drops the connection: the next is a
+    new one (a multi-host DSN's target_session_attrs=read-write then finds the primary),
+    and meanwhile a write refused as read-only is the database being unavailable (the
+    webhook spools)."""
+    for name in ("in_hot_standby", "default_transaction_read_only"):
+        if conn.info.parameter_status(name) == "on":
+            raise psycopg.OperationalError(f"the server is read-only ({name} is on)")
 
 
 async def _reconnect_failed(pool: AsyncConnectionPool[Any]) -> None:

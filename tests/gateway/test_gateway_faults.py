@@ -10,12 +10,15 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
+from psycopg_pool import AsyncConnectionPool
 
 from pgleader.embedded import EmbeddedPostgres
 from service.brokers.paper import PaperBroker
 from service.errors import BrokerUnavailable
 from service.execution.executor import Executor
+from service.gateway import _writable
 from tests.support.gateway import Cluster, GatewayProcess, cluster, signal_body, until
 
 
@@ -275,3 +278,71 @@ async def test_start_up_waits_for_a_database_that_comes_up_late(gw_own, own_serv
 
 async def log_mentions(node: GatewayProcess, text: str) -> bool:
     return text in node.log_tail(200)
+
+
+async def test_a_server_turned_read_only_is_no_primary_signals_spool_until_it_writes_again(
+    gw_own, own_server
+):
+    """An old primary fenced with default_transaction_read_only (as a platform does
+    before it promotes another): pooled connections to it are dropped, the webhook
+    spools within 3 s (never a 5xx), nobody leads; writable again, every signal is
+    stored and executed once and a leader is elected."""
+    node, other = await gw_own.start(2)
+    leader = await gw_own.leader()
+    status, answer = await gw_own.post(leader, signal_body(position="Long_before"))
+    assert status in (200, 202), answer
+    await gw_own.query("alter system set default_transaction_read_only = on")
+    await gw_own.query("select pg_reload_conf()")
+    try:
+        # Until the leader's next beat finds the server read-only, a claim may be refused
+        # as read-only too (the sweep retries); then it steps down and nobody leads.
+        led = "select count(*) = 0 from pgleader.leader where election = 'gateway' and lock_held"
+        await until(lambda: gw_own.scalar(led), timeout=30)
+        answers = []
+        for n, target in enumerate((node, other, node, other)):
+            started = time.monotonic()
+            status, answer = await gw_own.post(target, signal_body(position=f"Long_ro_{n}"))
+            answers.append((time.monotonic() - started, status, answer.get("status")))
+        assert [(s, a) for _, s, a in answers] == [(202, "spooled")] * 4, answers
+        assert max(elapsed for elapsed, _, _ in answers) < 3.0, answers
+    finally:
+        async with await psycopg.AsyncConnection.connect(own_server.dsn, autocommit=True) as c:
+            await c.execute("set default_transaction_read_only = off")
+            await c.execute("alter system reset default_transaction_read_only")
+            await c.execute("select pg_reload_conf()")
+    await gw_own.leader()
+    every = "select count(*) = 5 from gateway.signals"
+    try:  # the spooled signals replayed
+        await until(lambda: gw_own.scalar(every), timeout=30)
+    except TimeoutError:
+        raise AssertionError(node.log_tail(40) + "\n-----\n" + other.log_tail(40)) from None
+    ids = [r[0] for r in await gw_own.query("select id from gateway.signals")]
+    # 60 s: a claim refused half-way as read-only settles after --broker-settle (30 s)
+    assert set((await gw_own.settled(ids, timeout=60)).values()) == {"executed"}
+    assert await gw_own.broker_requests_per_signal() == {sid: 1 for sid in ids}
+
+
+async def test_the_pool_drops_a_connection_to_a_server_that_turned_read_only(own_server):
+    """No round trip: the server reports the change (ParameterStatus) with its next
+    answer on that connection, and the pool drops it when it comes back."""
+    pool = AsyncConnectionPool(own_server.dsn, min_size=1, max_size=1, open=False,
+                               kwargs={"autocommit": True}, reset=_writable)  # fmt: skip
+    await pool.open(wait=True)
+    try:
+        async with pool.connection() as conn:
+            first = conn.info.backend_pid
+            await conn.execute("alter system set default_transaction_read_only = on")
+            await conn.execute("select pg_reload_conf()")
+        async with pool.connection() as conn:
+            assert conn.info.backend_pid == first  # it had not heard of it yet
+            async with asyncio.timeout(10):  # once the backend has read the new setting,
+                while conn.info.parameter_status("default_transaction_read_only") != "on":
+                    await conn.execute("select 1")  # an answer carries the news
+        async with pool.connection(timeout=10) as conn:
+            assert conn.info.backend_pid != first  # dropped: a new session
+    finally:
+        async with await psycopg.AsyncConnection.connect(own_server.dsn, autocommit=True) as c:
+            await c.execute("set default_transaction_read_only = off")
+            await c.execute("alter system reset default_transaction_read_only")
+            await c.execute("select pg_reload_conf()")
+        await pool.close()
