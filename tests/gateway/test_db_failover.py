@@ -14,6 +14,7 @@ import itertools
 import json
 import os
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,9 @@ from tests.support.replication import ReplicatedPostgres, replicated_postgres
 
 pytestmark = pytest.mark.slow
 
-RATE = 40  # signals per second, round robin over the instances
+# Signals per second, round robin over the instances (PGLEADER_TEST_FAILOVER_RATE, to
+# measure a heavier load: the default keeps `make test` light on a 2-core machine).
+RATE = float(os.environ.get("PGLEADER_TEST_FAILOVER_RATE", "40"))
 # Several instruments: a claim in flight when the primary dies holds its instrument
 # (one order in flight each) until the broker is asked, after --broker-settle.
 INSTRUMENTS = ["BANK_NIFTY", "NIFTY", "FIN_NIFTY", "MIDCAP_NIFTY"]
@@ -137,7 +140,13 @@ async def test_a_failover_to_a_synchronous_standby_loses_and_duplicates_nothing(
 
     answered = {position: status for position, status, *_ in load.answers}
     refused = [a for a in load.answers if a[1] is None or not 200 <= a[1] < 300]
-    assert not refused, refused[:10]
+    if refused:  # when, relative to the crash, and what became of them
+        outcomes = Counter((a[1], a[4]) for a in refused)
+        sent = sorted(round(a[2] - crashed, 1) for a in refused)
+        raise AssertionError(
+            f"{len(refused)} of {len(load.answers)} not answered 2xx:"
+            f" {dict(outcomes)}; sent {sent[0]}..{sent[-1]} s after the crash"
+        )
 
     # every signal answered 2xx is stored (the spooled ones replayed) and settles executed
     positions = list(answered)
@@ -213,6 +222,7 @@ async def test_a_failover_to_a_synchronous_standby_loses_and_duplicates_nothing(
         "in_flight_at_crash": [list(row) for row in in_flight_at_crash],
         "first_executed_by_instrument_s": dict(by_instrument),
         "gap_s": GAP,
+        "rate_per_s": RATE,
         "epochs": [first[1], second[1]],
     }
     print("db_failover", json.dumps(figures))
