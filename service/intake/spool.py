@@ -53,6 +53,7 @@ _MIN_FREE_AT_START: Final = 1024 * 1024
 _CHUNK_BYTES: Final = 1024 * 1024  # replay reads at most this much, or _CHUNK_LINES, at once
 _CHUNK_LINES: Final = 1000
 _LOCK_WAIT: Final = 2.0  # seconds an append waits for another process's flock
+_GROUP_MAX: Final = 1000  # signals in one write and fsync at most
 _MAX_ALERTS: Final = 100
 _FULL_ALERT_EVERY: Final = 60.0
 _FULL_ERRNOS: Final = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
@@ -93,7 +94,10 @@ class Spool:
         self.path = path
         self.directory = path.parent
         self.max_bytes = max_bytes
-        self._append_lock = asyncio.Lock()
+        # Group append: what arrives while a write is under way goes in the next one
+        # (one write and one fsync for all of them), as the inbox groups its commits.
+        self._waiting: list[tuple[bytes, asyncio.Future[None]]] = []
+        self._writer: asyncio.Task[None] | None = None
         self._replay_lock = asyncio.Lock()
         self._write_mutex = threading.Lock()  # the fd: a cancelled request's thread goes on
         self._count_mutex = threading.Lock()  # the counters, held only briefly
@@ -192,7 +196,8 @@ class Spool:
     # -- appending ------------------------------------------------------------
 
     async def append(self, signal: Signal, fingerprint: str, received_at: datetime) -> None:
-        """Append one signal, fsynced; SpoolError (and the file as it was) if not."""
+        """Append one signal, fsynced; SpoolError (and the file as it was) if not.
+        Signals appended meanwhile share the write and its fsync."""
         record = {
             "v": 2,
             "signal": signal.payload(),
@@ -200,34 +205,71 @@ class Spool:
             "received_at": received_at.isoformat(),
         }
         line = (json.dumps(record, separators=(",", ":"), allow_nan=False) + "\n").encode()
-        async with self._append_lock:
-            try:
-                await asyncio.to_thread(self._append, line)
-            except SpoolError as exc:
-                self._refused += 1
-                if exc.full and time.monotonic() - self._last_full_alert >= _FULL_ALERT_EVERY:
-                    self._last_full_alert = time.monotonic()
-                    self._alert(
-                        "spool_full",
-                        path=str(self.path),
-                        reason=exc.reason,
-                        error=str(exc),
-                        bytes=_size(self.path),
-                        max_bytes=self.max_bytes,
-                        refused=self._refused,
-                    )
-                raise
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        done.add_done_callback(_seen)
+        self._waiting.append((line, done))
+        if self._writer is None:
+            self._writer = asyncio.create_task(self._write_waiting(), name="spool-writer")
+        try:
+            await asyncio.shield(done)  # a request that goes away leaves the write on
+        except SpoolError as exc:
+            self._refused += 1
+            if exc.full and time.monotonic() - self._last_full_alert >= _FULL_ALERT_EVERY:
+                self._last_full_alert = time.monotonic()
+                self._alert(
+                    "spool_full",
+                    path=str(self.path),
+                    reason=exc.reason,
+                    error=str(exc),
+                    bytes=_size(self.path),
+                    max_bytes=self.max_bytes,
+                    refused=self._refused,
+                )
+            raise
 
-    def _append(self, line: bytes) -> None:
+    async def _write_waiting(self) -> None:
+        """Append what waits, all of it in one write and fsync, until nothing does. A
+        group the cap refuses whole is tried line by line (those that fit go in); any
+        other failure refuses the group whole, the file cut back to its size before."""
+        group: list[tuple[bytes, asyncio.Future[None]]] = []
+        try:
+            while self._waiting:
+                group, self._waiting = self._waiting[:_GROUP_MAX], self._waiting[_GROUP_MAX:]
+                try:
+                    await asyncio.to_thread(
+                        self._append, b"".join(line for line, _ in group), len(group)
+                    )
+                except SpoolError as exc:
+                    if exc.full and len(group) > 1:
+                        for line, done in group:
+                            try:
+                                await asyncio.to_thread(self._append, line, 1)
+                            except SpoolError as one:
+                                _settle(done, one)
+                            else:
+                                _settle(done, None)
+                    else:
+                        for _, done in group:
+                            _settle(done, exc)
+                else:
+                    for _, done in group:
+                        _settle(done, None)
+        finally:
+            self._writer = None
+            # Only if this task was cancelled (loop shutdown): nobody may wait forever.
+            for _, done in [*group, *self._waiting]:
+                _settle(done, SpoolError(f"spool {self.path}: the writer stopped", "spool_error"))
+
+    def _append(self, data: bytes, records: int) -> None:
         with self._write_mutex:
             try:
                 fd = self._locked_fd()
             except OSError as exc:
                 raise _error(self.path, exc) from exc
             try:
-                _append_all(fd, line, self.path, limit=self.max_bytes)
+                _append_all(fd, data, self.path, limit=self.max_bytes)
                 with self._count_mutex:
-                    self._records += 1
+                    self._records += records
             finally:
                 fcntl.flock(fd, fcntl.LOCK_UN)
 
@@ -541,6 +583,20 @@ def _append_all(fd: int, data: bytes, path: Path, *, limit: int | None = None) -
                 error=undo.strerror,
             )
         raise _error(path, exc) from exc
+
+
+def _settle(done: asyncio.Future[None], error: BaseException | None) -> None:
+    if not done.done():
+        if error is None:
+            done.set_result(None)
+        else:
+            done.set_exception(error)
+
+
+def _seen(done: asyncio.Future[None]) -> None:
+    """Mark an outcome seen: the request that waited for it may have gone."""
+    if not done.cancelled():
+        done.exception()
 
 
 def _append_file(path: Path, data: bytes) -> None:

@@ -203,6 +203,45 @@ async def test_an_append_past_the_byte_cap_is_refused_and_alerts_once(tmp_path):
     assert alerts.sent[0][1]["max_bytes"] == 64 * 1024
 
 
+async def test_concurrent_appends_share_fsyncs_and_a_group_past_the_cap_goes_line_by_line(
+    tmp_path, monkeypatch
+):
+    """Appends made while one is being written go together in the next write and
+    fsync (an outage at hundreds of signals/s would otherwise queue behind one fsync
+    each); a group the cap refuses whole is tried line by line: what fits is kept
+    and answered, the rest refused, nothing half-written."""
+    fsyncs = 0
+    real_fsync = os.fsync
+
+    def counting_fsync(fd: int) -> None:
+        nonlocal fsyncs
+        fsyncs += 1
+        real_fsync(fd)
+
+    monkeypatch.setattr(spool_module.os, "fsync", counting_fsync)
+    spool = Spool(tmp_path / "gw1.jsonl", max_bytes=48 * 1024)  # 100 x 315 B, 3 x 5.3 KB
+    signals = [make_signal(n) for n in range(100)]
+    await asyncio.gather(*(spool.append(s, fingerprint(s), T0) for s in signals))
+    kept = [json.loads(line)["fingerprint"] for line in spool.path.read_bytes().splitlines()]
+    assert sorted(kept) == sorted(fingerprint(s) for s in signals)
+    assert fsyncs < 10, f"{fsyncs} fsyncs for 100 concurrent appends"
+
+    big = [make_signal(1000 + n, pad=5000) for n in range(10)]
+    outcomes = await asyncio.gather(
+        *(spool.append(s, fingerprint(s), T0) for s in big), return_exceptions=True
+    )
+    refused = [o for o in outcomes if isinstance(o, SpoolError)]
+    taken = [s for s, o in zip(big, outcomes, strict=True) if o is None]
+    assert refused and taken, outcomes  # some fit under the cap, the rest did not
+    assert all(o.reason == "spool_full" for o in refused)
+    lines = spool.path.read_bytes().splitlines()
+    assert len(lines) == 100 + len(taken) and spool.path.stat().st_size <= 48 * 1024
+    assert {json.loads(line)["fingerprint"] for line in lines[100:]} == {
+        fingerprint(s) for s in taken
+    }
+    assert spool.stats()["records"] == len(lines)
+
+
 async def test_can_accept_says_no_while_the_disk_is_full(disk):
     spool = Spool(disk.path / "spool" / "gw1.jsonl")
     await append(spool, make_signal(1))
