@@ -283,7 +283,10 @@ async def test_a_crashing_job_stops_neither_the_other_jobs_nor_the_elector(start
 
 
 async def test_a_job_exceeding_its_timeout_ends_timed_out(start, db):
-    elector, runner = await start("a", [Job("hangs", forever, every=3600, timeout=0.2)])
+    # No retry while it is looked at (at the suite's 0.05 s one had started, running).
+    elector, runner = await start(
+        "a", [Job("hangs", forever, every=3600, timeout=0.2)], retry_base=60.0
+    )
     row = await until(db, "hangs", lambda r: r["outcome"] is not None)
     assert (row["outcome"], row["result"], row["failures"]) == (
         "timed_out", "did not finish within 0.2 s", 1,
