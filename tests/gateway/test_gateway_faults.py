@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import time
@@ -26,6 +27,22 @@ from tests.support.gateway import Cluster, GatewayProcess, cluster, signal_body,
 async def gw_own(own_server: EmbeddedPostgres, tmp_path: Path) -> AsyncIterator[Cluster]:
     async with cluster(own_server.dsn, tmp_path) as c:
         yield c
+
+
+@contextlib.asynccontextmanager
+async def read_only(dsn: str) -> AsyncIterator[None]:
+    """The server at `dsn` refuses writes (as a platform fences an old primary) until
+    the block ends, whatever happens in it."""
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as c:
+        await c.execute("alter system set default_transaction_read_only = on")
+        await c.execute("select pg_reload_conf()")
+    try:
+        yield
+    finally:
+        async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as c:
+            await c.execute("set default_transaction_read_only = off")
+            await c.execute("alter system reset default_transaction_read_only")
+            await c.execute("select pg_reload_conf()")
 
 
 async def test_database_down_spools_then_replays_once_even_across_an_instance_restart(
@@ -291,9 +308,7 @@ async def test_a_server_turned_read_only_is_no_primary_signals_spool_until_it_wr
     leader = await gw_own.leader()
     status, answer = await gw_own.post(leader, signal_body(position="Long_before"))
     assert status in (200, 202), answer
-    await gw_own.query("alter system set default_transaction_read_only = on")
-    await gw_own.query("select pg_reload_conf()")
-    try:
+    async with read_only(own_server.dsn):
         # Until the leader's next beat finds the server read-only, a claim may be refused
         # as read-only too (the sweep retries); then it steps down and nobody leads.
         led = "select count(*) = 0 from pgleader.leader where election = 'gateway' and lock_held"
@@ -305,11 +320,6 @@ async def test_a_server_turned_read_only_is_no_primary_signals_spool_until_it_wr
             answers.append((time.monotonic() - started, status, answer.get("status")))
         assert [(s, a) for _, s, a in answers] == [(202, "spooled")] * 4, answers
         assert max(elapsed for elapsed, _, _ in answers) < 3.0, answers
-    finally:
-        async with await psycopg.AsyncConnection.connect(own_server.dsn, autocommit=True) as c:
-            await c.execute("set default_transaction_read_only = off")
-            await c.execute("alter system reset default_transaction_read_only")
-            await c.execute("select pg_reload_conf()")
     await gw_own.leader()
     every = "select count(*) = 5 from gateway.signals"
     try:  # the spooled signals replayed
@@ -331,9 +341,7 @@ async def test_the_pool_drops_a_connection_to_a_server_that_turned_read_only(own
     try:
         async with pool.connection() as conn:
             first = conn.info.backend_pid
-            await conn.execute("alter system set default_transaction_read_only = on")
-            await conn.execute("select pg_reload_conf()")
-        async with pool.connection() as conn:
+        async with read_only(own_server.dsn), pool.connection() as conn:
             assert conn.info.backend_pid == first  # it had not heard of it yet
             async with asyncio.timeout(10):  # once the backend has read the new setting,
                 while conn.info.parameter_status("default_transaction_read_only") != "on":
@@ -341,8 +349,4 @@ async def test_the_pool_drops_a_connection_to_a_server_that_turned_read_only(own
         async with pool.connection(timeout=10) as conn:
             assert conn.info.backend_pid != first  # dropped: a new session
     finally:
-        async with await psycopg.AsyncConnection.connect(own_server.dsn, autocommit=True) as c:
-            await c.execute("set default_transaction_read_only = off")
-            await c.execute("alter system reset default_transaction_read_only")
-            await c.execute("select pg_reload_conf()")
         await pool.close()
