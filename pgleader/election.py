@@ -446,7 +446,7 @@ class Elector:
         self._beat_ok(sent)
         if row is not None and row[0] is not None:
             self.stats["evictions"] += 1
-            self._log.warning("evicted a hung leader", backend_pid=row[0])
+            self._log.warning("evicted a hung leader or lock holder", backend_pid=row[0])
 
     async def _lead(
         self, conn: AsyncConnection[Any], epoch: int, previous: Any, sent: float

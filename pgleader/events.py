@@ -63,6 +63,9 @@ def describe_event(event: dict[str, Any]) -> str:
         return f"{event.get('previous')} resigned the lead{of} ({epoch})"
     if kind == "lost":
         return f"{event.get('previous')} lost the lead{of} ({epoch}: its session ended)"
+    if kind == "evicted" and event.get("epoch") is None:
+        return (f"{event.get('previous')} evicted{of} by {event.get('leader')}"
+                " (it was granted the lock and stopped before it led)")  # fmt: skip
     if kind == "evicted":
         return (f"{event.get('previous')} evicted from the lead{of} by {event.get('leader')}"
                 f" ({epoch}: it stopped beating)")  # fmt: skip

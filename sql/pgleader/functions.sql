@@ -365,20 +365,41 @@ revoke execute on function pgleader.resign(text, text, bigint, text) from public
 -- lock holder's heartbeat is older than p_evict_after by the database clock, close
 -- its history row as evicted and broadcast. Returns the backend pid to terminate,
 -- or null when there is nothing to do.
+--
+-- A holder that is not the leader of the row is a waiter the lock was granted to and
+-- that has not bumped the epoch yet: mid-bump, or stopped right after its wait (its
+-- process paused, a frozen VM: the server granted the lock to a session whose kernel
+-- still answers keepalives, and nobody would ever lead). Evicted too once its last
+-- follower beat is older than p_evict_after (a waiter beats every heartbeat until it
+-- is granted the lock; its claim ends within a lease, blockers terminated), broadcast
+-- as evicted with no epoch.
 create or replace function pgleader.record_eviction(
     p_election text, p_evict_after interval, p_by text
 ) returns integer language plpgsql security definer set search_path = pg_catalog, pg_temp as $$
 declare
     e pgleader.election;
     holder integer;
+    stuck text;
+    beat timestamptz;
 begin
     select * into e from pgleader.election where name = p_election;
-    if not found or e.heartbeat_at is null or now() - e.heartbeat_at <= p_evict_after then
+    -- (no leader yet, heartbeat_at null: a waiter granted the lock may be stuck)
+    if not found or now() - e.heartbeat_at <= p_evict_after then
         return null;
     end if;
     holder := pgleader.lock_holder(e.lock_id);
-    if holder is null or holder is distinct from e.backend_pid then
-        return null;  -- nobody holds it (the waiters will get it) or a new leader is mid-bump
+    if holder is null then
+        return null;  -- nobody holds it: the waiters will get it
+    end if;
+    if holder is distinct from e.backend_pid then
+        select i.instance_id, i.last_heartbeat into stuck, beat from pgleader.instances i
+         where i.election = p_election and i.backend_pid = holder
+         order by i.last_heartbeat desc limit 1;  -- (a dead instance's row may name a reused pid)
+        if not found or beat >= now() - p_evict_after then
+            return null;  -- a new leader mid-bump (or a session not of an instance)
+        end if;
+        perform pgleader.notify_event('evicted', p_election, null, p_by, stuck);
+        return holder;
     end if;
     update pgleader.leadership_history as lh
        set released_at = greatest(now(), lh.acquired_at), release_reason = 'evicted'
