@@ -66,6 +66,7 @@ $(BENCH_STAMP): $(STAMP)
 # Benchmarks print JSON and write plots to bench/results/; never part of `make test`.
 bench: $(BENCH_STAMP)
 	$(BIN)/python -m bench.failover
+	$(BIN)/python -m bench.kill_cost
 	$(BIN)/python -m bench.webhook
 	$(BIN)/python -m bench.batch_cost
 	$(BIN)/python -m bench.inline_path
@@ -74,7 +75,7 @@ bench: $(BENCH_STAMP)
 	$(BIN)/python -m bench.adapter_overhead
 
 # Long randomized fault campaigns (the short fixed-seed one is part of `make test`).
-# Knobs: ROUNDS, SEED, DURATION (s per round), FAULTS (per round: 22 kinds, each at least
+# Knobs: ROUNDS, SEED, DURATION (s per round), FAULTS (per round: 23 kinds, each at least
 # once when FAULTS allows; three are switchovers, to a live, a killed and a --no-lead
 # instance). Each round trades on the fake OpenAlgo, a process of its own.
 chaos: $(STAMP)

@@ -25,7 +25,10 @@ The killed instance is restarted (or SIGCONTed, or healed) and must wait on the
 lock again before the next round. Beside every crash round, on the same server, a
 round of the bare handoff (bench/handoff.py: lock, bump, NOTIFY in three statements,
 nothing else): the goal is a crash takeover no slower (p50 ratio <= 1.0, p99 ratio
-<= 1.25, 50 rounds at least). Knobs: ROUNDS_CRASH (50), ROUNDS_GRACEFUL (20),
+<= 1.25, 50 rounds at least). And a round of the same handoff by candidates with the
+killed leader's footprint (its sessions on the server and its resident size, measured
+before every crash round; the set is sized by the first): what killing a process that
+size costs, whatever it runs. Knobs: ROUNDS_CRASH (50), ROUNDS_GRACEFUL (20),
 ROUNDS_HUNG (5), ROUNDS_PARTITION (5), ROUNDS_REDIS (3), REDIS_URL
 (redis://127.0.0.1:6379/0; no Redis there: the baseline is skipped, said so in the JSON),
 PG_SETTINGS (server settings to profile with, e.g. log_min_duration_statement=0 and
@@ -47,7 +50,7 @@ from typing import Any
 
 import aiohttp
 
-from bench.handoff import BareHandoff
+from bench.handoff import BareHandoff, rss_mb
 from bench.harness import (
     RESULTS,
     Cluster,
@@ -103,6 +106,16 @@ async def _logged_at(inst: Instance, event: str, after: float, timeout: float) -
     return None
 
 
+async def footprint(cluster: Cluster, inst: Instance) -> tuple[int, float]:
+    """The sessions an instance holds on the server (pool, LISTEN, election) and its
+    resident size, MiB."""
+    sessions = await cluster.scalar(
+        "select count(*) from pg_stat_activity where application_name like %s",
+        f"%:{inst.instance_id}",
+    )
+    return int(sessions), rss_mb(inst.pid)
+
+
 async def one_round(
     cluster: Cluster, http: aiohttp.ClientSession, scenario: str, n: int
 ) -> dict[str, Any]:
@@ -111,6 +124,7 @@ async def one_round(
     _, epoch = await cluster.leader()
     followers = [i for i in cluster.instances if i is not leader]
     target = followers[n % len(followers)]
+    sessions, rss = await footprint(cluster, leader)
     # Random phase against the heartbeat and the followers' lock-wait slices.
     await asyncio.sleep(random.uniform(0.1, 0.1 + t.heartbeat))
     mark = len(cluster.events.lines)
@@ -133,6 +147,8 @@ async def one_round(
         "epoch": [epoch, ev["epoch"]],
         "elected_ms": (elected_at - killed_at) * 1000,
         "elected_db_ms": (datetime.fromisoformat(ev["at"]) - killed_db).total_seconds() * 1000,
+        "leader_sessions": sessions,
+        "leader_rss_mb": round(rss, 1),
     }
     for kind in ("resigned", "evicted", "lost"):
         for at, line in cluster.events.lines[mark:]:
@@ -185,11 +201,12 @@ async def _rounds(
     http: aiohttp.ClientSession,
     scenario: str,
     count: int,
-    bare: BareHandoff | None = None,
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """`count` rounds of `scenario`; with `bare`, each followed by a round of the bare
-    handoff on the same server (side by side: the same minutes, the same load)."""
-    rows, bare_rows = [], []
+    bare: tuple[BareHandoff, ...] = (),
+) -> tuple[list[dict[str, Any]], dict[str, list[dict[str, Any]]]]:
+    """`count` rounds of `scenario`, each followed by a round of every handoff in `bare`
+    on the same server (side by side: the same minutes, the same load)."""
+    rows: list[dict[str, Any]] = []
+    bare_rows: dict[str, list[dict[str, Any]]] = {b.prefix: [] for b in bare}
     for n in range(count):
         row = await one_round(cluster, http, scenario, n)
         rows.append(row)
@@ -198,17 +215,27 @@ async def _rounds(
             f" executed {row.get('executed_ms', float('nan')):8.1f} ms"
             f" ({row['old_leader']} -> {row['new_leader']})"
         )
-        if bare is not None:
+        for handoff in bare:
             await asyncio.sleep(random.uniform(0.1, 0.1 + cluster.timings.heartbeat))
-            bare_rows.append(await bare.round())
-            progress(f"{'bare':9} {n + 1:2}/{count}: elected {bare_rows[-1]['elected_ms']:8.1f} ms")
+            got = bare_rows[handoff.prefix]
+            got.append(await handoff.round())
+            progress(
+                f"{handoff.prefix:9} {n + 1:2}/{count}: elected {got[-1]['elected_ms']:8.1f} ms"
+            )
     return rows, bare_rows
 
 
-def _beside_bare(crash: list[dict[str, Any]], bare: list[dict[str, Any]]) -> dict[str, Any]:
-    """pgleader's crash takeover against the bare handoff measured beside it."""
+def _beside_bare(
+    crash: list[dict[str, Any]],
+    bare: list[dict[str, Any]],
+    heavy: list[dict[str, Any]],
+    heavy_set: BareHandoff,
+) -> dict[str, Any]:
+    """pgleader's crash takeover against the bare handoff measured beside it, and
+    against the same handoff by candidates of the killed leader's footprint."""
     ours = summary([r["elected_ms"] for r in crash])
     theirs = summary([r["elected_ms"] for r in bare])
+    sized = summary([r["elected_ms"] for r in heavy])
     out: dict[str, Any] = {
         "note": "bench/handoff.py: three bare candidates (lock, bump, NOTIFY) on the same"
         " server; a bare round after each crash round; both timed kill -> NOTIFY seen by a"
@@ -217,7 +244,26 @@ def _beside_bare(crash: list[dict[str, Any]], bare: list[dict[str, Any]]) -> dic
         "crash_elected_ms": ours,
         "bare_elected_ms": theirs,
         "bare_samples_ms": [round(r["elected_ms"], 2) for r in bare],
+        "killed_leader_footprint": {
+            "sessions": summary([r["leader_sessions"] for r in crash]),
+            "rss_mb": summary([r["leader_rss_mb"] for r in crash]),
+        },
+        "footprint_handoff": {
+            "note": "the bare handoff by candidates that also hold sessions - 1 idle sessions"
+            " (each read the catalogs once) and grew to rss_mb before waiting: not a goal,"
+            " what killing a process of the leader's size costs on this machine",
+            "sessions": heavy_set.sessions + 1,
+            "rss_mb": heavy_set.rss_mb,
+            "candidate_rss_mb": heavy_set.candidate_rss_mb,
+            "elected_ms": sized,
+            "samples_ms": [round(r["elected_ms"], 2) for r in heavy],
+        },
     }
+    for stat in ("p50", "p99"):
+        a, b = ours.get(stat), sized.get(stat)
+        out["footprint_handoff"][f"crash_{stat}_ratio"] = (
+            round(float(a) / float(b), 3) if a and b else None
+        )
     for stat, limit in (("p50", 1.0), ("p99", 1.25)):
         a, b = ours.get(stat), theirs.get(stat)
         ratio = round(float(a) / float(b), 3) if a and b else None
@@ -314,7 +360,8 @@ async def run() -> dict[str, Any]:
     }
     partition_rounds = env_int("ROUNDS_PARTITION", 5)
     rows: dict[str, list[dict[str, Any]]] = {}
-    bare_rows: list[dict[str, Any]] = []
+    bare_rows: dict[str, list[dict[str, Any]]] = {}
+    heavy: BareHandoff | None = None
     # A fresh connection per post, like a webhook sender: no keep-alive connection
     # to a leader that is shutting down.
     connector = aiohttp.TCPConnector(force_close=True)
@@ -322,11 +369,19 @@ async def run() -> dict[str, Any]:
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as http:
         async with Cluster(3, timings, settings_from_env()) as cluster:
             progress(f"3 instances on PostgreSQL at {cluster.dsn}; rounds {rounds}")
-            async with BareHandoff(cluster.dsn, cluster.workdir) as bare:
+            sessions, rss = await footprint(cluster, await cluster.steady())
+            progress(f"the leader holds {sessions} sessions and {rss:.0f} MiB")
+            heavy = BareHandoff(
+                cluster.dsn, cluster.workdir, key=2, sessions=sessions - 1, rss_mb=round(rss)
+            )
+            async with BareHandoff(cluster.dsn, cluster.workdir) as bare, heavy:
                 for scenario, count in rounds.items():
-                    beside = bare if scenario == "crash" else None
-                    rows[scenario], got = await _rounds(cluster, http, scenario, count, beside)
-                    bare_rows.extend(got)
+                    beside = (bare, heavy) if scenario == "crash" else ()
+                    rows[scenario], beside_rows = await _rounds(
+                        cluster, http, scenario, count, beside
+                    )
+                    for prefix, more in beside_rows.items():
+                        bare_rows.setdefault(prefix, []).extend(more)
         if partition_rounds:
             # Its own cluster: the proxies (Python, in this process) would slow every
             # other scenario's database traffic by a hop.
@@ -390,8 +445,10 @@ async def run() -> dict[str, Any]:
         "redis_baseline": redis,
         "targets": _targets(scenarios, hung_bound),
     }
-    if rows.get("crash") and bare_rows:
-        vs = result["takeover_vs_bare_handoff"] = _beside_bare(rows["crash"], bare_rows)
+    if rows.get("crash") and heavy is not None and bare_rows.get(heavy.prefix):
+        vs = result["takeover_vs_bare_handoff"] = _beside_bare(
+            rows["crash"], bare_rows["bare"], bare_rows[heavy.prefix], heavy
+        )
         for stat in ("p50", "p99"):
             goal = vs[f"{stat}_goal"]
             result["targets"].append({**goal, "value_ms": vs["crash_elected_ms"][stat]})

@@ -14,7 +14,16 @@ interleaved). A round: SIGKILL the holder, and time from the kill to the
 NOTIFY seen by an independent LISTEN client in this process (the same measure as
 pgleader's `elected`); then restart the killed candidate, a waiter again.
 
-`python -m bench.handoff candidate --dsn DSN --id ID` runs one candidate.
+With a footprint (`sessions`, `rss_mb`) each candidate also holds that many more
+idle sessions and grows to that resident size before it waits: a process the size of a
+gateway (its pool and LISTEN sessions, its memory) dies as slowly as a gateway does. On
+SIGKILL the kernel frees the process's memory before it closes a socket, and every
+session's backend then exits at once, on the same cores as the successor: the cost of
+being killed with a footprint, whatever the takeover protocol. Two sets run side by side
+(their own lock key and channel): bare, and bare with the killed gateway's footprint.
+
+`python -m bench.handoff candidate --dsn DSN --id ID [--key K --sessions N --rss-mb M]`
+runs one candidate.
 """
 
 from __future__ import annotations
@@ -29,40 +38,69 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+import psycopg.sql
 
 from bench.harness import uninterrupted
 
 __all__ = ["BareHandoff"]
 
-CHANNEL = "bench_handoff"
-LOCK = (20261202, 1)  # an advisory lock key of the benchmark's own
-_SETUP = (
-    "create table if not exists bench_handoff (id integer primary key, epoch bigint not null);"
-    " insert into bench_handoff values (1, 0) on conflict do nothing"
-)
+_NAMESPACE = 20261202  # the first key of the benchmark's advisory locks; the second is `key`
+_TABLE = "create table if not exists bench_handoff (id integer primary key, epoch bigint not null)"
+_ROW = "insert into bench_handoff values (%s, 0) on conflict do nothing"
 _LOCK = "select pg_advisory_lock(%s, %s)"
-_BUMP = "update bench_handoff set epoch = epoch + 1 where id = 1 returning epoch"
+_BUMP = "update bench_handoff set epoch = epoch + 1 where id = %s returning epoch"
 _NOTIFY = "select pg_notify(%s, %s)"
-_LISTEN = "listen bench_handoff"
+# What a gateway's pool session has done by the time it is killed, roughly: catalogs read.
+_WORK = "select count(*) from pg_class c join pg_attribute a on a.attrelid = c.oid"
 
 
-async def candidate(dsn: str, ident: str) -> None:
-    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
-        print(json.dumps({"waiting": ident}), flush=True)
-        await conn.execute(_LOCK, LOCK)
-        cur = await conn.execute(_BUMP)
-        row = await cur.fetchone()
-        assert row is not None
-        await conn.execute(_NOTIFY, [CHANNEL, json.dumps({"holder": ident, "epoch": row[0]})])
-        print(json.dumps({"holding": ident, "epoch": row[0]}), flush=True)
-        await asyncio.Event().wait()  # hold the lock until killed
+def channel(key: int) -> str:
+    return f"bench_handoff_{key}"
+
+
+def rss_mb(pid: int | str = "self") -> float:
+    """A process's resident set, MiB (Linux); this one's by default."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+async def candidate(dsn: str, ident: str, key: int = 1, sessions: int = 0, rss: int = 0) -> None:
+    idle = []
+    try:
+        for _ in range(sessions):
+            idle.append(await psycopg.AsyncConnection.connect(dsn, autocommit=True))
+            await idle[-1].execute(_WORK)
+        ballast = bytearray(max(0, int((rss - rss_mb()) * 2**20)))
+        for i in range(0, len(ballast), 4096):  # resident, not just reserved
+            ballast[i] = 1
+        async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+            print(json.dumps({"waiting": ident, "rss_mb": round(rss_mb(), 1)}), flush=True)
+            await conn.execute(_LOCK, [_NAMESPACE, key])
+            cur = await conn.execute(_BUMP, [key])
+            row = await cur.fetchone()
+            assert row is not None
+            payload = json.dumps({"holder": ident, "epoch": row[0]})
+            await conn.execute(_NOTIFY, [channel(key), payload])
+            print(json.dumps({"holding": ident, "epoch": row[0]}), flush=True)
+            await asyncio.Event().wait()  # hold the lock until killed
+    finally:
+        for c in idle:
+            await c.close()
 
 
 class BareHandoff:
-    """Three candidates on `dsn`; `round()` kills the holder and times the handoff."""
+    """Three candidates on `dsn`; `round()` kills the holder and times the handoff.
+    `key` tells sets apart; `sessions` and `rss_mb` give each candidate a footprint."""
 
-    def __init__(self, dsn: str, workdir: Path) -> None:
+    def __init__(
+        self, dsn: str, workdir: Path, *, key: int = 1, sessions: int = 0, rss_mb: int = 0
+    ) -> None:
         self.dsn, self.workdir = dsn, workdir
+        self.key, self.sessions, self.rss_mb = key, sessions, rss_mb
+        self.prefix = "bare" if not (sessions or rss_mb) else f"fp{key}_"
+        self.candidate_rss_mb: list[float] = []
         self.procs: dict[str, asyncio.subprocess.Process] = {}
         self.seen: list[tuple[float, dict[str, Any]]] = []
         self._arrived = asyncio.Event()
@@ -72,11 +110,13 @@ class BareHandoff:
     async def __aenter__(self) -> BareHandoff:
         try:
             async with await psycopg.AsyncConnection.connect(self.dsn, autocommit=True) as c:
-                await c.execute(_SETUP)
+                await c.execute(_TABLE)
+                await c.execute(_ROW, [self.key])
             self._listener = await psycopg.AsyncConnection.connect(self.dsn, autocommit=True)
-            await self._listener.execute(_LISTEN)
+            listen = psycopg.sql.SQL("listen {}").format(psycopg.sql.Identifier(channel(self.key)))
+            await self._listener.execute(listen)
             self._task = asyncio.create_task(self._listen(self._listener))
-            for ident in ("bare1", "bare2", "bare3"):
+            for ident in (f"{self.prefix}1", f"{self.prefix}2", f"{self.prefix}3"):
                 await self._start(ident)
             await self._holder(timeout=30)
         except BaseException:
@@ -108,12 +148,14 @@ class BareHandoff:
     async def _start(self, ident: str) -> None:
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "bench.handoff", "candidate", "--dsn", self.dsn, "--id", ident,
+            "--key", str(self.key), "--sessions", str(self.sessions), "--rss-mb", str(self.rss_mb),
             stdout=asyncio.subprocess.PIPE, cwd=Path(__file__).parent.parent,
         )  # fmt: skip
         assert proc.stdout is not None
         line = await asyncio.wait_for(proc.stdout.readline(), 30)  # connected, about to lock
         if not line:
             raise RuntimeError(f"bare candidate {ident} ended before it waited on the lock")
+        self.candidate_rss_mb.append(float(json.loads(line)["rss_mb"]))
         self.procs[ident] = proc
 
     async def _holder(self, timeout: float, since: int = 0) -> tuple[float, dict[str, Any]]:
@@ -129,7 +171,7 @@ class BareHandoff:
             cur = await c.execute(
                 "select count(*) from pg_locks where locktype = 'advisory' and not granted"
                 " and classid = %s and objid = %s",
-                LOCK,
+                [_NAMESPACE, self.key],
             )
             row = await cur.fetchone()
         return bool(row and row[0] >= 2)
@@ -164,9 +206,12 @@ def main() -> int:
     one = verbs.add_parser("candidate", help="run one bare candidate")
     one.add_argument("--dsn", required=True)
     one.add_argument("--id", required=True)
+    one.add_argument("--key", type=int, default=1, help="second key of the lock (a set's own)")
+    one.add_argument("--sessions", type=int, default=0, help="idle sessions held besides")
+    one.add_argument("--rss-mb", type=int, default=0, help="resident size to grow to, MiB")
     args = parser.parse_args()
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(candidate(args.dsn, args.id))
+        asyncio.run(candidate(args.dsn, args.id, args.key, args.sessions, args.rss_mb))
     return 0
 
 

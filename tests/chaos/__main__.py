@@ -52,6 +52,8 @@ def main() -> int:
         if f["promote_to_elected_s"] is not None
     )
     failovers = sum(len(r["failovers"]) for r in results)
+    waiters = [w for r in results for w in r["paused_waiters"]]
+    waited = sorted(w["pause_to_elected_s"] for w in waiters if w["pause_to_elected_s"] is not None)
     planted = sum(len(r["redis"]["answered_duplicate"]) for r in results)
     print(
         f"\nall rounds: {sum(len(r['faults']) for r in results)} faults"
@@ -70,6 +72,8 @@ def main() -> int:
         f" ({', '.join(f'{k} x{v}' for k, v in sorted(transfers.items())) or 'none'});"
         f" db_failovers {failovers}, promote -> elected"
         f" {', '.join(f'{s:.2f}' for s in elected) or 'none'} s;"
+        f" paused waiters {len(waiters)} ({sum(w['granted_the_lock'] for w in waiters)} granted"
+        f" the lock), pause -> another elected {', '.join(f'{s:.2f}' for s in waited) or 'none'} s;"
         f" signals answered 200 duplicate from Redis's planted entries {planted};"
         f" the no-lead instance answered 2xx"
         f" {sum(r['no_lead']['answered_2xx'] for r in results)}, led"

@@ -54,6 +54,10 @@ Invariants:
                 session of it outliving its process)
     ineligible  to the --no-lead instance: refused with a one-line reason,
                 the leadership unchanged
+  waiter      after each pause_waiter (the leader SIGKILLed while the follower first
+              in the lock's queue is paused): another instance is elected while it
+              stays paused, even when the server granted its session the lock
+              (`waiter_promise`; reported: pause -> elected)
   failover    after each db_failover (the primary crashed, its synchronous standby
               promoted) an instance is elected on the promoted node; the other
               invariants hold across it (nothing acknowledged is lost: once,
@@ -100,6 +104,7 @@ from tests.chaos.harness import (
     NO_LEAD_NODE,
     REDIS_FAULTS,
     Failover,
+    PausedWaiter,
     Request,
     Transfer,
     answer_of,
@@ -110,7 +115,7 @@ if TYPE_CHECKING:
 
 INVARIANTS = [
     "once", "no-loss", "fenced", "epochs", "spool", "soak", "broker", "rollover", "no-lead",
-    "transfer", "failover", "redis",
+    "transfer", "waiter", "failover", "redis",
 ]  # fmt: skip
 # A gateway holds its pool (max 10), the election session, the listener, and briefly a
 # side session (blocker termination). More than that is a leak.
@@ -557,6 +562,43 @@ def transfer_promise(transfers: Sequence[Transfer]) -> list[str]:
     return violations
 
 
+async def waiter_promise(
+    conn: psycopg.AsyncConnection[Any], waits: Sequence[PausedWaiter]
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """Each pause_waiter's elections while the waiter was paused; the violations: none,
+    or one of the paused waiter itself."""
+    rows, violations = [], []
+    for w in waits:
+        elected = await _rows(
+            conn,
+            "select instance_id, epoch, extract(epoch from acquired_at)::float8"
+            "  from pgleader.leadership_history where election = 'gateway'"
+            "   and acquired_at between to_timestamp(%s) and to_timestamp(%s)"
+            " order by acquired_at, epoch",
+            [w.paused_at, w.resumed_at],
+        )
+        first = elected[0] if elected else None
+        rows.append({
+            "waiter": w.waiter,
+            "leader_killed": w.leader,
+            "granted_the_lock": w.granted,
+            "paused_s": round(w.resumed_at - w.paused_at, 3),
+            "elected": first[0] if first else None,
+            "pause_to_elected_s": round(first[2] - w.paused_at, 3) if first else None,
+        })  # fmt: skip
+        what = f"waiter: {w.leader} killed while {w.waiter} was paused waiting on the lock" + (
+            " (its session granted the lock)" if w.granted else ""
+        )
+        if first is None:
+            violations.append(
+                f"{what}: nobody elected in the {w.resumed_at - w.paused_at:.1f} s it was paused"
+            )
+        for name, epoch, _ in elected:
+            if name == w.waiter:
+                violations.append(f"{what}: the paused instance was elected (epoch {epoch})")
+    return rows, violations
+
+
 async def failover_figures(
     conn: psycopg.AsyncConnection[Any], failovers: Sequence[Failover]
 ) -> tuple[list[dict[str, Any]], list[str]]:
@@ -801,6 +843,8 @@ async def check(c: Campaign, quiet: float) -> dict[str, Any]:
         violations += transfer_promise(c.history.transfers)
         failovers, named = await failover_figures(conn, c.history.failovers)
         violations += named
+        paused_waiters, named = await waiter_promise(conn, c.history.paused_waiters)
+        violations += named
         redis = redis_figures(c.history.requests, c.history.planted)
         redis["ended"] = dict(
             Counter(signals[fp][1] for fp in redis["answered_duplicate"] if fp in signals)
@@ -863,6 +907,7 @@ async def check(c: Campaign, quiet: float) -> dict[str, Any]:
         "faults": c.history.faults,
         "transfers": [asdict(t) for t in c.history.transfers],
         "failovers": failovers,
+        "paused_waiters": paused_waiters,
         "redis": redis,
         "no_lead": no_lead,
         "invariants": INVARIANTS,

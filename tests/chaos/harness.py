@@ -33,7 +33,7 @@ import signal
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from itertools import cycle
@@ -82,6 +82,7 @@ REDIS_FAULTS = (
 FAULTS = (
     "kill",
     "pause",
+    "pause_waiter",  # SIGSTOP the follower waiting longest on the lock, SIGKILL the leader
     "partition",
     "restart_fast",
     "restart_immediate",
@@ -214,6 +215,18 @@ def answer_of(r: Request) -> str:
 
 
 @dataclass
+class PausedWaiter:
+    """One pause_waiter, by the wall clock: the checker's `waiter` rule reads the
+    elections between the pause and the resume in pgleader.leadership_history."""
+
+    waiter: str  # paused, its lock wait in flight
+    leader: str  # SIGKILLed right after
+    paused_at: float
+    resumed_at: float
+    granted: bool  # the server granted the paused session the lock (it waited first)
+
+
+@dataclass
 class Failover:
     """One db_failover, by the wall clock (as the database's timestamps): the checker
     finds the first election after it in pgleader.leadership_history."""
@@ -243,6 +256,7 @@ class History:
     session_peak: dict[str, Any] = field(default_factory=dict)
     transfers: list[Transfer] = field(default_factory=list)
     failovers: list[Failover] = field(default_factory=list)
+    paused_waiters: list[PausedWaiter] = field(default_factory=list)
     # fingerprints Redis was made to hold before their signal was first sent
     planted: set[str] = field(default_factory=set)
 
@@ -476,22 +490,26 @@ class Campaign:
 
     # -- faults ---------------------------------------------------------------
 
+    async def _rows(self, query: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        """A query on a connection of its own to the primary of now; [] when the
+        database cannot answer (a fault may be under way)."""
+        import psycopg
+
+        with contextlib.suppress(Exception):
+            async with await psycopg.AsyncConnection.connect(self.server.dsn, autocommit=True) as c:
+                cur = await c.execute(query, params)
+                return await cur.fetchall()
+        return []
+
     async def leader(self, timeout: float = 30) -> GatewayProcess | None:
         """The instance the database names as leader, if one is alive."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            with contextlib.suppress(Exception):
-                import psycopg
-
-                async with await psycopg.AsyncConnection.connect(
-                    self.server.dsn, autocommit=True
-                ) as c:
-                    cur = await c.execute(
-                        "select leader from pgleader.leader where election = 'gateway'"
-                    )
-                    row = await cur.fetchone()
-                    if row and row[0] in self.nodes and self.nodes[row[0]].proc.returncode is None:
-                        return self.nodes[row[0]]
+            for (name,) in await self._rows(
+                "select leader from pgleader.leader where election = %s", [ELECTION]
+            ):
+                if self._running(name):
+                    return self.nodes[name]
             await asyncio.sleep(0.1)
         return None
 
@@ -516,6 +534,9 @@ class Campaign:
             return
         if kind in TRANSFER_FAULTS:
             await self.transfer(kind)
+            return
+        if kind == "pause_waiter":
+            await self.pause_waiter()
             return
         await self.leader_fault(kind)
 
@@ -569,6 +590,68 @@ class Campaign:
             await asyncio.sleep(EVICT_AFTER + rnd.uniform(0.5, 3))
             for proxy in self.proxies[name]:
                 proxy.heal()
+
+    async def pause_waiter(self) -> None:
+        """The leader dies while a follower's process is paused with its lock wait in
+        flight: SIGSTOP the eligible follower that has waited longest (first in the
+        lock's queue), SIGKILL the leader. The server grants the paused session the lock
+        when it waited first; nobody bumps the epoch then until followers evict that
+        session (its instance's last beat older than evict_after). Another instance must
+        lead while it stays paused (evict_after + 3-5 s; the checker's `waiter` rule).
+        Skipped without a leader and a waiting follower."""
+        found = await self._longest_waiter()
+        if found is None:
+            print("  pause_waiter skipped: no leader with a follower waiting", flush=True)
+            return
+        leader, waiter = self.nodes[found[0]], self.nodes[found[1]]
+        self.history.fault("pause_waiter", waiter.instance_id, f"then {leader.instance_id} killed")
+        paused_at = time.time()
+        waiter.signal(signal.SIGSTOP)
+        leader.signal(signal.SIGKILL)
+        granted = False
+        try:
+            await leader.wait()
+            granted = await self._holds_lock(waiter.instance_id, within=2.0)
+            await asyncio.sleep(EVICT_AFTER + self.random.uniform(3, 5))
+        finally:
+            waiter.signal(signal.SIGCONT)
+            self.history.paused_waiters.append(
+                PausedWaiter(
+                    waiter.instance_id, leader.instance_id, paused_at, time.time(), granted
+                )
+            )
+            await self.start_node(leader)
+
+    async def _longest_waiter(self) -> tuple[str, str] | None:
+        """(leader, the live eligible follower whose election session has waited on the
+        lock longest), or None."""
+        query = (
+            "select l.leader, i.instance_id from pgleader.leader l"
+            "  join pgleader.instances i on i.election = l.election and i.eligible"
+            "   and i.instance_id <> l.leader"
+            "  join pg_locks k on k.pid = i.backend_pid and k.locktype = 'advisory'"
+            "   and k.objsubid = 2 and not k.granted"
+            " where l.election = %s and l.lock_held order by k.waitstart"
+        )
+        for leader, waiter in await self._rows(query, [ELECTION]):
+            if self._running(leader) and self._running(waiter):
+                return str(leader), str(waiter)
+        return None
+
+    async def _holds_lock(self, instance: str, within: float) -> bool:
+        """Whether `instance`'s registered election session is granted the lock within
+        `within` seconds."""
+        query = (
+            "select from pgleader.instances i join pg_locks k on k.pid = i.backend_pid"
+            " and k.locktype = 'advisory' and k.objsubid = 2 and k.granted"
+            " where i.election = %s and i.instance_id = %s"
+        )
+        deadline = time.monotonic() + within
+        while time.monotonic() < deadline:
+            if await self._rows(query, [ELECTION, instance]):
+                return True
+            await asyncio.sleep(0.1)
+        return False
 
     async def db_failover(self) -> None:
         """PostgreSQL fails over: the primary crashes (immediate), after a gap of
@@ -729,8 +812,6 @@ class Campaign:
     async def _ready_for_transfer(self) -> tuple[int, str, list[str]] | None:
         """(epoch, leader, its live eligible followers) once the leader holds the lock
         and at least one follower beats on its session of now, else None."""
-        import psycopg
-
         query = (
             "select l.epoch, l.leader, array(select i.instance_id from pgleader.instances i"
             "   join pg_stat_activity a on a.pid = i.backend_pid"
@@ -746,17 +827,11 @@ class Campaign:
         )
         deadline = time.monotonic() + TRANSFER_READY_WAIT
         while time.monotonic() < deadline:
-            with contextlib.suppress(Exception):
-                async with await psycopg.AsyncConnection.connect(
-                    self.server.dsn, autocommit=True
-                ) as c:
-                    # beating within half the gateway's live_within: a margin for the request
-                    cur = await c.execute(query, [EVICT_AFTER / 2, ELECTION])
-                    row = await cur.fetchone()
-                if row is not None and self._running(row[1]):
-                    followers = [name for name in row[2] if self._running(name)]
-                    if followers:
-                        return int(row[0]), str(row[1]), followers
+            # beating within half the gateway's live_within: a margin for the request
+            for epoch, leader, beating in await self._rows(query, [EVICT_AFTER / 2, ELECTION]):
+                followers = [name for name in beating if self._running(name)]
+                if self._running(leader) and followers:
+                    return int(epoch), str(leader), followers
             await asyncio.sleep(0.1)
         return None
 
@@ -766,15 +841,10 @@ class Campaign:
 
     async def _leadership(self) -> tuple[int, str | None] | None:
         """The election's epoch and leader (None while nobody holds the lock)."""
-        import psycopg
-
-        with contextlib.suppress(Exception):
-            async with await psycopg.AsyncConnection.connect(self.server.dsn, autocommit=True) as c:
-                cur = await c.execute(
-                    "select epoch, leader from pgleader.leader where election = %s", [ELECTION]
-                )
-                row = await cur.fetchone()
-                return (int(row[0]), row[1]) if row else None
+        for epoch, leader in await self._rows(
+            "select epoch, leader from pgleader.leader where election = %s", [ELECTION]
+        ):
+            return int(epoch), leader
         return None
 
     async def _transfer_http(self, leader: GatewayProcess, to: str) -> tuple[str, str]:
@@ -1185,6 +1255,22 @@ def _failover_rows(failovers: list[dict[str, Any]]) -> list[str]:
     return rows
 
 
+def _waiter_rows(waits: list[dict[str, Any]]) -> list[str]:
+    rows = [f"  paused waiters {len(waits)}" + (":" if waits else "")]
+    for w in waits:
+        elected = (
+            f"{w['elected']} elected {w['pause_to_elected_s']:.2f} s after the pause"
+            if w["elected"]
+            else "nobody elected"
+        )
+        granted = " (its session granted the lock)" if w["granted_the_lock"] else ""
+        rows.append(
+            f"    {w['waiter']} paused{granted}, {w['leader_killed']} killed: {elected};"
+            f" resumed after {w['paused_s']:.1f} s"
+        )
+    return rows
+
+
 def _redis_row(r: dict[str, Any]) -> str:
     faults = ", ".join(f"{k} x{v}" for k, v in sorted(r["faults"].items())) or "none"
     ended = ", ".join(f"{k} x{v}" for k, v in sorted(r["ended"].items())) or "none in the inbox"
@@ -1225,6 +1311,7 @@ def summary(result: dict[str, Any]) -> str:
         + ", ".join(f"{k} x{v}" for k, v in sorted(broker["answers"].items())),
         "  faults: " + ", ".join(f"{k} x{v}" for k, v in sorted(faults.items())),
         *_transfer_rows(result["transfers"]),
+        *_waiter_rows(result["paused_waiters"]),
         *_failover_rows(result["failovers"]),
         _redis_row(result["redis"]),
         _no_lead_row(result["no_lead"]),

@@ -28,6 +28,7 @@ from tests.chaos.checker import (
     redis_figures,
     rollover_promise,
     transfer_promise,
+    waiter_promise,
 )
 from tests.chaos.database import FailoverPair
 from tests.chaos.harness import (
@@ -36,13 +37,15 @@ from tests.chaos.harness import (
     TRANSFER_FAULTS,
     Failover,
     History,
+    PausedWaiter,
     Request,
     Transfer,
     campaign,
     summary,
 )
 
-LEADER_FAULTS = {"kill", "pause", "partition", "sigterm"}  # skipped when no leader is alive
+# skipped when no leader is alive (pause_waiter: or no follower waits on the lock)
+LEADER_FAULTS = {"kill", "pause", "pause_waiter", "partition", "sigterm"}
 
 
 async def test_short_campaign_keeps_every_promise_under_every_fault_kind():
@@ -382,6 +385,37 @@ async def test_a_failover_after_which_nobody_led_is_named(db: psycopg.AsyncConne
     assert row["epoch"] is None and row["promote_to_elected_s"] is None
     assert violations == [
         "failover: the primary :2 crashed, :1 promoted; nobody was elected after it"
+    ]
+
+
+async def test_a_pause_of_the_first_waiter_after_which_nobody_else_led_is_named(
+    db: psycopg.AsyncConnection[Any],
+):
+    """Another instance must be elected while the waiter stays paused; none, or the
+    paused one itself, is a violation."""
+    now = time.time()
+    await db.execute("insert into pgleader.election (name) values ('gateway')")
+    await db.execute(
+        "insert into pgleader.leadership_history (election, epoch, instance_id, acquired_at)"
+        " values ('gateway', 4, 'gw1', to_timestamp(%s)), ('gateway', 5, 'gw3', to_timestamp(%s))",
+        [now - 60, now - 12],
+    )
+    (row,), violations = await waiter_promise(
+        db, [PausedWaiter("gw2", "gw1", now - 19.5, now - 10, granted=True)]
+    )
+    assert violations == []
+    assert (row["elected"], row["granted_the_lock"]) == ("gw3", True)
+    assert row["pause_to_elected_s"] == pytest.approx(7.5, abs=0.01)
+
+    _, violations = await waiter_promise(db, [PausedWaiter("gw2", "gw1", now - 9, now - 1, True)])
+    assert violations == [
+        "waiter: gw1 killed while gw2 was paused waiting on the lock (its session granted"
+        " the lock): nobody elected in the 8.0 s it was paused"
+    ]
+    _, violations = await waiter_promise(db, [PausedWaiter("gw3", "gw1", now - 13, now - 5, True)])
+    assert violations == [
+        "waiter: gw1 killed while gw3 was paused waiting on the lock (its session granted"
+        " the lock): the paused instance was elected (epoch 5)"
     ]
 
 
