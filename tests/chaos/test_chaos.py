@@ -271,6 +271,32 @@ def test_a_roll_that_exits_twice_or_lets_a_signal_through_is_named():
     assert any(f"signal 2 of {NAME} claimed at" in v for v in named), named
 
 
+def test_a_fill_of_a_signal_order_with_no_broker_id_in_the_rolls_last_second_is_not_its():
+    """The roll ends at +2.5 s; the pyramid that waited behind it is claimed at +2.6 s,
+    its answer lost (settled: the broker at its target, no broker id on record), and
+    the fake stamps its fill +2 s (whole seconds): inside the roll's window."""
+    roll = RollRow(1, NAME, NEAR, NEXT, "long", 2, "rolled", None, _at(0), _at(2.5))
+    signals = {1: SignalRow(NAME, "executed", None, _at(-5)), 2: SignalRow(NAME, "executed", None)}
+    orders = [
+        OrderRow(1, "pgl-1-e1-1", "filled", "B1", 0, 130, NAME, NEAR, None, _at(-4)),
+        OrderRow(None, "pgl-roll1-exit-e1-1", "filled", "B2", 130, 0, NAME, NEAR, 1, _at(0.1)),
+        OrderRow(None, "pgl-roll1-entry-e1-2", "filled", "B3", 0, 130, NAME, NEXT, 1, _at(1)),
+        OrderRow(2, "pgl-2-e1-1", "filled", None, 130, 195, NAME, NEXT, None, _at(2.6)),
+    ]  # fmt: skip
+    fills = [
+        _contract_fill("B1", NEAR, "BUY", 130, -4),
+        _contract_fill("B2", NEAR, "SELL", 130, 0.2),
+        _contract_fill("B3", NEXT, "BUY", 130, 1),
+        _contract_fill("B4", NEXT, "BUY", 65, 2.7),
+    ]
+    assert rollover_promise(signals, orders, [roll], _book(fills))["violations"] == []
+    # Had the pyramid's broker id been lost and not its order, B4 would be the roll's.
+    orders[3] = orders[3]._replace(outcome="rejected")
+    (named,) = rollover_promise(signals, orders, [roll], _book(fills))["violations"]
+    assert named.startswith(f"rollover: roll 1 of {NAME} placed 2 entry orders"), named
+    assert "B4 BUY 65 at" in named and "no broker id: 0" in named
+
+
 def test_a_roll_that_enters_before_it_exits_is_double_exposure():
     """The book of a future is the sum over its contracts: 130 in each at once is |260|."""
     signals = {1: SignalRow(NAME, "executed", None)}
