@@ -139,8 +139,8 @@ class ElectionCollector(Collector):
             )
         evictions = CounterMetricFamily(
             "pgleader_evictions",
-            "Hung leaders whose session this instance terminated (their beat older than"
-            " evict_after)",
+            "Hung leaders, and waiters granted the lock that stopped before leading, whose"
+            " session this instance terminated (their beat older than evict_after)",
             labels=["election"],
         )
         evictions.add_metric([e.election], stats["evictions"])
