@@ -16,12 +16,10 @@ hears of the signal without waiting for a sweep.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -31,6 +29,7 @@ from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
 from pgleader.metrics import Histogram
+from service.intake.group import GroupWriter
 from service.intake.signals import Signal
 from service.queries import QUERIES
 
@@ -112,14 +111,6 @@ def parse_notification(payload: str) -> list[int]:
         return []
 
 
-@dataclass(slots=True)
-class _Waiting:
-    item: Incoming
-    future: asyncio.Future[Stored] = field(
-        default_factory=lambda: asyncio.get_running_loop().create_future()
-    )
-
-
 class Inbox:
     """Group commit: `store` waits for the write that carries its signal. One
     write is in flight at a time; what arrives meanwhile goes in the next, up to
@@ -131,8 +122,10 @@ class Inbox:
         self.pool = pool
         self.received_by = received_by
         self.max_batch = max_batch
-        self._queue: list[_Waiting] = []
-        self._writer: asyncio.Task[None] | None = None
+        self._group: GroupWriter[Incoming, Stored] = GroupWriter(
+            self._write, cap=max_batch, name="inbox-writer",
+            stopped=lambda: RuntimeError("inbox writer stopped"),
+        )  # fmt: skip
         self.stats = {"writes": 0, "signals": 0, "largest": 0}
         # How long a write takes to commit: most of it is the WAL flush, so a slow or
         # stalling disk shows here first (every answer waits for its write).
@@ -149,68 +142,31 @@ class Inbox:
         """Store one signal; raises what the write raised (the database is
         unreachable: psycopg.OperationalError or PoolTimeout) and then nothing of it
         was stored by this call."""
-        waiting = _Waiting(Incoming(signal, fingerprint, received_at, notify))
-        waiting.future.add_done_callback(_retrieve)
-        self._queue.append(waiting)
-        if self._writer is None:
-            self._writer = asyncio.create_task(self._write_all(), name="inbox-writer")
-        # shield: a request that goes away must not cancel a write others share
-        return await asyncio.shield(waiting.future)
+        return await self._group.submit(Incoming(signal, fingerprint, received_at, notify))
 
     async def close(self) -> None:
         """Wait for the writes under way (new ones still start: call after the
         HTTP server stopped taking requests)."""
-        while self._writer is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.shield(self._writer)
+        await self._group.close()
 
-    async def _write_all(self) -> None:
-        batch: list[_Waiting] = []
-        try:
-            while self._queue:
-                batch = self._queue[: self.max_batch]
-                del self._queue[: self.max_batch]
-                await self._write(batch)
-        finally:
-            self._writer = None
-            # Only if this task was cancelled (loop shutdown): nobody may wait forever.
-            for w in [*batch, *self._queue]:
-                if not w.future.done():
-                    w.future.set_exception(RuntimeError("inbox writer stopped"))
-
-    async def _write(self, batch: list[_Waiting]) -> None:
+    async def _write(self, items: list[Incoming]) -> list[Stored]:
+        """One write of a group: what it raises is every signal's outcome."""
         stats = self.stats
         stats["writes"] += 1
-        stats["signals"] += len(batch)
-        stats["largest"] = max(stats["largest"], len(batch))
-        items = [w.item for w in batch]
+        stats["signals"] += len(items)
+        stats["largest"] = max(stats["largest"], len(items))
         try:
-            for attempt in (1, 2):
-                try:
-                    async with self.pool.connection() as conn:
-                        started = time.perf_counter()
-                        stored = await store_signals(conn, items, self.received_by)
-                        self.write_seconds.observe(time.perf_counter() - started)
-                    break
-                except psycopg.OperationalError:
-                    # A pooled connection may have died with a database restart: one
-                    # fresh try.
-                    if attempt == 2:
-                        raise
-        except Exception as exc:
-            for w in batch:
-                if not w.future.done():
-                    w.future.set_exception(exc)
-            return
-        for w, result in zip(batch, stored, strict=True):
-            if not w.future.done():
-                w.future.set_result(result)
+            return await self._store(items)
+        except psycopg.OperationalError:
+            # A pooled connection may have died with a database restart: one fresh try.
+            return await self._store(items)
 
-
-def _retrieve(future: asyncio.Future[Stored]) -> None:
-    """Mark the outcome seen: the request that waited for it may have gone."""
-    if not future.cancelled():
-        future.exception()
+    async def _store(self, items: list[Incoming]) -> list[Stored]:
+        async with self.pool.connection() as conn:
+            started = time.perf_counter()
+            stored = await store_signals(conn, items, self.received_by)
+            self.write_seconds.observe(time.perf_counter() - started)
+        return stored
 
 
 async def notify_signal(conn: AsyncConnection[Any], signal_id: int) -> None:

@@ -41,6 +41,7 @@ import structlog
 
 from pgleader.errors import ConfigError
 from service.errors import SpoolError
+from service.intake.group import GroupWriter
 from service.intake.signals import Signal, parse_dict
 
 __all__ = ["DEFAULT_MAX_BYTES", "Spool", "Spooled"]
@@ -96,8 +97,10 @@ class Spool:
         self.max_bytes = max_bytes
         # Group append: what arrives while a write is under way goes in the next one
         # (one write and one fsync for all of them), as the inbox groups its commits.
-        self._waiting: list[tuple[bytes, asyncio.Future[None]]] = []
-        self._writer: asyncio.Task[None] | None = None
+        self._group: GroupWriter[bytes, None] = GroupWriter(
+            self._write_group, cap=_GROUP_MAX, name="spool-writer",
+            stopped=lambda: SpoolError(f"spool {self.path}: the writer stopped", "spool_error"),
+        )  # fmt: skip
         self._replay_lock = asyncio.Lock()
         self._write_mutex = threading.Lock()  # the fd: a cancelled request's thread goes on
         self._count_mutex = threading.Lock()  # the counters, held only briefly
@@ -205,13 +208,8 @@ class Spool:
             "received_at": received_at.isoformat(),
         }
         line = (json.dumps(record, separators=(",", ":"), allow_nan=False) + "\n").encode()
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        done.add_done_callback(_seen)
-        self._waiting.append((line, done))
-        if self._writer is None:
-            self._writer = asyncio.create_task(self._write_waiting(), name="spool-writer")
         try:
-            await asyncio.shield(done)  # a request that goes away leaves the write on
+            await self._group.submit(line)  # a request that goes away leaves the write on
         except SpoolError as exc:
             self._refused += 1
             if exc.full and time.monotonic() - self._last_full_alert >= _FULL_ALERT_EVERY:
@@ -227,38 +225,25 @@ class Spool:
                 )
             raise
 
-    async def _write_waiting(self) -> None:
-        """Append what waits, all of it in one write and fsync, until nothing does. A
-        group the cap refuses whole is tried line by line (those that fit go in); any
-        other failure refuses the group whole, the file cut back to its size before."""
-        group: list[tuple[bytes, asyncio.Future[None]]] = []
+    async def _write_group(self, lines: list[bytes]) -> list[SpoolError | None]:
+        """Append a group in one write and fsync. A group the cap refuses whole is tried
+        line by line (those that fit go in); any other failure refuses the group whole,
+        the file cut back to its size before."""
         try:
-            while self._waiting:
-                group, self._waiting = self._waiting[:_GROUP_MAX], self._waiting[_GROUP_MAX:]
+            await asyncio.to_thread(self._append, b"".join(lines), len(lines))
+        except SpoolError as exc:
+            if not (exc.full and len(lines) > 1):
+                raise
+            outcomes: list[SpoolError | None] = []
+            for line in lines:
                 try:
-                    await asyncio.to_thread(
-                        self._append, b"".join(line for line, _ in group), len(group)
-                    )
-                except SpoolError as exc:
-                    if exc.full and len(group) > 1:
-                        for line, done in group:
-                            try:
-                                await asyncio.to_thread(self._append, line, 1)
-                            except SpoolError as one:
-                                _settle(done, one)
-                            else:
-                                _settle(done, None)
-                    else:
-                        for _, done in group:
-                            _settle(done, exc)
+                    await asyncio.to_thread(self._append, line, 1)
+                except SpoolError as one:
+                    outcomes.append(one)
                 else:
-                    for _, done in group:
-                        _settle(done, None)
-        finally:
-            self._writer = None
-            # Only if this task was cancelled (loop shutdown): nobody may wait forever.
-            for _, done in [*group, *self._waiting]:
-                _settle(done, SpoolError(f"spool {self.path}: the writer stopped", "spool_error"))
+                    outcomes.append(None)
+            return outcomes
+        return [None] * len(lines)
 
     def _append(self, data: bytes, records: int) -> None:
         with self._write_mutex:
@@ -583,20 +568,6 @@ def _append_all(fd: int, data: bytes, path: Path, *, limit: int | None = None) -
                 error=undo.strerror,
             )
         raise _error(path, exc) from exc
-
-
-def _settle(done: asyncio.Future[None], error: BaseException | None) -> None:
-    if not done.done():
-        if error is None:
-            done.set_result(None)
-        else:
-            done.set_exception(error)
-
-
-def _seen(done: asyncio.Future[None]) -> None:
-    """Mark an outcome seen: the request that waited for it may have gone."""
-    if not done.cancelled():
-        done.exception()
 
 
 def _append_file(path: Path, data: bytes) -> None:
