@@ -51,7 +51,12 @@ async def test_a_schema_dropped_under_running_electors_ends_their_waits_until_mi
             await asyncio.sleep(0.5)  # long enough for several retries, were there any
         missing = [e for e in logs if e["event"] == "election paused: schema missing"]
         assert len(missing) == 2, logs  # once per elector, not once per retry
-        assert not [e for e in logs if e["event"] == "election connection lost, rejoining"]
+        # A statement in flight as the schema is dropped may fail on the dropped relation's
+        # OID (the server's race with the DDL, an internal error): that one rejoin is
+        # retried at once and finds the schema missing; nothing else may be retried.
+        lost = [e for e in logs if e["event"] == "election connection lost, rejoining"]
+        assert all(e["error"].startswith("could not open relation") for e in lost), lost
+        assert len(lost) == len({e["instance"] for e in lost}), lost  # once per elector
         # A migration brings the schema back: the electors find it on their own.
         elected = asyncio.Event()
         for elector in (leader, follower):
