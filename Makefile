@@ -67,6 +67,7 @@ $(BENCH_STAMP): $(STAMP)
 bench: $(BENCH_STAMP)
 	$(BIN)/python -m bench.failover
 	$(BIN)/python -m bench.kill_cost
+	$(BIN)/python -m bench.claim_cost
 	$(BIN)/python -m bench.webhook
 	$(BIN)/python -m bench.batch_cost
 	$(BIN)/python -m bench.inline_path

@@ -8,6 +8,11 @@ size (RSS_MB: the candidate's own, 60, 120). On SIGKILL the kernel frees the pro
 memory before it closes a socket; then the backend of every session exits at once, on
 the same cores as the successor's. An embedded PostgreSQL of its own; each footprint's
 candidates have their own lock and channel.
+
+Then the kernel's part alone: a bare Python process holding one TCP connection (no
+PostgreSQL), grown to CLOSE_RSS_MB (10, 60, 120; 10 is about its own size) with
+THREADS (0, 6) idle threads besides at 60 MB: SIGKILL -> its peer reads end-of-file,
+ROUNDS rounds each, interleaved.
 """
 
 from __future__ import annotations
@@ -17,8 +22,10 @@ import contextlib
 import os
 import random
 import shutil
+import socket
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +35,64 @@ from bench.stats import summary
 from pgleader.embedded import EmbeddedPostgres
 
 __all__ = ["main"]
+
+
+# The process whose death is timed: resident `rss` MiB, `threads` idle threads, one
+# TCP connection to the timer.
+_HOLDER = """
+import socket, sys, threading, time
+port, threads, mb = (int(a) for a in sys.argv[1:])
+ballast = bytearray(max(0, mb - 10) * 2**20)
+for i in range(0, len(ballast), 4096):
+    ballast[i] = 1
+stop = threading.Event()
+for _ in range(threads):
+    threading.Thread(target=stop.wait, daemon=True).start()
+conn = socket.create_connection(("127.0.0.1", port))
+conn.sendall(b"r")
+time.sleep(3600)
+"""
+
+
+async def _socket_close_ms(threads: int, rss: int) -> float:
+    """SIGKILL a holder process -> its connection's end-of-file read here, ms."""
+    loop = asyncio.get_running_loop()
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        server.setblocking(False)
+        port = server.getsockname()[1]
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", _HOLDER, str(port), str(threads), str(rss)
+        )
+        try:
+            conn, _ = await asyncio.wait_for(loop.sock_accept(server), 30)
+            with conn:
+                await asyncio.wait_for(loop.sock_recv(conn, 1), 30)  # grown and connected
+                await asyncio.sleep(0.1)
+                killed_at = time.perf_counter()
+                proc.kill()
+                while await asyncio.wait_for(loop.sock_recv(conn, 1), 30):
+                    pass
+                return (time.perf_counter() - killed_at) * 1000
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+            await proc.wait()
+
+
+async def _socket_close(rounds: int) -> list[dict[str, Any]]:
+    grid = [(0, mb) for mb in _ints("CLOSE_RSS_MB", "10,60,120")]
+    grid += [(n, 60) for n in _ints("THREADS", "0,6") if n]
+    taken: list[list[float]] = [[] for _ in grid]
+    for n in range(rounds):
+        for i, (threads, rss) in enumerate(grid):
+            taken[i].append(await _socket_close_ms(threads, rss))
+        progress(f"socket close, round {n + 1}/{rounds}")
+    rows = []
+    for (threads, rss), samples in zip(grid, taken, strict=True):
+        got = summary(samples)
+        progress(f"{rss} MB, {threads} threads: kill -> peer's EOF p50 {got['p50']} ms")
+        rows.append({"rss_mb": rss, "threads": threads, "socket_closed_ms": got})
+    return rows
 
 
 def _ints(name: str, default: str) -> list[int]:
@@ -78,6 +143,7 @@ async def run() -> dict[str, Any]:
         "machine": {"cpus": os.cpu_count(), "loadavg": os.getloadavg()},
         "rounds": rounds,
         "footprints": rows,
+        "socket_close": await _socket_close(rounds),
     }
 
 

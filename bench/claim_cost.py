@@ -1,0 +1,100 @@
+"""`python -m bench.claim_cost`: what pgleader's claim costs on a quiet server, beside
+the bare handoff's bump and NOTIFY.
+
+The claim is the one statement a takeover sends between the lock's grant and the
+`elected` NOTIFY (claim_leadership: bump the epoch, close the predecessor's history
+row, open ours, update the registry, broadcast, commit), run as a takeover runs it:
+by a session that holds the lock, joined and rehearsed, holding back for a higher
+priority (three instances registered). The bare handoff (bench/handoff.py) sends an
+UPDATE and a NOTIFY. ROUNDS (300) of each, interleaved, the first WARMUP (50) left
+out; ms per round trip on this process's clock. An embedded PostgreSQL of its own.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+from bench.harness import env_int, progress, run_main
+from bench.stats import summary
+from pgleader import migrate
+from pgleader.embedded import EmbeddedPostgres
+from pgleader.queries import QUERIES
+
+__all__ = ["main"]
+
+_BARE_TABLE = "create table bench_claim (id int primary key, epoch bigint not null)"
+_BARE_ROW = "insert into bench_claim values (1, 0)"
+_BARE_BUMP = "update bench_claim set epoch = epoch + 1 where id = 1 returning epoch"
+_BARE_NOTIFY = "select pg_notify('bench_claim', 'x')"
+
+
+async def _timed(conn: psycopg.AsyncConnection[Any], *statements: tuple[Any, Any]) -> float:
+    started = time.perf_counter()
+    for query, params in statements:
+        cur = await conn.execute(query, params)
+        await cur.fetchall()
+    return (time.perf_counter() - started) * 1000
+
+
+async def run() -> dict[str, Any]:
+    rounds, warmup = env_int("ROUNDS", 300), env_int("WARMUP", 50)
+    tmp = Path(tempfile.mkdtemp(prefix="pgleader-bench-"))
+    os.chmod(tmp, 0o755)  # the postgres user must reach its data dir
+    server = EmbeddedPostgres(tmp / "pg")
+    dsn = server.start()
+    try:
+        await migrate(dsn)
+        others = []
+        for name in ("b", "c"):  # followers a hold-back looks at
+            conn = await psycopg.AsyncConnection.connect(dsn, autocommit=True)
+            await conn.execute(QUERIES["join_election"], ["bench", name, "h", 1, "0", True, 0])
+            others.append(conn)
+        async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+            cur = await conn.execute(
+                QUERIES["join_election"], ["bench", "a", "h", os.getpid(), "0", True, 0]
+            )
+            row = await cur.fetchone()
+            assert row is not None
+            await conn.execute(QUERIES["rehearse_claim"], ["bench", "a", "h", 6])
+            await conn.execute(QUERIES["acquire_lock"], [int(row[0])])
+            await conn.execute(_BARE_TABLE)
+            await conn.execute(_BARE_ROW)
+            claim = (QUERIES["take_leadership"], ["bench", "a", "h", True, 6])
+            claims: list[float] = []
+            bare: list[float] = []
+            for n in range(rounds):
+                claims.append(await _timed(conn, claim))
+                bare.append(await _timed(conn, (_BARE_BUMP, None), (_BARE_NOTIFY, None)))
+                if (n + 1) % 100 == 0:
+                    progress(f"round {n + 1}/{rounds}")
+        for other in others:
+            await other.close()
+    finally:
+        server.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+    claim_ms, bare_ms = summary(claims[warmup:]), summary(bare[warmup:])
+    difference = statistics.median(claims[warmup:]) - statistics.median(bare[warmup:])
+    return {
+        "benchmark": "claim_cost",
+        "method": __doc__,
+        "rounds": rounds - warmup,
+        "claim_ms": claim_ms,
+        "bare_bump_and_notify_ms": bare_ms,
+        "p50_difference_ms": round(difference, 3),
+    }
+
+
+def main() -> int:
+    return run_main(run, "claim_cost")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
