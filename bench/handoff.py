@@ -66,12 +66,33 @@ def rss_mb(pid: int | str = "self") -> float:
     return 0.0
 
 
+async def _resize(dsn: str, idle: list[psycopg.AsyncConnection[Any]], sessions: int) -> None:
+    """Hold `sessions` idle sessions, each having read the catalogs once."""
+    while len(idle) < sessions:
+        idle.append(await psycopg.AsyncConnection.connect(dsn, autocommit=True))
+        await idle[-1].execute(_WORK)
+    while len(idle) > sessions:
+        await idle.pop().close()
+
+
+async def _obey(dsn: str, idle: list[psycopg.AsyncConnection[Any]]) -> None:
+    """`sessions N` lines on stdin: hold N idle sessions now, and say so on stdout."""
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    while line := await reader.readline():
+        verb, _, value = line.decode().partition(" ")
+        if verb == "sessions":
+            await _resize(dsn, idle, int(value))
+            print(json.dumps({"sessions": len(idle)}), flush=True)
+
+
 async def candidate(dsn: str, ident: str, key: int = 1, sessions: int = 0, rss: int = 0) -> None:
-    idle = []
+    idle: list[psycopg.AsyncConnection[Any]] = []
+    obeying: asyncio.Task[None] | None = None
     try:
-        for _ in range(sessions):
-            idle.append(await psycopg.AsyncConnection.connect(dsn, autocommit=True))
-            await idle[-1].execute(_WORK)
+        await _resize(dsn, idle, sessions)
+        obeying = asyncio.create_task(_obey(dsn, idle))
         ballast = bytearray(max(0, int((rss - rss_mb()) * 2**20)))
         for i in range(0, len(ballast), 4096):  # resident, not just reserved
             ballast[i] = 1
@@ -86,6 +107,8 @@ async def candidate(dsn: str, ident: str, key: int = 1, sessions: int = 0, rss: 
             print(json.dumps({"holding": ident, "epoch": row[0]}), flush=True)
             await asyncio.Event().wait()  # hold the lock until killed
     finally:
+        if obeying is not None:
+            obeying.cancel()
         for c in idle:
             await c.close()
 
@@ -149,7 +172,8 @@ class BareHandoff:
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "bench.handoff", "candidate", "--dsn", self.dsn, "--id", ident,
             "--key", str(self.key), "--sessions", str(self.sessions), "--rss-mb", str(self.rss_mb),
-            stdout=asyncio.subprocess.PIPE, cwd=Path(__file__).parent.parent,
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+            cwd=Path(__file__).parent.parent,
         )  # fmt: skip
         assert proc.stdout is not None
         line = await asyncio.wait_for(proc.stdout.readline(), 30)  # connected, about to lock
@@ -176,15 +200,35 @@ class BareHandoff:
             row = await cur.fetchone()
         return bool(row and row[0] >= 2)
 
-    async def round(self) -> dict[str, Any]:
-        """Kill the holder; ms from the kill to the successor's NOTIFY seen here."""
+    async def _hold_sessions(self, ident: str, sessions: int) -> None:
+        """Have candidate `ident` hold `sessions` idle sessions besides its lock's."""
+        proc = self.procs[ident]
+        assert proc.stdin is not None and proc.stdout is not None
+        proc.stdin.write(f"sessions {sessions}\n".encode())
+        await proc.stdin.drain()
+        async with asyncio.timeout(30):
+            while True:  # past the "holding" line a candidate says once it holds the lock
+                line = await proc.stdout.readline()
+                if not line:
+                    raise RuntimeError(f"bare candidate {ident} ended while resizing")
+                if json.loads(line).get("sessions") == sessions:
+                    return
+
+    async def round(self, sessions: int | None = None) -> dict[str, Any]:
+        """Kill the holder; ms from the kill to the successor's NOTIFY seen here.
+        `sessions`: the holder's sessions on the server when it is killed (its lock's
+        and idle ones), to match another process's footprint round by round."""
         _, last = self.seen[-1]
         holder = str(last["holder"])
+        if sessions is not None:
+            await self._hold_sessions(holder, max(0, sessions - 1))
+            await asyncio.sleep(0.2)  # the new backends settled, as a gateway's are
         mark = len(self.seen)
         killed_at = time.monotonic()
         self.procs[holder].kill()
         at, payload = await self._holder(timeout=30, since=mark)
         row = {
+            "sessions": sessions,
             "old_holder": holder,
             "new_holder": payload["holder"],
             "epoch": [last["epoch"], payload["epoch"]],
