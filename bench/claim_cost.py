@@ -36,14 +36,6 @@ _BARE_BUMP = "update bench_claim set epoch = epoch + 1 where id = 1 returning ep
 _BARE_NOTIFY = "select pg_notify('bench_claim', 'x')"
 
 
-async def _timed(conn: psycopg.AsyncConnection[Any], *statements: tuple[Any, Any]) -> float:
-    started = time.perf_counter()
-    for query, params in statements:
-        cur = await conn.execute(query, params)
-        await cur.fetchall()
-    return (time.perf_counter() - started) * 1000
-
-
 async def run() -> dict[str, Any]:
     rounds, warmup = env_int("ROUNDS", 300), env_int("WARMUP", 50)
     tmp = Path(tempfile.mkdtemp(prefix="pgleader-bench-"))
@@ -67,12 +59,17 @@ async def run() -> dict[str, Any]:
             await conn.execute(QUERIES["acquire_lock"], [int(row[0])])
             await conn.execute(_BARE_TABLE)
             await conn.execute(_BARE_ROW)
-            claim = (QUERIES["take_leadership"], ["bench", "a", "h", True, 6])
             claims: list[float] = []
             bare: list[float] = []
             for n in range(rounds):
-                claims.append(await _timed(conn, claim))
-                bare.append(await _timed(conn, (_BARE_BUMP, None), (_BARE_NOTIFY, None)))
+                started = time.perf_counter()
+                cur = await conn.execute(QUERIES["take_leadership"], ["bench", "a", "h", True, 6])
+                await cur.fetchall()
+                claims.append((time.perf_counter() - started) * 1000)
+                started = time.perf_counter()
+                await (await conn.execute(_BARE_BUMP)).fetchall()
+                await (await conn.execute(_BARE_NOTIFY)).fetchall()
+                bare.append((time.perf_counter() - started) * 1000)
                 if (n + 1) % 100 == 0:
                     progress(f"round {n + 1}/{rounds}")
         for other in others:

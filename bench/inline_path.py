@@ -50,7 +50,11 @@ async def _trace(dsn: str, n: int, skip: int) -> dict[str, list[float]]:
             claim = ["gateway", 1, [stored.signal_id], "bench", "paper", timedelta(hours=1),
                      None, timedelta(0), "wait"]  # fmt: skip
             cur = await conn.execute(_CLAIM, claim)
-            _, _, _, coid, instrument, _, _, _, target, price = (await cur.fetchall())[0]
+            (claimed,) = await cur.fetchall()
+            columns = [c.name for c in cur.description or ()]
+            got = dict(zip(columns, claimed, strict=True))
+            coid, instrument = got["client_order_id"], got["instrument"]
+            target, price = got["target_position"], got["price"]
             t2 = time.perf_counter()
             valid = datetime.now(UTC) + timedelta(seconds=5)
             order = [[coid], [instrument], [target], [price], [1], ["bench"], [valid]]
