@@ -8,6 +8,11 @@ by a session that holds the lock, joined and rehearsed, holding back for a highe
 priority (three instances registered). The bare handoff (bench/handoff.py) sends an
 UPDATE and a NOTIFY. ROUNDS (300) of each, interleaved, the first WARMUP (50) left
 out; ms per round trip on this process's clock. An embedded PostgreSQL of its own.
+
+Then the functions a claim, a beat or an execution calls, one by one: CALLS (3000)
+calls in one server-side loop (one round trip; each call a statement of its own, as in
+production), us per call, the loop run REPEAT (3) times. A SQL-language function the planner cannot inline is planned again
+at every call (PostgreSQL up to 17); plpgsql plans its queries once per session.
 """
 
 from __future__ import annotations
@@ -17,10 +22,12 @@ import shutil
 import statistics
 import tempfile
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import psycopg
+import psycopg.sql
 
 from bench.harness import env_int, progress, run_main
 from bench.stats import summary
@@ -34,6 +41,42 @@ _BARE_TABLE = "create table bench_claim (id int primary key, epoch bigint not nu
 _BARE_ROW = "insert into bench_claim values (1, 0)"
 _BARE_BUMP = "update bench_claim set epoch = epoch + 1 where id = 1 returning epoch"
 _BARE_NOTIFY = "select pg_notify('bench_claim', 'x')"
+# One server-side loop of calls per function: each call a statement of its own, with
+# the function in FROM, as a claim, a beat and an execution call them (a query that
+# calls a SQL function on many rows plans it once; a statement per call does not).
+_LOOP = """
+create function pg_temp.calls(n integer) returns void language plpgsql as $loop$
+begin
+    for i in 1..n loop
+        perform * from {call};
+    end loop;
+end
+$loop$
+"""
+_CALLS = {
+    "pgleader.lock_holder": "pgleader.lock_holder(1)",
+    "pgleader.preferred_candidate": "pgleader.preferred_candidate('bench', 'a', 0, '6 s')",
+    "gateway.open_position": "gateway.open_position('NIFTY')",
+    "gateway.complete_orders": "gateway.complete_orders("
+    "array['none'], array['filled'], array['b'], array[null], array[null])",
+}
+
+
+async def _per_call(conn: psycopg.AsyncConnection[Any]) -> dict[str, list[float]]:
+    """us per call of each function of _CALLS, REPEAT loops of CALLS calls each."""
+    calls, repeat = env_int("CALLS", 3000), env_int("REPEAT", 3)
+    got: dict[str, list[float]] = {}
+    for _ in range(repeat):
+        for name, call in _CALLS.items():
+            loop = psycopg.sql.SQL(_LOOP).format(call=psycopg.sql.SQL(call))
+            await conn.execute(loop)
+            started = time.perf_counter()
+            await conn.execute("select pg_temp.calls(%s)", [calls])
+            got.setdefault(name, []).append(round((time.perf_counter() - started) * 1e6 / calls, 1))
+            await conn.execute("drop function pg_temp.calls(integer)")
+    for name, values in got.items():
+        progress(f"{name}: {values} us a call")
+    return got
 
 
 async def run() -> dict[str, Any]:
@@ -72,6 +115,7 @@ async def run() -> dict[str, Any]:
                 bare.append((time.perf_counter() - started) * 1000)
                 if (n + 1) % 100 == 0:
                     progress(f"round {n + 1}/{rounds}")
+            per_call = await _per_call(conn)
         for other in others:
             await other.close()
     finally:
@@ -81,11 +125,13 @@ async def run() -> dict[str, Any]:
     difference = statistics.median(claims[warmup:]) - statistics.median(bare[warmup:])
     return {
         "benchmark": "claim_cost",
+        "when": datetime.now().astimezone().isoformat(timespec="seconds"),
         "method": __doc__,
         "rounds": rounds - warmup,
         "claim_ms": claim_ms,
         "bare_bump_and_notify_ms": bare_ms,
         "p50_difference_ms": round(difference, 3),
+        "us_per_call": per_call,
     }
 
 
