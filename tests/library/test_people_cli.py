@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import psycopg
 import pytest
 
 from pgleader import Elector, Timings
@@ -170,6 +171,16 @@ async def test_watch_human_prints_transitions_as_lines_of_words(dsn, electors):
         await elect(electors, dsn, "w2")
         assert re.fullmatch(
             rf"{CLOCK}  w2 elected leader of gateway \(epoch 2, previous w1\)", await line()
+        )
+        # A waiter granted the lock that stopped before it led, evicted: no epoch of its own.
+        async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+            await conn.execute(
+                "select pgleader.notify_event('evicted', 'gateway', null, 'w2', 'w9')"
+            )
+        assert re.fullmatch(
+            rf"{CLOCK}  w9 evicted of gateway by w2"
+            r" \(it was granted the lock and stopped before it led\)",
+            await line(),
         )
     finally:
         watch.terminate()
