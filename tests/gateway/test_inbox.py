@@ -13,8 +13,10 @@ from service.intake.inbox import Inbox, Incoming, parse_notification, store_sign
 from service.intake.signals import fingerprint, parse_body, parse_dict
 
 
-def incoming(position: str, *, notify: bool = True) -> Incoming:
-    now = datetime.now(UTC)
+def incoming(position: str, *, notify: bool = True, at: datetime | None = None) -> Incoming:
+    """A signal stamped `at` (now by default): the fingerprint has the second in it, so
+    the same signal made twice must share its `at` or a second may pass between."""
+    now = at or datetime.now(UTC)
     body = {"type": "base_entry", "instrument": "NIFTY", "position": position, "lots": 1,
             "price": 100.5, "timestamp": now.isoformat()}  # fmt: skip
     signal = parse_dict(body, now=now, max_future_skew=timedelta(seconds=5)).signal
@@ -22,16 +24,17 @@ def incoming(position: str, *, notify: bool = True) -> Incoming:
 
 
 async def test_one_write_stores_new_signals_once_and_notifies_only_those_asked(db, dsn):
+    at = datetime.now(UTC)
     async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
-        (old,) = await store_signals(conn, [incoming("Long_0")], "gw1")
+        (old,) = await store_signals(conn, [incoming("Long_0", at=at)], "gw1")
         assert not old.duplicate
         await db.execute("listen gateway_signals")
         items = [
-            incoming("Long_1"),
-            incoming("Long_0"),  # stored before
-            incoming("Long_2", notify=False),  # the leader's own: no NOTIFY
-            incoming("Long_1"),  # twice in the same write
-            incoming("Long_3"),
+            incoming("Long_1", at=at),
+            incoming("Long_0", at=at),  # stored before
+            incoming("Long_2", notify=False, at=at),  # the leader's own: no NOTIFY
+            incoming("Long_1", at=at),  # twice in the same write
+            incoming("Long_3", at=at),
         ]
         stored = await store_signals(conn, items, "gw1")
         await conn.execute("notify gateway_signals, 'end'")  # delivered in commit order
