@@ -241,7 +241,16 @@ async def test_the_higher_priority_follower_wins_after_the_leader_is_killed(elec
         cur = await db.execute("select backend_pid from pgleader.leader")
         (pid,) = await cur.fetchone() or (None,)
         await db.execute("select pg_terminate_backend(%s)", [pid])
-        await high.wait_for_leadership(15)  # generous: which wins is the point
+        try:
+            await high.wait_for_leadership(15)  # generous: which wins is the point
+        except TimeoutError:  # say where each one was
+            cur = await db.execute(
+                "select a.pid, a.state, a.wait_event_type, a.wait_event, left(a.query, 60),"
+                " l.granted from pg_stat_activity a left join pg_locks l"
+                " on l.pid = a.pid and l.locktype = 'advisory' where a.backend_type = 'client backend'"
+            )
+            states = {e.instance_id: (e.is_leader, dict(e.stats)) for e in (low1, high, low2)}
+            raise AssertionError(f"round {round_}: {states}\n{await cur.fetchall()}") from None
         assert not any(e.is_leader for e in lows), round_
         # back to a low-priority leader for the next round: a switchover to the other one
         target = next(e for e in lows if e is not leader)
