@@ -150,6 +150,13 @@ async def one_round(
         "leader_sessions": sessions,
         "leader_rss_mb": round(rss, 1),
     }
+    claimed = await cluster.scalar(
+        "select acquired_at from pgleader.leadership_history where election = 'gateway'"
+        " and epoch = %s",
+        ev["epoch"],
+    )
+    if claimed is not None:  # the claim's statement started (now() of its transaction)
+        row["claim_started_db_ms"] = (claimed - killed_db).total_seconds() * 1000
     for kind in ("resigned", "evicted", "lost"):
         for at, line in cluster.events.lines[mark:]:
             if line.get("event") == kind and line.get("epoch") == epoch:
@@ -218,8 +225,9 @@ async def _rounds(
         for handoff in bare:
             await asyncio.sleep(random.uniform(0.1, 0.1 + cluster.timings.heartbeat))
             got = bare_rows[handoff.prefix]
-            # The footprint set's holder holds as many sessions as this round's killed leader.
-            got.append(await handoff.round(row["leader_sessions"] if handoff.sessions else None))
+            # The footprint set's (key 2) holder holds as many sessions as this round's
+            # killed leader; the least gateway's (key 3) holds its fixed three.
+            got.append(await handoff.round(row["leader_sessions"] if handoff.key == 2 else None))
             progress(
                 f"{handoff.prefix:9} {n + 1:2}/{count}: elected {got[-1]['elected_ms']:8.1f} ms"
             )
@@ -231,6 +239,7 @@ def _beside_bare(
     bare: list[dict[str, Any]],
     heavy: list[dict[str, Any]],
     heavy_set: BareHandoff,
+    least: list[dict[str, Any]],
 ) -> dict[str, Any]:
     """pgleader's crash takeover against the bare handoff measured beside it, and
     against the same handoff by candidates of the killed leader's footprint."""
@@ -261,6 +270,34 @@ def _beside_bare(
             "samples_ms": [round(r["elected_ms"], 2) for r in heavy],
         },
     }
+    out["phases_db_clock_ms"] = {
+        "note": "database clock from the kill (clock_timestamp() read just before it), p50"
+        " of each: 'taken' is when the successor's first statement after the grant ran"
+        " (pgleader: its claim's now(); bare: its UPDATE), 'notified' when the NOTIFY was"
+        " queued; 'seen' is the client's elected_ms, on this process's clock",
+        "crash": _phases(crash, "claim_started_db_ms", "elected_db_ms"),
+        "bare": _phases(bare, "bumped_db_ms", "notified_db_ms"),
+        "footprint": _phases(heavy, "bumped_db_ms", "notified_db_ms"),
+        "least_gateway": _phases(least, "bumped_db_ms", "notified_db_ms"),
+        "least_gateway_note": "the bare handoff by candidates of the leader's resident size"
+        " holding the fewest sessions a gateway can run with (its lock's, a LISTEN and one"
+        " pool session): 'granted' is when the lock was free for the successor, before any"
+        " statement of any protocol",
+    }
+    if least:
+        granted = summary([r["granted_db_ms"] for r in least])
+        out["least_gateway_handoff"] = {
+            "note": out["phases_db_clock_ms"].pop("least_gateway_note"),
+            "elected_ms": summary([r["elected_ms"] for r in least]),
+            "granted_db_ms": granted,
+            # Above 1: the lock of a process of a gateway's size is free for its
+            # successor later than the bare handoff has ended, whatever runs after.
+            "granted_p50_over_bare_elected_p50": round(
+                float(granted["p50"]) / float(theirs["p50"]), 3
+            )
+            if granted.get("p50") and theirs.get("p50")
+            else None,
+        }
     for stat in ("p50", "p99"):
         a, b = ours.get(stat), sized.get(stat)
         out["footprint_handoff"][f"crash_{stat}_ratio"] = (
@@ -275,6 +312,21 @@ def _beside_bare(
             "pass": ratio is not None and ratio <= limit and min(len(crash), len(bare)) >= 50,
         }
     return out
+
+
+def _phases(rows: list[dict[str, Any]], taken: str, notified: str) -> dict[str, Any]:
+    def p50(values: list[float]) -> Any:
+        return summary(values)["p50"]
+
+    both = [r for r in rows if taken in r and notified in r]
+    return {
+        "granted": p50([r["granted_db_ms"] for r in both if "granted_db_ms" in r]),
+        "taken": p50([r[taken] for r in both]),
+        "notified": p50([r[notified] for r in both]),
+        "seen": p50([r["elected_ms"] for r in both]),
+        "taken_to_notified": p50([r[notified] - r[taken] for r in both]),
+        "notified_to_seen": p50([r["elected_ms"] - r[notified] for r in both]),
+    }
 
 
 def _targets(scenarios: dict[str, dict[str, Any]], hung_bound_ms: float) -> list[dict[str, Any]]:
@@ -364,6 +416,7 @@ async def run() -> dict[str, Any]:
     rows: dict[str, list[dict[str, Any]]] = {}
     bare_rows: dict[str, list[dict[str, Any]]] = {}
     heavy: BareHandoff | None = None
+    least: BareHandoff | None = None
     # A fresh connection per post, like a webhook sender: no keep-alive connection
     # to a leader that is shutting down.
     connector = aiohttp.TCPConnector(force_close=True)
@@ -376,9 +429,10 @@ async def run() -> dict[str, Any]:
             heavy = BareHandoff(
                 cluster.dsn, cluster.workdir, key=2, sessions=sessions - 1, rss_mb=round(rss)
             )
-            async with BareHandoff(cluster.dsn, cluster.workdir) as bare, heavy:
+            least = BareHandoff(cluster.dsn, cluster.workdir, key=3, sessions=2, rss_mb=round(rss))
+            async with BareHandoff(cluster.dsn, cluster.workdir) as bare, heavy, least:
                 for scenario, count in rounds.items():
-                    beside = (bare, heavy) if scenario == "crash" else ()
+                    beside = (bare, heavy, least) if scenario == "crash" else ()
                     rows[scenario], beside_rows = await _rounds(
                         cluster, http, scenario, count, beside
                     )
@@ -449,7 +503,11 @@ async def run() -> dict[str, Any]:
     }
     if rows.get("crash") and heavy is not None and bare_rows.get(heavy.prefix):
         vs = result["takeover_vs_bare_handoff"] = _beside_bare(
-            rows["crash"], bare_rows["bare"], bare_rows[heavy.prefix], heavy
+            rows["crash"],
+            bare_rows["bare"],
+            bare_rows[heavy.prefix],
+            heavy,
+            bare_rows.get("fp3_", []),
         )
         for stat in ("p50", "p99"):
             goal = vs[f"{stat}_goal"]

@@ -34,6 +34,7 @@ import contextlib
 import json
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -47,15 +48,28 @@ __all__ = ["BareHandoff"]
 _NAMESPACE = 20261202  # the first key of the benchmark's advisory locks; the second is `key`
 _TABLE = "create table if not exists bench_handoff (id integer primary key, epoch bigint not null)"
 _ROW = "insert into bench_handoff values (%s, 0) on conflict do nothing"
-_LOCK = "select pg_advisory_lock(%s, %s)"
-_BUMP = "update bench_handoff set epoch = epoch + 1 where id = %s returning epoch"
-_NOTIFY = "select pg_notify(%s, %s)"
+# clock_timestamp() is read once the lock is granted, in the same statement: the
+# moment the lock was free for the successor, whatever it runs next.
+_LOCK = "select pg_advisory_lock(%s, %s), clock_timestamp()"
+_BUMP = (
+    "update bench_handoff set epoch = epoch + 1 where id = %s returning epoch, clock_timestamp()"
+)
+# The payload says, on the database clock, when the lock was granted, when the bump ran
+# and when the NOTIFY was queued (pgleader's `elected` carries `at`): a handoff's phases.
+_NOTIFY = (
+    "select pg_notify(%s, json_build_object('holder', %s::text, 'epoch', %s::bigint,"
+    " 'granted', %s::timestamptz, 'bumped', %s::timestamptz, 'at', clock_timestamp())::text)"
+)
 # What a gateway's pool session has done by the time it is killed, roughly: catalogs read.
 _WORK = "select count(*) from pg_class c join pg_attribute a on a.attrelid = c.oid"
 
 
 def channel(key: int) -> str:
     return f"bench_handoff_{key}"
+
+
+def _ms_since(start: datetime, iso: str) -> float:
+    return (datetime.fromisoformat(iso) - start).total_seconds() * 1000
 
 
 def rss_mb(pid: int | str = "self") -> float:
@@ -98,12 +112,12 @@ async def candidate(dsn: str, ident: str, key: int = 1, sessions: int = 0, rss: 
             ballast[i] = 1
         async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
             print(json.dumps({"waiting": ident, "rss_mb": round(rss_mb(), 1)}), flush=True)
-            await conn.execute(_LOCK, [_NAMESPACE, key])
+            cur = await conn.execute(_LOCK, [_NAMESPACE, key])
+            granted = await cur.fetchone()
             cur = await conn.execute(_BUMP, [key])
             row = await cur.fetchone()
-            assert row is not None
-            payload = json.dumps({"holder": ident, "epoch": row[0]})
-            await conn.execute(_NOTIFY, [channel(key), payload])
+            assert row is not None and granted is not None
+            await conn.execute(_NOTIFY, [channel(key), ident, row[0], granted[1], row[1]])
             print(json.dumps({"holding": ident, "epoch": row[0]}), flush=True)
             await asyncio.Event().wait()  # hold the lock until killed
     finally:
@@ -128,6 +142,7 @@ class BareHandoff:
         self.seen: list[tuple[float, dict[str, Any]]] = []
         self._arrived = asyncio.Event()
         self._listener: psycopg.AsyncConnection[Any] | None = None
+        self._clock: psycopg.AsyncConnection[Any] | None = None
         self._task: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> BareHandoff:
@@ -135,6 +150,7 @@ class BareHandoff:
             async with await psycopg.AsyncConnection.connect(self.dsn, autocommit=True) as c:
                 await c.execute(_TABLE)
                 await c.execute(_ROW, [self.key])
+            self._clock = await psycopg.AsyncConnection.connect(self.dsn, autocommit=True)
             self._listener = await psycopg.AsyncConnection.connect(self.dsn, autocommit=True)
             listen = psycopg.sql.SQL("listen {}").format(psycopg.sql.Identifier(channel(self.key)))
             await self._listener.execute(listen)
@@ -159,9 +175,10 @@ class BareHandoff:
             self._task.cancel()
             with contextlib.suppress(BaseException):
                 await self._task
-        if self._listener is not None:
-            with contextlib.suppress(Exception):
-                await self._listener.close()
+        for conn in (self._listener, self._clock):
+            if conn is not None:
+                with contextlib.suppress(Exception):
+                    await conn.close()
 
     async def _listen(self, conn: psycopg.AsyncConnection[Any]) -> None:
         async for n in conn.notifies():
@@ -224,6 +241,9 @@ class BareHandoff:
             await self._hold_sessions(holder, max(0, sessions - 1))
             await asyncio.sleep(0.2)  # the new backends settled, as a gateway's are
         mark = len(self.seen)
+        assert self._clock is not None
+        cur = await self._clock.execute("select clock_timestamp()")
+        killed_db = (await cur.fetchone() or [None])[0]
         killed_at = time.monotonic()
         self.procs[holder].kill()
         at, payload = await self._holder(timeout=30, since=mark)
@@ -233,6 +253,10 @@ class BareHandoff:
             "new_holder": payload["holder"],
             "epoch": [last["epoch"], payload["epoch"]],
             "elected_ms": (at - killed_at) * 1000,
+            # database clock, from the kill: the lock granted, the bump ran, the NOTIFY queued
+            "granted_db_ms": _ms_since(killed_db, payload["granted"]),
+            "bumped_db_ms": _ms_since(killed_db, payload["bumped"]),
+            "notified_db_ms": _ms_since(killed_db, payload["at"]),
         }
         await self.procs[holder].wait()
         await self._start(holder)

@@ -12,7 +12,14 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from pgleader.config import Timings
 from pgleader.errors import DatabaseUnavailable, first_line
 
-__all__ = ["connect", "describe_dsn", "lock_session_conninfo", "with_settings"]
+__all__ = ["CLIENT_CHECK_MS", "connect", "describe_dsn", "lock_session_conninfo", "with_settings"]
+
+# How often the server looks, while a lock session's statement runs, whether its client
+# is still there (client_connection_check_interval). A follower's one statement waits
+# on the lock and claims once it is granted (pgleader.campaign): the session of an
+# instance that died while it waited must end before it can be granted the lock and
+# claim for nobody. A look costs the waiting backend a poll(); 50 a second is nothing.
+CLIENT_CHECK_MS = 20
 
 
 def describe_dsn(dsn: str) -> str:
@@ -43,7 +50,7 @@ def lock_session_conninfo(dsn: str, timings: Timings, application_name: str) -> 
         tcp_keepalives_interval=1,
         tcp_keepalives_count=3,
         tcp_user_timeout=user_timeout_ms,
-        client_connection_check_interval=1000,
+        client_connection_check_interval=CLIENT_CHECK_MS,
         statement_timeout=0,
         idle_in_transaction_session_timeout=0,
     )

@@ -6,6 +6,9 @@ lock lives and dies with its session. The cycle is
     connect -> join -> follow (wait on the lock; evict a hung leader)
             -> lead (bump the epoch; heartbeat) -> drop the connection -> again
 
+Follow and the bump are one statement (pgleader.campaign): it waits on the lock a
+heartbeat at most, and claims on the server as soon as the lock is granted.
+
 An elector that may not lead (`eligible=False`) joins and beats as a follower but
 never waits on the lock. The lock holder's epoch bump may find the lock is not
 its to take: a switchover names another instance (`transfer`), or a live eligible
@@ -39,7 +42,7 @@ from psycopg import AsyncConnection
 
 from pgleader import __version__
 from pgleader.config import LogLevels, Timings, default_instance_id
-from pgleader.connect import connect, describe_dsn, lock_session_conninfo
+from pgleader.connect import CLIENT_CHECK_MS, connect, describe_dsn, lock_session_conninfo
 from pgleader.errors import (
     DatabaseUnavailable,
     NotLeader,
@@ -59,9 +62,8 @@ log = structlog.get_logger("pgleader.election")
 
 _JOIN = QUERIES["join_election"]
 _SET_LOCK_TIMEOUT = QUERIES["set_lock_timeout"]
-_LOCK = QUERIES["acquire_lock"]
+_CAMPAIGN = QUERIES["campaign"]
 _FOLLOWER_BEAT = QUERIES["follower_beat"]
-_TAKE = QUERIES["take_leadership"]
 _REHEARSE = QUERIES["rehearse_claim"]
 _TERMINATE_BLOCKERS = QUERIES["terminate_blockers"]
 _HEARTBEAT = QUERIES["heartbeat"]
@@ -150,7 +152,6 @@ class Elector:
         self._resign_reason: str | None = None
         self._resign_requested = asyncio.Event()
         self._resigned = asyncio.Event()
-        self._lock_id: int | None = None
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         self._subscribers: list[asyncio.Queue[Transition]] = []
@@ -329,13 +330,18 @@ class Elector:
         return self._handover
 
     async def _hand_over(self, to: str) -> None:
-        """Let the in-flight work end (the heartbeats go on meanwhile), then resign."""
+        """Let the in-flight work end (the heartbeats go on meanwhile), then resign,
+        no sooner than two of the server's client checks after the request: a target
+        found alive by its session alone (its process just died) has lost that session
+        by then, and cannot be granted the lock and claim for nobody."""
+        earliest = time.monotonic() + 2 * CLIENT_CHECK_MS / 1000
         if self._before_transfer is not None:
             try:
                 async with asyncio.timeout(self.timings.lease):
                     await self._before_transfer()
             except Exception as exc:  # user code: never trusted; the transfer goes on
                 self._log.warning("work before the transfer did not end", error=first_line(exc))
+        await asyncio.sleep(max(0.0, earliest - time.monotonic()))
         await self.resign(f"transfer to {to}", timeout=self.timings.lease)
 
     # -- the cycle ------------------------------------------------------------
@@ -385,9 +391,7 @@ class Elector:
             [self.election, self.instance_id, self.host, os.getpid(), __version__,
              self.eligible, self.priority],
         )  # fmt: skip
-        row = await cur.fetchone()
-        assert row is not None
-        self._lock_id = int(row[0])
+        assert await cur.fetchone() is not None  # the election's lock id
         # Wait on the lock in slices of one heartbeat, so a follower also polls for a hung leader.
         await conn.execute(_SET_LOCK_TIMEOUT, [f"{int(self.timings.heartbeat * 1000)}ms"])
         if self.eligible:  # a takeover then finds the claim compiled and planned (~5 ms)
@@ -396,14 +400,21 @@ class Elector:
 
     async def _campaign(self, conn: AsyncConnection[Any]) -> tuple[int, Any, float]:
         """Follow until this session holds the lock and has bumped the epoch; returns
-        the epoch, the previous leader and when the bump was sent. When the lock is
-        not this instance's to take, the bump released it: hold back, follow again."""
+        the epoch, the previous leader and when the statement that did it was sent.
+
+        One statement waits on the lock, one heartbeat at most (then a follower's
+        beat, and again), and claims as soon as it is granted, on the server: no
+        round trip between the grant and the bump. When the lock is not this
+        instance's to take, the claim released it: hold back, follow again."""
         hold_back = True
         while True:
-            if await self._follow(conn):
-                hold_back = True  # someone led meanwhile: a new vacancy
             sent = time.monotonic()
-            cur = await self._take(conn, hold_back)  # clears the lock timeout first
+            try:
+                cur = await self._take(conn, hold_back)  # the claim clears the lock timeout
+            except psycopg.errors.LockNotAvailable:
+                hold_back = True  # someone led meanwhile: a new vacancy
+                await self._follower_beat(conn)
+                continue
             row = await cur.fetchone()
             assert row is not None
             if row[0] is not None:
@@ -415,17 +426,6 @@ class Elector:
             hold_back = False  # once per vacancy: next time, take it
             await conn.execute(_SET_LOCK_TIMEOUT, [f"{int(self.timings.heartbeat * 1000)}ms"])
             await asyncio.sleep(self.hold_back)
-
-    async def _follow(self, conn: AsyncConnection[Any]) -> bool:
-        """Wait until this session holds the lock; True when another held it meanwhile."""
-        waited = False
-        while True:
-            try:
-                await conn.execute(_LOCK, [self._lock_id])
-                return waited
-            except psycopg.errors.LockNotAvailable:
-                waited = True
-                await self._follower_beat(conn)
 
     async def _stand_by(self, conn: AsyncConnection[Any]) -> None:
         """An instance that may not lead: a follower's beat every heartbeat, for ever."""
@@ -476,15 +476,18 @@ class Elector:
             raise
 
     async def _take(self, conn: AsyncConnection[Any], hold_back: bool) -> psycopg.AsyncCursor[Any]:
-        """Run take_leadership (holding back for a higher priority when `hold_back`).
-        The epoch bump waits for fenced transactions holding the election row FOR
-        SHARE; one still open after a lease belongs to a hung process of an older
-        epoch (a paused leader mid-claim) and would stall the failover, so it is
-        terminated: it could never commit under its old epoch anyway."""
+        """Wait on the lock and claim (holding back for a higher priority when
+        `hold_back`). The epoch bump waits for fenced transactions holding the
+        election row FOR SHARE; one still open a lease after the grant belongs to a
+        hung process of an older epoch (a paused leader mid-claim) and would stall the
+        failover, so it is terminated: it could never commit under its old epoch anyway.
+        The wait on the lock comes first and lasts a heartbeat at most."""
         params = [self.election, self.instance_id, self.host, hold_back, self.timings.evict_after]
-        take = asyncio.ensure_future(conn.execute(_TAKE, params))
+        take = asyncio.ensure_future(conn.execute(_CAMPAIGN, params))
         try:
-            done, _ = await asyncio.wait({take}, timeout=self.timings.lease)
+            done, _ = await asyncio.wait(
+                {take}, timeout=self.timings.heartbeat + self.timings.lease
+            )
             while not done:
                 await self._terminate_blockers(conn.info.backend_pid)
                 done, _ = await asyncio.wait({take}, timeout=self.timings.heartbeat)

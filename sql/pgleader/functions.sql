@@ -147,7 +147,7 @@ begin
         select i.instance_id
           from pgleader.instances i
          where i.election = p_election and i.instance_id <> p_instance and i.eligible
-           and i.priority > p_priority and i.last_heartbeat > now() - p_live_within
+           and i.priority > p_priority and i.last_heartbeat > clock_timestamp() - p_live_within
            and exists (select from pg_stat_activity a
                         where a.pid = i.backend_pid and a.datname = current_database())
          order by i.priority desc, i.instance_id
@@ -184,6 +184,9 @@ declare
     h pgleader.leadership_history;
     holder integer;
     named boolean;
+    -- Not now(): called by campaign() below, the statement started before its wait
+    -- on the lock, up to a heartbeat ago.
+    t timestamptz := clock_timestamp();
 begin
     if not p_rehearse then
         -- From here on the session never gives up waiting on a lock (the bump below
@@ -209,7 +212,7 @@ begin
         raise exception 'pgleader: instance % may not lead election % (it joined as not eligible)',
             p_instance, p_election using errcode = '55000';
     end if;
-    named := coalesce(e.transfer_until > now() and e.transfer_to is not null, false);
+    named := coalesce(e.transfer_until > t and e.transfer_to is not null, false);
     if named and e.transfer_to <> p_instance then
         yielded_to := e.transfer_to;
     elsif not named and (p_hold_back or p_rehearse) then
@@ -225,7 +228,7 @@ begin
     previous := e.leader;
     for h in
         update pgleader.leadership_history as lh
-           set released_at = greatest(now(), lh.acquired_at), release_reason = 'session_ended'
+           set released_at = greatest(t, lh.acquired_at), release_reason = 'session_ended'
          where lh.election = p_election and lh.released_at is null and not p_rehearse
         returning lh.*
     loop
@@ -233,7 +236,7 @@ begin
     end loop;
     update pgleader.election as el
        set epoch = el.epoch + 1, leader = p_instance, host = p_host,
-           backend_pid = pg_backend_pid(), acquired_at = now(), heartbeat_at = now(),
+           backend_pid = pg_backend_pid(), acquired_at = t, heartbeat_at = t,
            transfer_to = null, transfer_until = null
      where el.name = p_election and not p_rehearse
     returning el.epoch, el.acquired_at into epoch, acquired_at;
@@ -262,6 +265,38 @@ begin
 end
 $$;
 revoke execute on function pgleader.take_leadership(text, text, text) from public;
+
+-- A follower's wait on the lock and its claim in one statement: blocks on the
+-- election's lock (up to the session's lock_timeout, then fails with SQLSTATE 55P03,
+-- and the follower beats and waits again), and as soon as the lock is granted runs
+-- claim_leadership, on the server: between the grant and the bump there is no round
+-- trip to the instance, only this transaction. What it returns is claim_leadership's.
+--
+-- A session whose instance died while it waited must not be granted the lock and
+-- claim for a dead instance: lock sessions run with client_connection_check_interval
+-- (pgleader/connect.py, CLIENT_CHECK_MS), so the server ends such a session within that
+-- interval of its client's death, in the middle of the wait. Only a death less than an
+-- interval before the grant leaves a claim by nobody: that session ends as soon as it
+-- answers its dead client, the lock goes to the next waiter, whose claim closes the
+-- history row (session_ended), and a dead instance executes nothing.
+-- With the caller's rights: the lock needs none, claim_leadership checks its own.
+create or replace function pgleader.campaign(
+    p_election text, p_instance text, p_host text, p_hold_back boolean, p_live_within interval,
+    out epoch bigint, out previous text, out acquired_at timestamptz, out yielded_to text
+) language plpgsql as $$
+declare
+    v_lock integer;
+begin
+    select el.lock_id into v_lock from pgleader.election el where el.name = p_election;
+    if not found then
+        raise exception 'pgleader: unknown election %', p_election using errcode = 'P0002';
+    end if;
+    perform pg_catalog.pg_advisory_lock(pgleader.lock_namespace(), v_lock);
+    select c.epoch, c.previous, c.acquired_at, c.yielded_to
+      into epoch, previous, acquired_at, yielded_to
+      from pgleader.claim_leadership(p_election, p_instance, p_host, p_hold_back, p_live_within) c;
+end
+$$;
 
 -- The leader's heartbeat: one statement. held is true only while this backend
 -- holds the lock and the epoch is still the caller's; false means "stop acting

@@ -32,6 +32,12 @@ select pgleader.follower_beat(%s, %s, make_interval(secs => %s));
 -- changes nothing), so that the takeover finds it compiled and planned.
 select epoch from pgleader.claim_leadership(%s, %s, %s, true, make_interval(secs => %s), true);
 
+-- name: campaign
+-- A follower waits on the lock (up to lock_timeout: SQLSTATE 55P03) and, once it is
+-- granted, claims in the same statement (take_leadership's columns and rules).
+select epoch, previous, yielded_to
+  from pgleader.campaign(%s, %s, %s, %s, make_interval(secs => %s));
+
 -- name: take_leadership
 -- The lock holder bumps the epoch: returns the new epoch and the previous leader.
 -- When the lock is not its to take (a switchover names another instance; or,

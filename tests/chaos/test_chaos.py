@@ -417,31 +417,45 @@ async def test_a_failover_after_which_nobody_led_is_named(db: psycopg.AsyncConne
 async def test_a_pause_of_the_first_waiter_after_which_nobody_else_led_is_named(
     db: psycopg.AsyncConnection[Any],
 ):
-    """Another instance must be elected while the waiter stays paused; none, or the
-    paused one itself, is a violation."""
+    """Another instance must be elected while the waiter stays paused. The paused one's
+    session may claim for it (its epoch is recorded); with nobody else after it, that is
+    a violation too."""
     now = time.time()
     await db.execute("insert into pgleader.election (name) values ('gateway')")
     await db.execute(
         "insert into pgleader.leadership_history (election, epoch, instance_id, acquired_at)"
-        " values ('gateway', 4, 'gw1', to_timestamp(%s)), ('gateway', 5, 'gw3', to_timestamp(%s))",
-        [now - 60, now - 12],
+        " values ('gateway', 4, 'gw1', to_timestamp(%s)), ('gateway', 5, 'gw3', to_timestamp(%s)),"
+        "        ('gateway', 6, 'gw2', to_timestamp(%s))",
+        [now - 60, now - 12, now - 3],
     )
     (row,), violations = await waiter_promise(
         db, [PausedWaiter("gw2", "gw1", now - 19.5, now - 10, granted=True)]
     )
     assert violations == []
-    assert (row["elected"], row["granted_the_lock"]) == ("gw3", True)
+    assert (row["elected"], row["granted_the_lock"], row["paused_instance_epoch"]) == (
+        "gw3",
+        True,
+        None,
+    )
     assert row["pause_to_elected_s"] == pytest.approx(7.5, abs=0.01)
 
-    _, violations = await waiter_promise(db, [PausedWaiter("gw2", "gw1", now - 9, now - 1, True)])
+    # gw3's session claimed for it while it was paused; gw2 followed within the pause
+    (row,), violations = await waiter_promise(
+        db, [PausedWaiter("gw3", "gw1", now - 13, now - 1, True)]
+    )
+    assert violations == []
+    assert (row["elected"], row["paused_instance_epoch"]) == ("gw2", 5)
+
+    _, violations = await waiter_promise(db, [PausedWaiter("gw2", "gw1", now - 9, now - 4, True)])
     assert violations == [
         "waiter: gw1 killed while gw2 was paused waiting on the lock (its session granted"
-        " the lock): nobody elected in the 8.0 s it was paused"
+        " the lock): no other instance elected in the 5.0 s it was paused"
     ]
     _, violations = await waiter_promise(db, [PausedWaiter("gw3", "gw1", now - 13, now - 5, True)])
     assert violations == [
         "waiter: gw1 killed while gw3 was paused waiting on the lock (its session granted"
-        " the lock): the paused instance was elected (epoch 5)"
+        " the lock): no other instance elected in the 8.0 s it was paused (the paused"
+        " instance led epoch 5)"
     ]
 
 

@@ -96,12 +96,14 @@ async def _on_the_lock(db: Any, instance: str, granted: bool, timeout: float) ->
     await until(there, timeout)
 
 
-async def test_a_waiter_paused_with_the_lock_granted_is_evicted_and_another_leads(spawn, dsn, db):
+async def test_a_waiter_paused_as_the_lock_is_granted_leads_frozen_until_evicted(spawn, dsn, db):
     """The leader dies while a follower's process is paused (SIGSTOP, a frozen VM) with
-    its lock wait in flight: the server grants that session the lock, and nobody bumps
-    the epoch. Its kernel still answers keepalives, so the session lives as long as the
-    pause. Another instance ends that session once it has held the lock unclaimed for
-    evict_after, and leads."""
+    its wait in flight. The wait and the claim are one statement, so the server grants
+    that session the lock and claims for it: it leads, frozen, and cannot beat. Its
+    kernel still answers keepalives, so the session lives as long as the pause; another
+    instance evicts it as a hung leader once it has been silent for evict_after, and
+    leads. The frozen instance never acts: it would have to read its own election first,
+    and its epoch is superseded."""
     procs, lines = await spawn(1)
     seen, _, first = await lines.wait(event="elected")
     # It waits on the lock in 5 s slices: its wait is in flight when it is paused.
@@ -119,23 +121,68 @@ async def test_a_waiter_paused_with_the_lock_granted_is_evicted_and_another_lead
         more, _ = await spawn(1)  # evict_after 1.2 s
         (fresh,) = set(more) - set(procs)
         _, _, second = await lines.wait(since=seen + 1, event="elected", timeout=15)
-        assert second["instance"] == fresh and second["epoch"] == first["epoch"] + 1
+        assert second["instance"] == fresh and second["epoch"] == first["epoch"] + 2
         cur = await db.execute(
-            "select count(*) from pgleader.leadership_history where instance_id = 'paused'"
+            "select epoch, release_reason from pgleader.leadership_history"
+            " where instance_id = 'paused'"
         )
-        assert await cur.fetchone() == (0,)  # it never led
+        assert await cur.fetchall() == [(first["epoch"] + 1, "evicted")]
         events = []
         async with asyncio.timeout(5):
             async for note in listener.notifies():
                 events.append(json.loads(note.payload))
-                if events[-1]["event"] == "elected":
+                if events[-1]["event"] == "elected" and events[-1]["leader"] == fresh:
                     break
-        (evicted,) = (e for e in events if e["event"] == "evicted")
-        assert (evicted["epoch"], evicted["previous"], evicted["leader"]) == (None, "paused", fresh)
-        assert describe_event(evicted) == (
-            f"paused evicted of main by {fresh} (it was granted the lock and stopped before it led)"
-        )
+        said = [(e["event"], e["epoch"], e["leader"], e["previous"]) for e in events]
+        epoch = first["epoch"]
+        assert said == [
+            ("lost", epoch, None, first["instance"]),
+            ("elected", epoch + 1, "paused", first["instance"]),
+            ("evicted", epoch + 1, fresh, "paused"),
+            ("elected", epoch + 2, fresh, "paused"),
+        ], events
+        assert describe_event(events[2]).startswith("paused evicted from the lead")
     finally:
         await listener.close()
         paused.signal(signal.SIGCONT)
         await paused.stop()
+
+
+async def test_a_waiter_killed_while_it_waits_is_never_elected(spawn, dsn, db):
+    """A follower's one statement waits on the lock and claims once it is granted, on
+    the server: the session of a follower that died while it waited must end before
+    the lock can come to it, or it would claim for nobody. The server looks for the
+    client every 20 ms while the statement runs (client_connection_check_interval),
+    and ends that session in the middle of its wait, long before its 30 s slice ends.
+    The lock then goes to a live waiter, whose claim is the next epoch."""
+    procs, lines = await spawn(1)
+    seen, _, first = await lines.wait(event="elected")
+    slow = ["--heartbeat", "30", "--lease", "90", "--evict-after", "180"]
+    doomed = ElectorProcess(dsn, "main", "doomed", *slow)
+    await doomed.start(lines)
+    await _on_the_lock(db, "doomed", granted=False, timeout=10)  # first in the lock's queue
+    live = ElectorProcess(dsn, "main", "live", *slow)
+    await live.start(lines)
+    try:
+        await _on_the_lock(db, "live", granted=False, timeout=10)
+        doomed.signal(signal.SIGKILL)
+        assert doomed.proc is not None
+        await asyncio.wait_for(doomed.proc.wait(), 10)
+
+        async def session_gone() -> bool:
+            cur = await db.execute(
+                "select count(*) from pg_stat_activity where application_name like %s",
+                ["%:doomed"],
+            )
+            return (await cur.fetchone())[0] == 0
+
+        await until(session_gone, timeout=5)  # not the 30 s of its lock wait
+        procs[first["instance"]].signal(signal.SIGKILL)
+        _, _, second = await lines.wait(since=seen + 1, event="elected", timeout=15)
+        assert (second["instance"], second["epoch"]) == ("live", first["epoch"] + 1)
+        cur = await db.execute(
+            "select count(*) from pgleader.leadership_history where instance_id = 'doomed'"
+        )
+        assert await cur.fetchone() == (0,)
+    finally:
+        await asyncio.gather(live.stop(), doomed.stop())
