@@ -284,6 +284,14 @@ def _beside_bare(
         " pool session): 'granted' is when the lock was free for the successor, before any"
         " statement of any protocol",
     }
+    grants = summary([r["granted_db_ms"] for r in heavy if "granted_db_ms" in r])
+    if grants.get("p50") and theirs.get("p50"):
+        # Above 1: the killed leader's footprint alone frees the lock for its successor
+        # later than the bare handoff has ended; no protocol after the grant can catch up.
+        out["footprint_handoff"]["granted_db_ms"] = grants
+        out["footprint_handoff"]["granted_p50_over_bare_elected_p50"] = round(
+            float(grants["p50"]) / float(theirs["p50"]), 3
+        )
     if least:
         granted = summary([r["granted_db_ms"] for r in least])
         out["least_gateway_handoff"] = {

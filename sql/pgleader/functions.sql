@@ -155,10 +155,11 @@ begin
 end
 $$;
 
--- Called by the lock holder right after pg_advisory_lock returned. Bumps the
--- epoch, records the leader, closes whatever history row a dead predecessor
--- left open, opens ours, ends a switchover, and broadcasts. Refuses a caller
--- without the lock, or one registered as not eligible (and releases the lock).
+-- Called by the lock holder right after pg_advisory_lock returned (by campaign()
+-- below, in the statement that waited; by an older release, in a statement of its
+-- own). Bumps the epoch, records the leader, closes whatever history row a dead
+-- predecessor left open, opens ours, ends a switchover, and broadcasts. Refuses a
+-- caller without the lock, or one registered as not eligible (and releases the lock).
 --
 -- The lock may not be the caller's to take: while a switchover names another
 -- instance (transfer_to, until transfer_until), or, with p_hold_back, while a

@@ -18,10 +18,6 @@ select pgleader.register_instance(%s, %s, %s, %s, %s, %s, %s);
 -- so that it also polls for a hung leader.
 select set_config('lock_timeout', %s, false);
 
--- name: acquire_lock
--- Wait for the election's session advisory lock (up to lock_timeout).
-select pg_advisory_lock(pgleader.lock_namespace(), %s);
-
 -- name: follower_beat
 -- A follower's beat while the lock is taken: evicts a leader silent for longer
 -- than the interval; returns the evicted backend's pid, or null.
@@ -33,18 +29,13 @@ select pgleader.follower_beat(%s, %s, make_interval(secs => %s));
 select epoch from pgleader.claim_leadership(%s, %s, %s, true, make_interval(secs => %s), true);
 
 -- name: campaign
--- A follower waits on the lock (up to lock_timeout: SQLSTATE 55P03) and, once it is
--- granted, claims in the same statement (take_leadership's columns and rules).
+-- A follower waits on the election's lock (up to lock_timeout: SQLSTATE 55P03) and,
+-- once it is granted, bumps the epoch in the same statement: returns the new epoch and
+-- the previous leader. When the lock is not its to take (a switchover names another
+-- instance; or, holding back, a live eligible instance of higher priority beat within
+-- the given seconds), the lock is released instead: epoch null, and the instance left to.
 select epoch, previous, yielded_to
   from pgleader.campaign(%s, %s, %s, %s, make_interval(secs => %s));
-
--- name: take_leadership
--- The lock holder bumps the epoch: returns the new epoch and the previous leader.
--- When the lock is not its to take (a switchover names another instance; or,
--- holding back, a live eligible instance of higher priority beat within the given
--- seconds), the lock is released instead: epoch null, and the instance left to.
-select epoch, previous, yielded_to
-  from pgleader.claim_leadership(%s, %s, %s, %s, make_interval(secs => %s));
 
 -- name: terminate_blockers
 -- End the sessions that keep the epoch bump (the given backend) waiting.

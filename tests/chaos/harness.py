@@ -595,9 +595,10 @@ class Campaign:
         """The leader dies while a follower's process is paused with its lock wait in
         flight: SIGSTOP the eligible follower that has waited longest (first in the
         lock's queue), SIGKILL the leader. The server grants the paused session the lock
-        when it waited first; nobody bumps the epoch then until followers evict that
-        session (its instance's last beat older than evict_after). Another instance must
-        lead while it stays paused (evict_after + 3-5 s; the checker's `waiter` rule).
+        when it waited first, and its claim (the same statement) elects the frozen
+        instance; followers evict it as a hung leader once its beat is older than
+        evict_after. Another instance must lead while it stays paused (evict_after + 3-5 s;
+        the checker's `waiter` rule).
         Skipped without a leader and a waiting follower."""
         found = await self._longest_waiter()
         if found is None:
