@@ -1265,6 +1265,8 @@ def _waiter_rows(waits: list[dict[str, Any]]) -> list[str]:
             else "nobody elected"
         )
         granted = " (its session granted the lock)" if w["granted_the_lock"] else ""
+        if w.get("paused_instance_epoch") is not None:
+            granted = f" (its session granted the lock, claimed epoch {w['paused_instance_epoch']})"
         rows.append(
             f"    {w['waiter']} paused{granted}, {w['leader_killed']} killed: {elected};"
             f" resumed after {w['paused_s']:.1f} s"
