@@ -155,7 +155,7 @@ async def one_round(
         " and epoch = %s",
         ev["epoch"],
     )
-    if claimed is not None:  # the claim's statement started (now() of its transaction)
+    if claimed is not None:  # the claim started, the lock granted (its clock_timestamp())
         row["claim_started_db_ms"] = (claimed - killed_db).total_seconds() * 1000
     for kind in ("resigned", "evicted", "lost"):
         for at, line in cluster.events.lines[mark:]:
@@ -209,9 +209,11 @@ async def _rounds(
     scenario: str,
     count: int,
     bare: tuple[BareHandoff, ...] = (),
+    matched: BareHandoff | None = None,
 ) -> tuple[list[dict[str, Any]], dict[str, list[dict[str, Any]]]]:
     """`count` rounds of `scenario`, each followed by a round of every handoff in `bare`
-    on the same server (side by side: the same minutes, the same load)."""
+    on the same server (side by side: the same minutes, the same load). The holder of
+    `matched` holds, when killed, as many sessions as that round's killed leader."""
     rows: list[dict[str, Any]] = []
     bare_rows: dict[str, list[dict[str, Any]]] = {b.prefix: [] for b in bare}
     for n in range(count):
@@ -225,9 +227,7 @@ async def _rounds(
         for handoff in bare:
             await asyncio.sleep(random.uniform(0.1, 0.1 + cluster.timings.heartbeat))
             got = bare_rows[handoff.prefix]
-            # The footprint set's (key 2) holder holds as many sessions as this round's
-            # killed leader; the least gateway's (key 3) holds its fixed three.
-            got.append(await handoff.round(row["leader_sessions"] if handoff.key == 2 else None))
+            got.append(await handoff.round(row["leader_sessions"] if handoff is matched else None))
             progress(
                 f"{handoff.prefix:9} {n + 1:2}/{count}: elected {got[-1]['elected_ms']:8.1f} ms"
             )
@@ -272,39 +272,22 @@ def _beside_bare(
     }
     out["phases_db_clock_ms"] = {
         "note": "database clock from the kill (clock_timestamp() read just before it), p50"
-        " of each: 'taken' is when the successor's first statement after the grant ran"
-        " (pgleader: its claim's now(); bare: its UPDATE), 'notified' when the NOTIFY was"
+        " of each: 'granted' is when the lock was granted (bare sets), 'taken' when the"
+        " claim started (pgleader) or the UPDATE ran (bare), 'notified' when the NOTIFY was"
         " queued; 'seen' is the client's elected_ms, on this process's clock",
         "crash": _phases(crash, "claim_started_db_ms", "elected_db_ms"),
         "bare": _phases(bare, "bumped_db_ms", "notified_db_ms"),
         "footprint": _phases(heavy, "bumped_db_ms", "notified_db_ms"),
         "least_gateway": _phases(least, "bumped_db_ms", "notified_db_ms"),
-        "least_gateway_note": "the bare handoff by candidates of the leader's resident size"
-        " holding the fewest sessions a gateway can run with (its lock's, a LISTEN and one"
-        " pool session): 'granted' is when the lock was free for the successor, before any"
-        " statement of any protocol",
     }
-    grants = summary([r["granted_db_ms"] for r in heavy if "granted_db_ms" in r])
-    if grants.get("p50") and theirs.get("p50"):
-        # Above 1: the killed leader's footprint alone frees the lock for its successor
-        # later than the bare handoff has ended; no protocol after the grant can catch up.
-        out["footprint_handoff"]["granted_db_ms"] = grants
-        out["footprint_handoff"]["granted_p50_over_bare_elected_p50"] = round(
-            float(grants["p50"]) / float(theirs["p50"]), 3
-        )
+    out["footprint_handoff"].update(_granted(heavy, theirs))
     if least:
-        granted = summary([r["granted_db_ms"] for r in least])
         out["least_gateway_handoff"] = {
-            "note": out["phases_db_clock_ms"].pop("least_gateway_note"),
+            "note": "the bare handoff by candidates of the leader's resident size holding"
+            " the fewest sessions a gateway can run with (its lock's, a LISTEN and one pool"
+            " session)",
             "elected_ms": summary([r["elected_ms"] for r in least]),
-            "granted_db_ms": granted,
-            # Above 1: the lock of a process of a gateway's size is free for its
-            # successor later than the bare handoff has ended, whatever runs after.
-            "granted_p50_over_bare_elected_p50": round(
-                float(granted["p50"]) / float(theirs["p50"]), 3
-            )
-            if granted.get("p50") and theirs.get("p50")
-            else None,
+            **_granted(least, theirs),
         }
     for stat in ("p50", "p99"):
         a, b = ours.get(stat), sized.get(stat)
@@ -320,6 +303,17 @@ def _beside_bare(
             "pass": ratio is not None and ratio <= limit and min(len(crash), len(bare)) >= 50,
         }
     return out
+
+
+def _granted(rows: list[dict[str, Any]], bare: dict[str, Any]) -> dict[str, Any]:
+    """When a set's lock was granted to the successor (database clock, from the kill),
+    and its p50 over the bare handoff's whole p50. Above 1, that footprint alone frees
+    the lock later than the bare handoff has ended: no protocol run after the grant,
+    in one statement or none, can catch up."""
+    granted = summary([r["granted_db_ms"] for r in rows if "granted_db_ms" in r])
+    a, b = granted.get("p50"), bare.get("p50")
+    ratio = round(float(a) / float(b), 3) if a and b else None
+    return {"granted_db_ms": granted, "granted_p50_over_bare_elected_p50": ratio}
 
 
 def _phases(rows: list[dict[str, Any]], taken: str, notified: str) -> dict[str, Any]:
@@ -442,7 +436,7 @@ async def run() -> dict[str, Any]:
                 for scenario, count in rounds.items():
                     beside = (bare, heavy, least) if scenario == "crash" else ()
                     rows[scenario], beside_rows = await _rounds(
-                        cluster, http, scenario, count, beside
+                        cluster, http, scenario, count, beside, heavy
                     )
                     for prefix, more in beside_rows.items():
                         bare_rows.setdefault(prefix, []).extend(more)
