@@ -33,7 +33,7 @@ from service.brokers.metered import MeteredBroker
 from service.brokers.openalgo import OpenAlgoBroker
 from service.brokers.paper import PaperBroker
 from service.config import ServiceConfig
-from service.errors import DATABASE_UNAVAILABLE, SpoolError
+from service.errors import DATABASE_UNAVAILABLE, SignalError, SpoolError
 from service.execution.executor import Executor
 from service.execution.reconciliation import Reconciler, as_run
 from service.intake.fingerprint_cache import FingerprintCache
@@ -44,6 +44,7 @@ from service.intake.inbox import (
     notify_signal,
     parse_notification,
 )
+from service.intake.refusals import Refusals
 from service.intake.signals import Signal
 from service.intake.spool import Spool, Spooled
 from service.jobs.maintenance import PruneInstances, Retention, Statistics
@@ -166,10 +167,12 @@ class Gateway:
         self.shutting_down = False
         self.started_at = time.time()
         self.responses: dict[str, int] = {}
+        self.refusals = Refusals()  # authenticated webhooks refused as invalid: alerted
         self.status = StatusFeed(
             self.pool, dsn, config.election, config.instance_id, config.timings.evict_after
         )
         self.open_signals: dict[str, int] | None = None  # by status; None: not counted yet
+        self.oldest_open: dict[str, float] = {}  # by status: seconds since it was received
         self.open_signals_at = 0.0  # time.monotonic() of that count
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -330,7 +333,11 @@ class Gateway:
         if self.fingerprints is not None:
             self.fingerprints.remember(item.fingerprint, stored.signal_id)
 
-    async def _raise_spool_alert(self, kind: str, detail: str) -> None:
+    def refused(self, error: SignalError, body: bytes) -> None:
+        """An authenticated webhook answered 400: alerted by the sweep (service.intake.refusals)."""
+        self.refusals.record(error, body)
+
+    async def _raise_alert(self, kind: str, detail: str) -> None:
         async with self.pool.connection(timeout=1.0) as conn:
             await conn.execute(_RAISE_ALERT, [kind, self.config.instance_id, detail])
 
@@ -370,7 +377,8 @@ class Gateway:
                 if self.spool.waiting():
                     replayed = await self.spool.replay(self._store_spooled)
                     log.warning("spool replayed into the inbox", signals=replayed)
-                await self.spool.flush_alerts(self._raise_spool_alert)
+                await self.spool.flush_alerts(self._raise_alert)
+                await self.refusals.flush(self._raise_alert)
                 self.halt_mode = (await self.trading_halt())["mode"]
                 await self._read_epoch()
                 if time.monotonic() - self.open_signals_at > _COUNT_EVERY:
@@ -402,7 +410,8 @@ class Gateway:
         database is down): the figures are this count's, with its age beside them."""
         async with self.pool.connection(timeout=1.0) as conn:
             rows = await (await conn.execute(_OPEN_SIGNALS)).fetchall()
-        self.open_signals = dict.fromkeys(OPEN_STATUSES, 0) | {str(s): int(n) for s, n in rows}
+        self.open_signals = dict.fromkeys(OPEN_STATUSES, 0) | {str(s): int(n) for s, n, _ in rows}
+        self.oldest_open = {str(s): float(age) for s, _, age in rows}
         self.open_signals_at = time.monotonic()
 
     async def _reconcile_positions(self) -> None:
@@ -603,6 +612,7 @@ class Gateway:
             "spooled": spool["records"],
             "spool": spool,
             "answers": dict(self.responses),
+            "webhooks_invalid": self.refusals.total,
             "executions": dict(self.executor.counts),
             "execution_batches": dict(self.executor.batch_stats),
             "inbox_writes": dict(self.inbox.stats),
@@ -616,6 +626,7 @@ class Gateway:
             "open_signals_age": None
             if self.open_signals is None
             else time.monotonic() - self.open_signals_at,
+            "oldest_open_signal": dict(self.oldest_open),
             "pool": self.pool.get_stats(),
             "received_to_executed": self.executor.received_to_executed,
             "broker": {

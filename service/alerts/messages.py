@@ -20,9 +20,10 @@ __all__ = ["REPEAT_NOTE", "Event", "probe_message", "render"]
 REPEAT_NOTE = "(repeat: a previous leader may have sent this)"
 _GROUP_LINE = 180  # characters of one event in a grouped chat message
 _SEVERITIES = ("info", "warning", "critical")
-# Alerts that mean money may be at risk, or nothing trades: page someone.
+# Alerts that mean money may be at risk, nothing trades, or a trade was lost: page someone.
 _CRITICAL = ("in_doubt", "unauthorised", "mismatch", "missing", "orphaned", "mode_mismatch",
-             "spool_full", "disk_full", "halted", "failed", "rewound")  # fmt: skip
+             "spool_full", "disk_full", "halted", "failed", "rewound",
+             "invalid")  # fmt: skip
 _REASONS = {
     "session_ended": "lost (its session ended)",
     "evicted": "evicted (it stopped beating)",

@@ -113,6 +113,9 @@ class GatewayCollector(Collector):
     def _signals(self, stats: dict[str, Any]) -> Iterator[Metric]:
         yield _counter("gateway_webhook_answers", "Webhook answers by outcome",
                        "status", stats["answers"])  # fmt: skip
+        yield _counter("gateway_webhook_invalid", "Webhooks with the right secret or"
+                       " signature refused as invalid (400, nothing stored): lost trades,"
+                       " TradingView does not retry", None, stats["webhooks_invalid"])  # fmt: skip
         yield _counter("gateway_executions", "Signals this instance ended, by outcome"
                        " (executed, failed, expired, rejected, in_doubt, ...)", "result",
                        stats["executions"])  # fmt: skip
@@ -150,6 +153,17 @@ class GatewayCollector(Collector):
                 "Age of that count (grows while the database cannot be asked)",
                 value=round(stats["open_signals_age"], 3),
             )
+            oldest = GaugeMetricFamily(
+                "gateway_signal_oldest_age_seconds",
+                "Seconds since the oldest signal of each status not yet ended was received"
+                " (0: none); as of that count, plus the count's age",
+                labels=["status"],
+            )
+            for status in sorted(stats["open_signals"]):
+                age = stats["oldest_open_signal"].get(status)
+                since = 0.0 if age is None else age + stats["open_signals_age"]
+                oldest.add_metric([status], round(since, 3))
+            yield oldest
 
     def _spool(self, spool: dict[str, Any]) -> Iterator[Metric]:
         yield GaugeMetricFamily("gateway_spooled_signals", "Signals in the outage spool,"

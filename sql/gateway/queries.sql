@@ -78,8 +78,11 @@ select client_order_id, status, since_received
   from gateway.complete_orders(%s, %s, %s, %s, %s);
 
 -- name: open_signals
--- /metrics: signals not yet ended, by status (signals_open_idx: the history is not read).
-select status, count(*)::int from gateway.signals
+-- /metrics: signals not yet ended, by status (signals_open_idx: the history is not
+-- read), and the seconds since the oldest of each was received.
+select status, count(*)::int,
+       extract(epoch from clock_timestamp() - min(received_at))::float8
+  from gateway.signals
  where status in ('pending', 'executing', 'in_doubt', 'awaiting_approval')
  group by status;
 

@@ -40,7 +40,8 @@ FAMILIES = {
     "pgleader_heartbeat_duration_seconds_bucket", "pgleader_heartbeats_total",
     "pgleader_seconds_since_heartbeat", "pgleader_evictions_total",
     "gateway_http_request_duration_seconds_bucket", "gateway_webhook_answers_total",
-    "gateway_executions_total", "gateway_signals",
+    "gateway_executions_total", "gateway_signals", "gateway_signal_oldest_age_seconds",
+    "gateway_webhook_invalid_total",
     "gateway_signal_execution_latency_seconds_bucket", "gateway_broker_requests_total",
     "gateway_broker_request_duration_seconds_bucket", "gateway_broker_orders_total",
     "gateway_spooled_signals", "gateway_inbox_write_seconds_bucket",
@@ -91,7 +92,7 @@ def test_the_alert_rules_pass_promtool_and_each_has_a_unit_test_that_fires_it():
     assert {"PgleaderNoLeader", "PgleaderSeveralLeaders", "PgleaderLeadershipFlapping",
             "PgleaderHeartbeatFailures", "GatewaySpoolNotEmpty", "GatewaySignalInDoubt",
             "GatewayReconciliationMismatch", "GatewayBrokerUnauthorised", "GatewayHalted",
-            "GatewayWebhookSlow"} <= rules  # fmt: skip
+            "GatewayWebhookSlow", "GatewayWebhookInvalid", "GatewaySignalStuck"} <= rules  # fmt: skip
     for group in yaml.safe_load(RULES.read_text())["groups"]:
         for rule in group["rules"]:
             assert rule["labels"]["severity"] in ("page", "warning"), rule["alert"]
@@ -226,12 +227,23 @@ async def _metrics_and_dashboard(dsn: str, tmp_path: Path, env: dict[str, str]) 
             async def rules_evaluated() -> bool:
                 groups = (await api(http, url, "rules"))["groups"]
                 rules = [r for g in groups for r in g["rules"]]
-                return len(rules) == 12 and all(r["health"] == "ok" for r in rules)
+                return len(rules) == 14 and all(r["health"] == "ok" for r in rules)
 
             await until(rules_evaluated, timeout=30)
             # A healthy cluster raises none of them.
             alerts = (await api(http, url, "alerts"))["alerts"]
             assert [a["labels"]["alertname"] for a in alerts if a["state"] == "firing"] == []
+            # A webhook with the right secret and a bad field pages, from its first one
+            # (the counter is there at 0 before it, so the increase is seen).
+            status, refused = await gw.post(nodes[1], signal_body(lots="two"))
+            assert (status, refused["field"]) == (400, "lots"), refused
+
+            async def invalid_paged() -> bool:
+                alerts = (await api(http, url, "alerts"))["alerts"]
+                return any(a["labels"]["alertname"] == "GatewayWebhookInvalid"
+                           and a["state"] == "firing" for a in alerts)  # fmt: skip
+
+            await until(invalid_paged, timeout=30)
 
 
 async def _has(gw: Cluster, node: GatewayProcess, name: str) -> bool:

@@ -188,6 +188,48 @@ async def test_every_bad_input_gets_its_4xx_and_nothing_is_stored(gw):
     )
 
 
+async def test_a_refused_webhook_with_the_right_secret_is_alerted_never_an_intruders(gw):
+    """TradingView does not retry a 400: the trade is lost unless someone is told."""
+    (node,) = await gw.start(1)
+    await gw.leader()
+    intruder = signal_body(secret="wrong", lots="two")
+    assert (await gw.post(node, intruder))[0] == 401
+    for _ in range(4):
+        status, answer = await gw.post(node, signal_body(position="Short_1", lots="two"))
+        assert (status, answer["field"]) == (400, "lots"), answer
+    raw = json.dumps(signal_body(secret=None, side="sell")).encode()
+    status, answer = await gw.post(node, raw, headers={"X-Signature": sign(raw)})
+    assert (status, answer["field"]) == (400, "side"), answer
+
+    async def alerted() -> list[tuple[str, str]]:
+        return await gw.query(
+            "select kind, detail from gateway.alerts where signal_id is null order by id"
+        )
+
+    await until(lambda: _count(alerted, 2))
+    rows = await alerted()
+    assert {kind for kind, _ in rows} == {"signal_invalid"}
+    by_field = {detail.rsplit("[field ", 1)[1].rstrip("]"): detail for _, detail in rows}
+    assert set(by_field) == {"lots", "side"}, rows
+    assert "lots must be a positive integer, not a string" in by_field["lots"], rows
+    assert "(BASE_ENTRY BANK_NIFTY Short_1)" in by_field["lots"], rows
+    assert "not stored, TradingView does not retry" in by_field["side"], rows
+    assert 'side must be "long" or "short"' in by_field["side"], rows
+    assert all(SECRET not in detail and "wrong" not in detail for _, detail in rows), rows
+    async with gw.http.get(f"{node.operator_url}/metrics") as resp:
+        text = await resp.text()
+    assert value(text, "gateway_webhook_invalid_total") == 5  # the intruder's is not one
+    assert await table_counts(gw) == dict.fromkeys(
+        ("signals", "orders", "paper_broker_requests", "positions"), 0
+    )
+    # The three refusals of lots after the first wait for the next minute: one alert.
+    assert len(await alerted()) == 2
+
+
+async def _count(rows, n: int) -> bool:
+    return len(await rows()) >= n
+
+
 async def test_text_plain_body_and_hmac_signature_are_accepted(gw):
     (node,) = await gw.start(1)
     await gw.leader()

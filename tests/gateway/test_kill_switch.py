@@ -27,6 +27,7 @@ from tests.support.gateway import (
     trading_at,
     until,
 )
+from tests.support.metrics import value
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -101,10 +102,22 @@ async def test_a_halted_gateway_holds_signals_and_sends_them_on_resume(trading):
     assert await trading.status(entry["signal_id"]) == "pending"
     assert trading.orders("HELD") == []
 
+    async def oldest_pending() -> float:  # the database's count, every 5 s
+        async with trading.gw.http.get(f"{trading.node.operator_url}/metrics") as resp:
+            text = await resp.text()
+        return value(text, "gateway_signal_oldest_age_seconds", status="pending") or 0.0
+
+    await until(lambda: _positive(oldest_pending), timeout=20)
+    assert trading.orders("HELD") == []
+
     assert (await resumed(trading))["status"] == "running"
     await trading.reaches(entry["signal_id"], "executed")
     assert trading.orders("HELD") == [("BUY", 75)]
     assert await trading.gw.alerts("trading_resumed")
+
+
+async def _positive(figure) -> bool:
+    return await figure() > 0
 
 
 async def test_entries_only_lets_exits_out_and_holds_entries(trading):
