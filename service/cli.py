@@ -20,6 +20,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import psycopg
+
 from pgleader.cli import (
     add_common,
     add_listing,
@@ -85,6 +87,18 @@ def register(verbs: Any) -> None:
         "--timeout", type=Number(float, 1, 3600, "s"), default=30.0,
         help="seconds to wait for the leader's result (default 30)",
     )  # fmt: skip
+    p = verb("settle", _settle, "settle by hand a signal in doubt or awaiting approval, once"
+             " you have read the broker's order book: filled (executed; the ledger moves) or"
+             " not filled (failed)")  # fmt: skip
+    p.add_argument("signal_id", nargs="?", type=Number(int, 1, 2**63 - 1), metavar="SIGNAL_ID",
+                   help="the signal's id (`pgleader signals --status in_doubt`)")  # fmt: skip
+    outcome = p.add_mutually_exclusive_group()
+    outcome.add_argument("--filled", dest="filled", action="store_true", default=None,
+                         help="its order filled at the broker")  # fmt: skip
+    outcome.add_argument("--not-filled", dest="filled", action="store_false", default=None,
+                         help="it did not (rejected, cancelled, declined, never placed)")  # fmt: skip
+    p.add_argument("--reason", type=Text(500), help="what you saw at the broker, for the"
+                   " alert and the signal's detail (required)")  # fmt: skip
     verb("stats", _stats, "print the leader's statistics (signals, orders, positions, P&L)")
     p = verb("rollover", _rollover, "show which futures the leader rolls, to what, and when"
              " (the roll itself is the leader's `rollover` job)")  # fmt: skip
@@ -200,6 +214,33 @@ async def _reconcile(args: argparse.Namespace) -> int:
     else:
         _print(run)
     return 0 if run["outcome"] == "matched" else 1
+
+
+async def _settle(args: argparse.Namespace) -> int:
+    resolve_dsn(args.dsn)  # a bad database setting is named first, as by every verb
+    if args.signal_id is None:
+        raise ConfigError("settle needs the signal's id: pgleader settle SIGNAL_ID --filled or"
+                          " --not-filled --reason TEXT")  # fmt: skip
+    if args.filled is None:
+        raise ConfigError("settle needs --filled or --not-filled: what the broker's order book"
+                          " shows for the signal's order")  # fmt: skip
+    if not args.reason:
+        raise ConfigError("settle needs --reason: what you saw at the broker, for the alert")
+    async with await connect(require_dsn(args), autocommit=True) as conn:
+        await _require_schema(conn)
+        try:
+            cur = await conn.execute(
+                QUERIES["settle_signal"], [args.signal_id, args.filled, args.reason, _by()]
+            )
+        except psycopg.errors.UndefinedFunction:
+            raise ConfigError("the gateway's schema is old: run `pgleader migrate` first") from None
+        refused, before, status, instrument, ledger_lots = await cur.fetchone() or (None,) * 5
+    if refused is not None:
+        print(f"pgleader settle: error: {refused}; nothing changed", file=sys.stderr)
+        return 1
+    _print({"signal_id": args.signal_id, "before": before, "status": status,
+            "instrument": instrument, "ledger_lots": ledger_lots})  # fmt: skip
+    return 0
 
 
 async def _stats(args: argparse.Namespace) -> int:

@@ -533,6 +533,92 @@ end
 $$;
 revoke execute on function gateway.set_trading_halt(text, text, text) from public;
 
+-- An operator settles by hand a signal the gateway could not: one 'in_doubt' (the
+-- broker could not say whether its order went through, or the broker's position was
+-- not the ledger's and nothing was sent) or 'awaiting_approval' (a human approves or
+-- declines the order at the broker). The operator looked at the broker's order book:
+--   p_filled true   the order filled: the signal 'executed', its order 'filled', and
+--                   the ledger moves as it would have (book_fill)
+--   p_filled false  it did not: the signal 'failed', its order 'rejected' (one never
+--                   sent stays 'not_sent'); the ledger does not move
+-- Either way an alert (signal_settled) says who settled what, and why. Refused, with
+-- nothing changed and `refused` saying why: an unknown signal, one in another status,
+-- 'filled' for an order never sent, and 'filled' when a later order of the instrument
+-- filled: that order was sent only because the broker's position was the ledger's
+-- without this one, so this one cannot have filled. Holds the instrument's claim
+-- lock, so no claim reads the ledger halfway. Returns the status before and after, the
+-- instrument, and its net position in the ledger after (lots, negative for short).
+create or replace function gateway.settle_signal(
+    p_signal_id bigint, p_filled boolean, p_reason text, p_by text,
+    out refused text, out before text, out status text, out instrument text,
+    out ledger_lots bigint
+) language plpgsql security definer set search_path = pg_catalog, pg_temp as $$
+declare
+    s gateway.signals;
+    o gateway.orders;
+    later bigint;
+    how text := case when p_filled then 'filled' else 'not filled' end;
+    why text;
+begin
+    select x.instrument into instrument from gateway.signals x where x.id = p_signal_id;
+    if not found then
+        refused := format('no signal %s', p_signal_id);
+        return;
+    end if;
+    perform pg_advisory_xact_lock(1735815534, hashtext(instrument));  -- the claim's lock
+    select * into s from gateway.signals x where x.id = p_signal_id for update;
+    before := s.status;
+    if s.status not in ('in_doubt', 'awaiting_approval') then
+        refused := format('signal %s is %s, not in doubt or awaiting approval: only those'
+                          ' are settled by hand', s.id, s.status)
+                   || case when s.status = 'executing' then
+                          ' (the leader settles an executing one with the broker)' else '' end;
+        return;
+    end if;
+    select * into o from gateway.orders x where x.signal_id = s.id order by x.id desc limit 1;
+    if p_filled and (o.id is null or o.outcome = 'not_sent') then
+        refused := format('signal %s had no order sent (%s): it cannot have filled; settle it'
+                          ' as not filled', s.id, coalesce(s.detail, 'no detail'));
+        return;
+    end if;
+    if p_filled then
+        select x.signal_id into later from gateway.orders x
+          join gateway.signals y on y.id = x.signal_id
+         where y.instrument = s.instrument and x.id > o.id
+           and x.outcome in ('filled', 'matched')
+         order by x.id limit 1;
+        if found then
+            refused := format('signal %s of %s was executed after signal %s, which its order'
+                              ' needed the broker''s position to match the ledger without: %s'
+                              ' cannot have filled; settle it as not filled', later,
+                              s.instrument, s.id, s.id);
+            return;
+        end if;
+    end if;
+    why := format('settled by hand as %s by %s: %s (was %s: %s)', how, p_by, p_reason,
+                  replace(s.status, '_', ' '), coalesce(s.detail, 'no detail'));
+    status := case when p_filled then 'executed' else 'failed' end;
+    update gateway.signals x set status = settle_signal.status, finished_at = now(),
+           updated_at = now(), detail = left(why, 2000)
+     where x.id = s.id;
+    if o.id is not null then
+        update gateway.orders x
+           set outcome = case when p_filled then 'filled'
+                              when o.outcome = 'not_sent' then 'not_sent' else 'rejected' end,
+               detail = left(why, 2000), updated_at = now()
+         where x.id = o.id;
+    end if;
+    if p_filled then
+        perform gateway.book_fill(s, o);
+    end if;
+    select coalesce(n.net_lots, 0) into ledger_lots
+      from (select 1) one left join gateway.net_positions n on n.instrument = s.instrument;
+    perform gateway.raise_alert('signal_settled', s.id, p_by,
+        format('%s %s %s %s %s', s.type, s.side, s.instrument, s.position, why));
+end
+$$;
+revoke execute on function gateway.settle_signal(bigint, boolean, text, text) from public;
+
 -- An operator, having reconciled the broker's positions with the ledger, lets
 -- trading go on after the database went back in time. before: the mode before.
 --

@@ -171,6 +171,11 @@ select id from gateway.signals where status = 'pending' and instrument = any(%s)
 -- The kill switch: mode, reason, who, when.
 select mode, reason, changed_by, changed_at from gateway.trading_halt;
 
+-- name: settle_signal
+-- `pgleader settle`: a signal in doubt or awaiting approval settled by hand
+-- (signal id, filled, reason, by): refused, before, status, instrument, ledger_lots.
+select * from gateway.settle_signal(%s, %s, %s, %s);
+
 -- name: set_trading_halt
 -- Halt or resume (mode, reason, by); returns the mode before.
 select gateway.set_trading_halt(%s, %s, %s);

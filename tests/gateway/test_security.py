@@ -784,6 +784,7 @@ SECURITY_DEFINER = {
     "gateway.mark_in_doubt(text,text,boolean)",
     "gateway.set_trading_halt(text,text,text)",
     "gateway.resume_after_rewind(text,text)",  # the rewind guard (service/watermark.py)
+    "gateway.settle_signal(bigint,boolean,text,text)",  # `pgleader settle`, as halt and resume
     "gateway.request_reconciliation(text,text)",
     "gateway.finish_reconciliation(bigint,bigint,text,text,jsonb,text)",
     "gateway.record_settings(text,text,text)",  # the leader's jobs (pgleader.jobs, service/jobs/)
