@@ -10,7 +10,7 @@ a replayed exit finds the position flat and places nothing.
 
 Answers, and what they become (see service.brokers.base):
 
-    200 with an orderid                          OrderResult(orderid, "filled")
+    200 with an orderid                          confirmed in the order book, below
     a no-action message ("Positions Already      OrderResult(None, "matched", message)
       Matched", "No action needed", "No
       OpenPosition Found", "No action
@@ -24,6 +24,18 @@ Answers, and what they become (see service.brokers.base):
     429                                          BrokerRefused(reason="rate_limited")
     408, 5xx, timeout, reset, not JSON           BrokerUnavailable (outcome unknown)
     an answer in the other mode                  BrokerModeMismatch
+
+Placed is not filled: a broker accepts an order (an orderid) before its risk checks
+(margin, freeze quantity, price band) may reject it, and a market order may stay
+open a moment. So an orderid is confirmed in the order book (the `orderbook`
+endpoint, which OpenAlgo's own `orderstatus` reads whole anyway), looked at after
+_CONFIRM_FIRST and then every _CONFIRM_EVERY: "complete" -> OrderResult(orderid,
+"filled"); "rejected" or "cancelled" -> OrderResult(orderid, "rejected", why): the
+signal fails with an alert and the ledger does not move; anything else (open,
+trigger pending, a transient state, not in the book yet, the book unreadable) until
+the order's validity or the adapter's timeout ends -> BrokerUnavailable: the outcome
+is unknown and the executor settles it from the position book, as after a timeout.
+Orders confirmed at the same time share one read of the book.
 
 Mode: analyze (sandbox) answers carry `"mode": "analyze"`. A success answer must
 match the configured mode both ways; an error answer is a mismatch only when it
@@ -71,6 +83,11 @@ _DEFAULT_RETRY = 60.0  # what OpenAlgo's 429 handler always says (app.py)
 _RATE_LIMIT_PAUSE = 2.0  # seconds: its limiter's window is one second
 _HEADROOM = 1.04  # pace 4% under the configured rate
 _PRODUCTS = {"MIS", "NRML", "CNC"}
+_CONFIRM_FIRST = 0.1  # seconds from the orderid to the first look at the order book
+_CONFIRM_EVERY = 0.5  # then between looks (the real book is the broker's API: rate-limited)
+_CONFIRM_MARGIN = 0.1  # seconds before the order's validity ends: the executor's own bound
+_FILLED = frozenset({"complete"})
+_REFUSED = frozenset({"rejected", "cancelled", "canceled"})
 _TIMESTAMP_FORMATS = (  # beyond ISO 8601, as OpenAlgo's broker mappings pass them through
     "%d-%b-%Y %H:%M:%S",
     "%d-%m-%Y %H:%M:%S",
@@ -149,6 +166,7 @@ class OpenAlgoBroker:
         self._api_key = _Secret(api_key)
         self._pacer = _Pacer(order_rate)
         self._session: aiohttp.ClientSession | None = None
+        self._book_read: asyncio.Future[list[dict[str, Any]]] | None = None  # shared, in flight
 
     def __repr__(self) -> str:
         shown = URL(self.url).with_user(None)  # drop any credentials in the URL too
@@ -216,7 +234,45 @@ class OpenAlgoBroker:
             status, body, retry_header = await self._post("placesmartorder", fields)
         except BrokerUnavailable as exc:
             return exc
-        return self._order_answer(status, body, retry_header)
+        answer = self._order_answer(status, body, retry_header)
+        if isinstance(answer, OrderResult) and answer.status == "filled":
+            return await self._confirm(answer, valid_until)
+        return answer
+
+    async def _confirm(self, placed: OrderResult, valid_until: datetime) -> OrderAnswer:
+        """What the order book says became of an order the broker accepted (see the
+        module's docstring)."""
+        orderid = placed.broker_order_id
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        left = min((valid_until - datetime.now(UTC)).total_seconds(), self.timeout)
+        deadline = began + max(0.0, left - _CONFIRM_MARGIN)
+        seen = "not in the order book"
+        pause = _CONFIRM_FIRST
+        while True:
+            await asyncio.sleep(max(0.0, min(pause, deadline - loop.time())))
+            pause = _CONFIRM_EVERY
+            try:
+                rows = await self._orders()
+            except (BrokerUnavailable, BrokerRefused, BrokerModeMismatch) as exc:
+                seen = f"the order book unreadable ({exc})"
+                rows = []
+            row = next((r for r in rows if str(r.get("orderid")) == orderid), None)
+            if row is not None:
+                state = str(row.get("order_status") or "").strip().lower()
+                if state in _FILLED:
+                    return placed
+                if state in _REFUSED:
+                    return OrderResult(
+                        orderid, "rejected", f"order {orderid} accepted, then {state} by the"
+                        " broker (its reason is in the broker's order book): nothing filled",
+                    )  # fmt: skip
+                seen = f"still {state or 'without a status'}"
+            if loop.time() >= deadline:
+                return BrokerUnavailable(
+                    f"openalgo: order {orderid} placed, {seen} after"
+                    f" {loop.time() - began:.1f}s; outcome unknown"
+                )
 
     def _order_answer(
         self, status: int, body: Mapping[str, Any], retry_header: str | None
@@ -299,22 +355,11 @@ class OpenAlgoBroker:
         """The ids of the orders (any state) of this symbol/exchange/product stamped at
         or after `since`, less `clock_tolerance` ("" for an order without one). A naive `since` is taken as UTC. Broker stamps without a
         zone are Indian time; a stamp that cannot be read counts (conservative)."""
-        await self.start()
         if since.tzinfo is None:
             since = since.replace(tzinfo=UTC)
         cutoff = since.replace(microsecond=0) - self.clock_tolerance  # stamps are whole seconds
-        status, body, retry_header = await self._post("orderbook", {})
-        self._check_book("orderbook", status, body, retry_header)
-        data = body.get("data") or {}
-        orders = data.get("orders") if isinstance(data, dict) else None
-        if orders is None:
-            orders = []
-        if not isinstance(orders, list):
-            raise BrokerUnavailable("openalgo orderbook: data.orders is not a list")
         found: list[str] = []
-        for row in orders:
-            if not isinstance(row, dict):
-                raise BrokerUnavailable("openalgo orderbook: an order is not an object")
+        for row in await self._orders():
             if row.get("symbol") != instrument.symbol or row.get("exchange") != instrument.exchange:
                 continue
             product = row.get("product")
@@ -324,6 +369,29 @@ class OpenAlgoBroker:
             if stamped is None or stamped >= cutoff:
                 found.append(str(row.get("orderid") or ""))
         return found
+
+    async def _orders(self) -> list[dict[str, Any]]:
+        """The order book's rows. Callers while a read is in flight share it (each
+        confirmation of a burst would otherwise read the whole book)."""
+        if self._book_read is None or self._book_read.done():
+            self._book_read = asyncio.ensure_future(self._read_orders())
+            # retrieved even when every caller was cancelled: no "never retrieved" warning
+            self._book_read.add_done_callback(lambda f: f.cancelled() or f.exception())
+        return await asyncio.shield(self._book_read)
+
+    async def _read_orders(self) -> list[dict[str, Any]]:
+        await self.start()
+        status, body, retry_header = await self._post("orderbook", {})
+        self._check_book("orderbook", status, body, retry_header)
+        data = body.get("data") or {}
+        orders = data.get("orders") if isinstance(data, dict) else None
+        if orders is None:
+            return []
+        if not isinstance(orders, list):
+            raise BrokerUnavailable("openalgo orderbook: data.orders is not a list")
+        if not all(isinstance(row, dict) for row in orders):
+            raise BrokerUnavailable("openalgo orderbook: an order is not an object")
+        return orders
 
     def _check_book(
         self, endpoint: str, status: int, body: Mapping[str, Any], retry_header: str | None

@@ -315,6 +315,8 @@ def broker_promise(
             booked[of].append(o)
     fills: dict[str, list[dict[str, Any]]] = {name: [] for name in instruments}
     for fill in book["orders"]:
+        if fill.get("status", "complete") != "complete":
+            continue  # rejected after its orderid, or still open: nothing moved
         traded = by_key.get((fill["symbol"], fill["exchange"], fill["product"]))
         if traded is None:
             violations.append(f"broker: a fill of {fill['symbol']}, which no instrument trades")

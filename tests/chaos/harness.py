@@ -68,6 +68,8 @@ BROKER_FAULTS = (
     "broker_429",  # a burst of 429 on every endpoint
     "broker_403",  # the broker session expired, for a while
     "broker_pause",  # SIGSTOP, then SIGCONT, of the fake's process
+    "broker_reject",  # orders accepted (an orderid), then rejected by the broker's risk checks
+    "broker_open",  # orders stay open a while before they fill (some past the confirmation)
 )
 TRANSFER_FAULTS = (
     "transfer_live",  # to a live eligible follower: it must be the next elected
@@ -921,7 +923,21 @@ class Campaign:
             if not last:
                 await asyncio.sleep(AFTER_403)
             return
-        if kind == "broker_latency":
+        if kind == "broker_open":
+            # Filled before the executor settles an order it could not confirm in time.
+            fill_after = rnd.uniform(0.2, BROKER_SETTLE - 1.0)
+            seconds = rnd.uniform(2.0, 5.0)
+            self.history.fault(
+                kind, "openalgo", f"orders open {fill_after:.1f} s, for {seconds:.1f} s"
+            )
+            await broker.faults(fill_after=fill_after)
+            await asyncio.sleep(seconds)
+            await broker.faults(fill_after=0.0)
+            return
+        if kind == "broker_reject":
+            self.history.fault(kind, "openalgo", f"reject {calls} order(s) after their orderid")
+            await broker.faults(rms_reject=calls)
+        elif kind == "broker_latency":
             latency = rnd.uniform(BROKER_TIMEOUT + 0.1, BROKER_SETTLE - 0.6)
             self.history.fault(kind, "openalgo", f"{latency:.1f} s on {calls} order call(s)")
             await broker.faults(latency=latency, calls=calls)
@@ -946,7 +962,7 @@ class Campaign:
         await asyncio.sleep(1.0)
         while time.monotonic() < deadline:
             left = (await broker.state())["faults"]
-            if not left["rate_limited"] and not left["calls"]:
+            if not left["rate_limited"] and not left["calls"] and not left["rms_reject"]:
                 break
             await asyncio.sleep(0.5)
         await broker.faults(clear=True)

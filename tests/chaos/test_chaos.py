@@ -128,9 +128,10 @@ def _promise(
     open_lots: int,
     alerted: set[int] | None = None,
 ) -> dict[str, Any]:
-    position = sum((1 if f["action"] == "BUY" else -1) * f["quantity"] for f in fills)
+    filled = [f for f in fills if f.get("status", "complete") == "complete"]
+    position = sum((1 if f["action"] == "BUY" else -1) * f["quantity"] for f in filled)
     highest, running = 0, 0
-    for f in fills:
+    for f in filled:
         running += (1 if f["action"] == "BUY" else -1) * f["quantity"]
         highest = max(highest, abs(running))
     book = {
@@ -155,6 +156,24 @@ def test_a_target_order_sent_again_after_settling_is_no_duplicate():
     result = _promise(signals, orders, [_fill("B1", "BUY", 150)], open_lots=2)
     assert result["violations"] == []
     assert result["instruments"]["NIFTY"]["position"] == "matched"
+
+
+def test_an_order_the_broker_rejected_after_its_orderid_is_no_fill():
+    """broker_reject: the entry's order is in the book as rejected, the signal failed;
+    the same target went again for the next signal and filled once."""
+    signals = {1: SignalRow("NIFTY", "failed", None), 2: SignalRow("NIFTY", "executed", None)}
+    orders = [
+        OrderRow(1, "pgl-1-e1-1", "rejected", "B1", 0, 150),
+        OrderRow(2, "pgl-2-e1-1", "filled", "B2", 0, 150),
+    ]
+    rejected = _fill("B1", "BUY", 150) | {"status": "rejected"}
+    result = _promise(signals, orders, [rejected, _fill("B2", "BUY", 150)], open_lots=2)
+    assert result["violations"] == [], result["violations"]
+    assert result["instruments"]["NIFTY"]["fills"] == 1
+    # Were it counted as a fill, the book would be at 300.
+    counted = _promise(signals, orders, [rejected | {"status": "complete"}, _fill("B2", "BUY", 150)],
+                       open_lots=2)  # fmt: skip
+    assert any("exposure" in v for v in counted["violations"]), counted["violations"]
 
 
 def test_a_fill_that_doubled_the_exposure_is_named_three_ways():

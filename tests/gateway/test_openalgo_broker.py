@@ -103,6 +103,45 @@ async def test_an_entry_is_filled_and_moves_the_position_to_the_target(broker, f
     assert await broker.positions([NIFTY]) == {"NIFTY": 75}
 
 
+async def test_an_order_accepted_then_rejected_by_the_brokers_risk_checks_is_rejected(broker, fake):
+    fake.faults.rms_reject = 1
+    answer = await place(broker, order(target=75))
+    (placed,) = fake.orders
+    assert isinstance(answer, OrderResult) and answer.status == "rejected", answer
+    assert answer.broker_order_id == placed.orderid
+    assert answer.detail is not None and "then rejected by the broker" in answer.detail
+    assert fake.position("NIFTY29DEC26FUT", "NFO", "NRML") == 0
+    # The same target again goes out (the executor's next signal would): nothing filled.
+    assert (await place(broker, order(target=75))).status == "filled"
+    assert fake.position("NIFTY29DEC26FUT", "NFO", "NRML") == 75
+
+
+async def test_an_order_open_a_moment_is_filled_once_the_book_says_complete(broker, fake):
+    fake.faults.fill_after = 0.8
+    began = time.monotonic()
+    answer = await place(broker, order(target=75))
+    assert answer == OrderResult(fake.orders[0].orderid, "filled")
+    assert time.monotonic() - began >= 0.8  # not before the book said so
+    assert fake.position("NIFTY29DEC26FUT", "NFO", "NRML") == 75
+
+
+async def test_an_order_still_open_when_its_time_is_up_is_an_unknown_outcome(broker, fake):
+    fake.faults.fill_after = 30
+    answer = await place(broker, order(target=75, valid_for=1.0))
+    assert isinstance(answer, BrokerUnavailable), answer
+    assert f"order {fake.orders[0].orderid} placed, still open" in str(answer)
+    assert "outcome unknown" in str(answer)
+    assert fake.position("NIFTY29DEC26FUT", "NFO", "NRML") == 0
+
+
+async def test_a_burst_of_confirmations_shares_reads_of_the_order_book(broker_for, fake):
+    broker = await broker_for("live", order_rate=1000.0)
+    instruments = [Instrument(f"I{n}", "NFO", f"SYM{n}26DECFUT", "NRML") for n in range(10)]
+    answers = await broker.place_many([order(i, target=1) for i in instruments])
+    assert {a.status for a in answers} == {"filled"}, answers  # (the fake's 10/s: no 429)
+    assert fake.answers[200] - 10 < 10  # fewer book reads than orders
+
+
 async def test_sending_the_same_target_again_is_matched_and_places_nothing(broker, fake):
     entry = order(target=75)
     await place(broker, entry)

@@ -37,7 +37,7 @@ pytestmark = pytest.mark.asyncio(loop_scope="module")
 SHARED = {
     **futures(
         "LONG_RT", "SEMI_AUTO", "UNKNOWN_5XX", "UNKNOWN_DROP", "UNKNOWN_SLOW", "MANUAL",
-        "REPLAY_EXIT",
+        "REPLAY_EXIT", "RMS_REJECT",
     ),
     "SHORT_RT": Traded("NFO", "BANKNIFTY29DEC26FUT", lot_size=30),
     "LABEL_RT": Traded("MCX", "CRUDEOILM18DEC26FUT", lot_size=10),
@@ -143,6 +143,24 @@ async def test_a_validation_refusal_fails_the_signal_with_openalgos_message(own_
     (alert,) = await t.gw.alerts("order_rejected")
     assert "INFY_EQ" in alert and "NRML product not allowed for NSE" in alert, alert
     assert t.orders("INFY_EQ") == []
+
+
+async def test_an_order_accepted_then_rejected_by_the_broker_fails_and_moves_nothing(trading):
+    """Placed is not filled: the broker's risk checks reject an order after its orderid."""
+    trading.fake.faults.rms_reject = 1
+    status, answer = await trading.post(instrument="RMS_REJECT", lots=2)
+    assert (status, answer["status"]) == (200, "failed"), answer
+    (row,) = await trading.order_rows(answer["signal_id"])
+    assert row[0] == "rejected" and "then rejected by the broker" in row[4], row
+    alerts = [a for a in await trading.gw.alerts("order_rejected") if "RMS_REJECT" in a]
+    assert len(alerts) == 1 and "nothing filled" in alerts[0], alerts
+    assert trading.held("RMS_REJECT") == 0
+    open_rows = "select count(*) from gateway.positions where instrument = 'RMS_REJECT'"
+    assert await trading.gw.scalar(open_rows) == 0
+    # The broker's position is still the ledger's: the next entry trades.
+    status, answer = await trading.post(instrument="RMS_REJECT", lots=1)
+    assert (status, answer["status"]) == (200, "executed"), answer
+    assert trading.held("RMS_REJECT") == trading.traded["RMS_REJECT"].lot_size
 
 
 async def test_an_expired_broker_session_holds_the_signal_until_it_is_back(own_trading):

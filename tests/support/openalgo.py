@@ -61,6 +61,11 @@ What it reproduces, and where each behaviour was read (marketcalls/openalgo):
 - A request whose client went away is still carried out (Flask finishes it): the
   server never cancels a handler, and order work runs shielded.
 
+- Placed is not filled: an order the broker accepted (an orderid) may then be
+  rejected by its risk checks, or stay open before it fills; the books show it so
+  (`order_status` "rejected", "open", "complete"), and the position moves only
+  when it fills (faults `rms_reject`, `fill_after`).
+
 Not reproduced: margins and funds checks, lot sizes, the sandbox's separate book
 (one book serves both modes here, so a harness reads one state), MIS square-off
 hours, limit/stop orders (everything fills at once at the symbol's ltp), the
@@ -128,6 +133,11 @@ class Faults:
     unauthorised: bool = False  # 403 until cleared (the broker session expired)
     analyze: bool = False  # analyze (sandbox) mode, server-wide
     semi_auto: bool = False  # orders are queued in the Action Center
+    # The next N orders placed are accepted (an orderid, HTTP 200) and then rejected by
+    # the broker's risk checks (margin, freeze quantity, price band): "rejected" in the
+    # books, the position never moves.
+    rms_reject: int = 0
+    fill_after: float = 0.0  # a placed order stays "open" this long, then fills
 
     def update(self, changes: dict[str, Any]) -> None:
         names = {f.name for f in dataclasses.fields(self)}
@@ -382,6 +392,9 @@ class FakeOpenAlgo:
         self._windows: dict[str, _MovingWindow] = {}
         self._ids = itertools.count(1)
         self._pending_ids = itertools.count(1)
+        for later in getattr(self, "_later", []):
+            later.cancel()
+        self._later: list[asyncio.TimerHandle] = []  # orders open until they fill
 
     def position(self, symbol: str, exchange: str, product: str) -> int:
         held = self.book.get((symbol, exchange, product))
@@ -570,7 +583,9 @@ class FakeOpenAlgo:
             return refused
         for order in self.orders:
             if order.orderid == body["orderid"]:
-                data = order.row() | {"average_price": order.price}
+                # services/orderstatus_service.py: the tradebook's price once complete, else 0.0
+                filled = order.status == "complete"
+                data = order.row() | {"average_price": order.price if filled else 0.0}
                 return self._answer(self._moded({"status": "success", "data": data}), 200)
         message = f"Order {body['orderid']} not found"
         return self._answer(self._moded({"status": "error", "message": message}), 404)
@@ -650,8 +665,35 @@ class FakeOpenAlgo:
     def _fill(
         self, symbol: str, exchange: str, product: str, action: str, quantity: int, strategy: str
     ) -> Order:
+        """The order placed: filled at once, unless a fault rejects it or holds it open."""
         price = self.ltp.get(symbol, self.default_ltp)
-        held = self.book.setdefault((symbol, exchange, product), Position())
+        placed_at = self.clock().astimezone(IST)
+        order = Order(
+            orderid=f"{placed_at:%y%m%d}{next(self._ids):09d}",
+            symbol=symbol, exchange=exchange, product=product, action=action,
+            quantity=quantity, price=price, placed_at=placed_at,
+            timestamp=placed_at.strftime("%Y-%m-%d %H:%M:%S"), strategy=strategy,
+            mode="analyze" if self.faults.analyze else "live",
+        )  # fmt: skip
+        self.orders.append(order)
+        if self.faults.rms_reject > 0:
+            self.faults.rms_reject -= 1
+            order.status = "rejected"
+        elif self.faults.fill_after > 0:
+            order.status = "open"
+            later = asyncio.get_running_loop().call_later(
+                self.faults.fill_after, self._apply, order
+            )
+            self._later.append(later)
+        else:
+            self._apply(order)
+        return order
+
+    def _apply(self, order: Order) -> None:
+        """The order fills: the position moves."""
+        symbol, action, quantity, price = order.symbol, order.action, order.quantity, order.price
+        order.status = "complete"
+        held = self.book.setdefault((symbol, order.exchange, order.product), Position())
         signed = quantity if action == "BUY" else -quantity
         old, new = held.quantity, held.quantity + signed
         if old == 0 or old * signed > 0:  # opens or adds
@@ -665,16 +707,6 @@ class FakeOpenAlgo:
                 held.average_price = price
         held.quantity = new
         self.max_abs[symbol] = max(self.max_abs.get(symbol, 0), abs(new))
-        placed_at = self.clock().astimezone(IST)
-        order = Order(
-            orderid=f"{placed_at:%y%m%d}{next(self._ids):09d}",
-            symbol=symbol, exchange=exchange, product=product, action=action,
-            quantity=quantity, price=price, placed_at=placed_at,
-            timestamp=placed_at.strftime("%Y-%m-%d %H:%M:%S"), strategy=strategy,
-            mode="analyze" if self.faults.analyze else "live",
-        )  # fmt: skip
-        self.orders.append(order)
-        return order
 
     def _moded(self, answer: dict[str, Any]) -> dict[str, Any]:
         return (answer | {"mode": "analyze"}) if self.faults.analyze else answer
