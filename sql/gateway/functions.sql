@@ -175,7 +175,9 @@ $$;
 -- instrument is in flight: with a signal of it 'executing', nothing happens. Else
 -- its pending signals are taken in execution order (signal_rank): the first that
 -- can trade moves to 'executing' with its order booked; those before it that cannot
--- end 'expired' or 'rejected' with an alert. One row per signal looked at:
+-- end 'expired' or 'rejected' with an alert (among them an entry older, by its
+-- signal's second, than an exit of its side already executed or rejected: it came
+-- out of order, and would reopen what that exit closed). One row per signal looked at:
 --   executing   claimed; the order's start and target net positions (units)
 --   expired, rejected
 --   halted      the kill switch holds it (it stays pending; later exits may pass
@@ -206,6 +208,8 @@ declare
     lots bigint;
     new_lots bigint;
     why text;
+    later_exit bigint;
+    later_at timestamptz;
 begin
     if exists (select from gateway.signals x
                 where x.instrument = p_instrument and x.status = 'executing')
@@ -275,6 +279,20 @@ begin
             lots := case when s.lots = 0 or s.lots >= open_lots then open_lots else s.lots end;
             new_lots := open_lots - lots;
         else
+            select x.id, x.signal_at into later_exit, later_at from gateway.signals x
+             where x.instrument = p_instrument and x.type = 'EXIT' and x.side = s.side
+               and x.signal_at >= date_trunc('second', s.signal_at) + interval '1 second'
+               and x.status in ('executed', 'rejected')
+             order by x.signal_at limit 1;
+            if found then
+                status := 'rejected';
+                perform gateway.end_signal(s, status, p_epoch, p_instance, format(
+                    'signal %s, an exit of the %s side at %s, came after this entry and was'
+                    ' acted on first: this entry arrived late and would open a position that'
+                    ' exit meant to close', later_exit, s.side, later_at));
+                return next;
+                continue;
+            end if;
             if s.type = 'BASE_ENTRY' and open_side is not null and open_side <> s.side then
                 why := format('a %s position of %s lots is open: exit it before a %s entry',
                               open_side, open_lots, s.side);

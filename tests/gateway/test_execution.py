@@ -299,6 +299,38 @@ async def test_a_deferred_entry_is_refused_once_its_window_has_passed(db, execut
     assert await executor.execute(entry) == "rejected"
 
 
+@pytest.mark.parametrize("side", ["long", "short"])
+async def test_an_entry_that_arrives_after_its_exit_was_acted_on_is_refused(db, executor_for, side):
+    """Entry at t-20 s spooled on an instance whose database was away; its exit (t-5 s)
+    reached another instance and was refused (nothing open). The entry, replayed late,
+    must not open what the strategy has already closed."""
+    executor = await executor_for()
+    exit_ = await signal(db, "EXIT", side, lots=0, at="5 s", received="1 s")
+    assert await executor.execute(exit_) == "rejected"
+    entry = await signal(db, "BASE_ENTRY", side, lots=2, at="20 s", received="0 s")
+    assert await executor.execute(entry) == "rejected"
+    _status, detail = await status_of(db, entry)
+    assert f"signal {exit_}, an exit of the {side} side" in detail, detail
+    assert "came after this entry and was acted on first" in detail, detail
+    assert "signal_rejected" in await alerts(db, entry)
+    assert await paper_position(db) == 0 and await ledger(db) == (None, 0)
+    # The other side, and a later entry of this side, are not held to that exit.
+    other = "short" if side == "long" else "long"
+    assert await executor.execute(await signal(db, "BASE_ENTRY", other, at="20 s")) == "executed"
+    assert await executor.execute(await signal(db, "EXIT", other, at="4 s")) == "executed"
+    assert await executor.execute(await signal(db, "BASE_ENTRY", side, at="3 s")) == "executed"
+    assert await ledger(db) == (side, 1)
+
+
+async def test_an_exit_then_an_entry_of_one_second_is_no_late_entry(db, executor_for):
+    """Within a second the exit goes first (signal_rank): an entry of that second is new."""
+    executor = await executor_for()
+    assert await executor.execute(await signal(db, "BASE_ENTRY", "long", at="10 s")) == "executed"
+    assert await executor.execute(await signal(db, "EXIT", "long")) == "executed"
+    assert await executor.execute(await signal(db, "BASE_ENTRY", "long")) == "executed"
+    assert await ledger(db) == ("long", 1)
+
+
 async def test_an_entry_beyond_max_lots_is_refused_and_lot_size_scales_the_target(db, executor_for):
     from service.brokers.base import Instrument
 

@@ -63,6 +63,7 @@ def test_the_gateway_plugs_its_stream_in_after_the_library():
         "gateway/005_alert_deliveries.sql",
         "gateway/006_open_signals_index.sql",
         "gateway/007_rewind_guard.sql",
+        "gateway/008_exits_index.sql",
         "gateway/functions.sql",
     ]
     assert [s.name for s in installed_streams(only=["gateway"])] == ["gateway"]
@@ -95,6 +96,7 @@ async def test_only_applies_the_named_stream(empty_dsn):
             "gateway/005_alert_deliveries.sql",
             "gateway/006_open_signals_index.sql",
             "gateway/007_rewind_guard.sql",
+            "gateway/008_exits_index.sql",
             "gateway/functions.sql",
         ]
     assert await migrate(empty_dsn) == [
@@ -105,6 +107,7 @@ async def test_only_applies_the_named_stream(empty_dsn):
         "gateway/005_alert_deliveries.sql",
         "gateway/006_open_signals_index.sql",
         "gateway/007_rewind_guard.sql",
+        "gateway/008_exits_index.sql",
         "gateway/functions.sql",
     ]
 
@@ -131,6 +134,7 @@ def test_the_cli_migrates_one_stream_with_only(empty_dsn, capsys):
             "gateway/005_alert_deliveries.sql",
             "gateway/006_open_signals_index.sql",
             "gateway/007_rewind_guard.sql",
+            "gateway/008_exits_index.sql",
             "gateway/functions.sql",
         ]
     }

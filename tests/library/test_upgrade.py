@@ -273,6 +273,7 @@ async def test_a_database_of_0_1_upgrades_with_nothing_lost_to_a_fresh_install(b
         "gateway/005_alert_deliveries.sql",
         "gateway/006_open_signals_index.sql",
         "gateway/007_rewind_guard.sql",
+        "gateway/008_exits_index.sql",
         "gateway/functions.sql",
     ]
     assert await migrate(old) == []
