@@ -111,6 +111,7 @@ class ServiceConfig:
     sinks: SinkSettings = field(default_factory=SinkSettings)
     alert_group_interval: float = 10.0
     alert_timeout: float = 10.0
+    db_down_alert_after: float = 30.0
     # optional cache (leader key, fingerprints), never authoritative; may carry a password
     redis_url: str = field(default="", repr=False)
 
@@ -210,6 +211,7 @@ _OPTIONS: list[tuple[str, Setting, object, str]] = [
     ("startup-timeout", Number(float, 0, 86400, "s", above=True), 60.0, "seconds to keep retrying an unreachable database at start"),
     ("alert-group-interval", Number(float, 0, 3600, "s"), 10.0, "seconds an alert sink waits after a message before the next; alerts and transitions due meanwhile go out as one grouped message"),
     ("alert-timeout", Number(float, 0, 300, "s", above=True), 10.0, "seconds an alert sink gets to answer; without an answer the message is sent again, marked as a repeat"),
+    ("db-down-alert-after", Number(float, 1, 3600, "s"), 30.0, "seconds without reaching PostgreSQL after which this instance messages the alert sinks itself (the leader delivers alerts from the database), and again once it is back"),
     ("redis-url", Text(secret=True, empty_means_unset=True), None, "optional Redis, never authoritative (redis://[:password@]host:port/db): the leader publishes itself there, and duplicates are answered as such while PostgreSQL is down; needs pip install 'pgleader[redis]' (the password is never logged)"),
     (
         "batch-interval",
@@ -400,5 +402,6 @@ def from_args(args: argparse.Namespace, dsn: str | None, timings: Timings) -> Se
         sinks=sink_settings(args),
         alert_group_interval=float(str(v["alert-group-interval"])),
         alert_timeout=float(str(v["alert-timeout"])),
+        db_down_alert_after=float(str(v["db-down-alert-after"])),
         redis_url=redis_url,
     )

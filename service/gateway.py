@@ -27,6 +27,7 @@ from pgleader.migrations import pending
 from pgleader.queries import QUERIES as LIBRARY_QUERIES
 from pgleader.redis import LeaderPublisher, RedisLink
 from service.alerts.delivery import AlertDelivery
+from service.alerts.outage import OutageAlarm
 from service.alerts.sinks import build_sinks
 from service.brokers.base import Broker
 from service.brokers.metered import MeteredBroker
@@ -164,6 +165,11 @@ class Gateway:
         self.halt_mode: str | None = None  # the kill switch as last read (None: not yet)
         self._watermark_saved_at = 0.0
         self.spool = Spool(config.spool_path, max_bytes=config.spool_max_bytes)
+        # The database away: this instance tells the sinks itself (the leader cannot).
+        self.outage = OutageAlarm(
+            build_sinks(config.sinks), config.instance_id, after=config.db_down_alert_after,
+            send_timeout=config.alert_timeout, spooled=lambda: self.spool.stats()["records"],
+        )  # fmt: skip
         self.shutting_down = False
         self.started_at = time.time()
         self.responses: dict[str, int] = {}
@@ -221,6 +227,7 @@ class Gateway:
             await self.leader_key.stop()  # its key goes, unless a successor's is there
         await self.jobs.stop()
         await self.alerts.stop()
+        await self.outage.close()
         await self.executor.stop()
         self._stop_listening()
         for task in self._tasks:
@@ -389,10 +396,15 @@ class Gateway:
                 if not self.elector.is_leader and time.monotonic() - self._jobs_read_at > 10:
                     self._jobs_read_at = time.monotonic()
                     await self.jobs.refresh()  # a follower's figures of the leader's jobs
-            except (*DATABASE_UNAVAILABLE, OSError) as exc:
+            except DATABASE_UNAVAILABLE as exc:
+                self.outage.observe(reachable=False)
+                log.warning("sweep failed; will retry", error=first_line(exc))
+            except OSError as exc:
                 log.warning("sweep failed; will retry", error=first_line(exc))
             except Exception:
                 log.exception("sweep crashed; will retry")
+            else:
+                self.outage.observe(reachable=True)
 
     async def _read_epoch(self) -> None:
         """The election's epoch and leader into the watermark (a follower learns of

@@ -15,7 +15,15 @@ from typing import Any
 import pytest
 
 from pgleader.embedded import free_port
-from tests.support.gateway import Cluster, cluster, eventually, pgleader_cli, query_true, until
+from tests.support.gateway import (
+    Cluster,
+    cluster,
+    eventually,
+    pgleader_cli,
+    query_true,
+    signal_body,
+    until,
+)
 from tests.support.sinks import HOOK_PATH, SINKS, SLACK_PATH, TOKEN, SinkReceiver
 
 # Quick retries and grouping: the settings a test cluster runs with.
@@ -284,3 +292,35 @@ async def test_sinks_test_sends_to_each_sink_and_reports_per_sink(receiver):
     ]
     code, _, err = await pgleader_cli("sinks", "test", env={"PGLEADER_TELEGRAM_TOKEN": TOKEN})
     assert code == 2 and "PGLEADER_TELEGRAM_CHAT_ID" in err and TOKEN not in err
+
+
+async def test_the_database_away_each_instance_tells_the_sinks_itself_and_when_it_is_back(
+    own_server, tmp_path, receiver
+):
+    """No leader can deliver from a database that is away: the instance does, straight
+    to the sinks, once per outage; and again once the database answers."""
+    env = {**receiver.env(), **FAST, "PGLEADER_DB_DOWN_ALERT_AFTER": "2"}
+    async with cluster(own_server.dsn, tmp_path) as gw:
+        (node,) = await gw.start(1, env=env)
+        await gw.leader()
+        own_server.stop("fast")
+        try:
+            status, answer = await gw.post(node, signal_body())
+            assert (status, answer["status"]) == (202, "spooled"), answer
+            await eventually(
+                lambda: all(got(receiver, s, "has not reached PostgreSQL") for s in SINKS)
+            )
+        finally:
+            own_server.start()
+        await eventually(lambda: all(got(receiver, s, "reaches PostgreSQL again") for s in SINKS))
+    (down,) = [t for t in receiver.texts("telegram") if "has not reached PostgreSQL" in t]
+    assert down.startswith(f"CRITICAL database_unreachable · pgleader {node.instance_id}"), down
+    assert "keeps them in its spool (1 now)" in down, down
+    (hook,) = [b for b in receiver.bodies("webhook") if b["kind"] == "database_unreachable"]
+    assert (hook["instance"], hook["severity"]) == (node.instance_id, "critical"), hook
+    (back,) = [b for b in receiver.bodies("webhook") if b["kind"] == "database_reachable"]
+    assert back["severity"] == "info" and "its spool" in back["text"], back
+    everything = json.dumps([receiver.texts(s) for s in SINKS]) + json.dumps(
+        receiver.bodies("webhook")
+    )
+    assert TOKEN not in everything and SLACK_PATH not in everything and HOOK_PATH not in everything
