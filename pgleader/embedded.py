@@ -94,10 +94,21 @@ def traversable_by(user: str, path: Path) -> bool:
     return True
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A port nobody listens on now, and never one this process handed out before: the
+    kernel may offer a port again as soon as the probe closes, and two servers given
+    the same one would fail to start."""
+    for _ in range(100):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
+    raise OSError("no free TCP port on 127.0.0.1 that this process has not handed out")
 
 
 class EmbeddedPostgres:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import signal
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -160,6 +161,7 @@ async def test_a_flapping_cluster_is_told_in_a_few_messages_and_nothing_twice(gw
     across leaders; a leader that resigns lets its message under way end first."""
     env = {**receiver.env("telegram", "webhook"), **FAST, "PGLEADER_ALERT_GROUP_INTERVAL": "3"}
     await gw.start(2, env=env)
+    began = time.monotonic()
     led = "select count(*) = 1 from pgleader.leader where epoch = %s and leader is not null"
     for epoch in range(1, 9):
         await until(query_true(gw, led, epoch))
@@ -172,7 +174,9 @@ async def test_a_flapping_cluster_is_told_in_a_few_messages_and_nothing_twice(gw
     await until(query_true(gw, all_nine), timeout=30)
 
     texts = receiver.texts("telegram")
-    assert 2 <= len(texts) <= 5, texts  # nine transitions
+    # Nine transitions; a sink gets one message per 3 s at most (and the first at once),
+    # however long a loaded machine took over the eight hand-overs.
+    assert 2 <= len(texts) <= 2 + (time.monotonic() - began) / 3, texts
     joined = "\n".join(texts)
     assert [n for n in range(1, 10) if f"(epoch {n})" not in joined] == []
     assert "ended: admin request" in joined  # how each epoch before ended

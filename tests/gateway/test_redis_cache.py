@@ -145,8 +145,14 @@ async def test_the_leader_publishes_itself_for_a_lease_and_the_entry_moves_on_fa
         ttl = await kv.pttl(LEADER_KEY)
         assert 0 < ttl <= LEASE_MS
 
+        last = [ttl]
+
         async def refreshed() -> bool:  # every heartbeat, while it leads
-            return await kv.pttl(LEADER_KEY) > ttl
+            # A TTL only falls between two reads unless the entry was set again between
+            # them (comparing with the first read needs a read closer to a refresh).
+            now = await kv.pttl(LEADER_KEY)
+            risen, last[0] = now > last[0], now
+            return risen
 
         await until(refreshed, timeout=5)
 
