@@ -48,34 +48,45 @@ class OutageAlarm:
         self.after, self.send_timeout, self.retry = after, send_timeout, retry
         self.spooled, self.clock = spooled, clock
         self.down_since: float | None = None
-        self.told = False  # a sink took the message of this outage
+        self.told = False  # a sink took this outage's database_unreachable
+        self._back_due: float | None = None  # the outage's length, to tell once it is over
         self._tried_at: float | None = None
         self._sending: asyncio.Task[None] | None = None
-        self.sent: list[str] = []  # kinds a sink took, for /metrics and tests
+        self.sent: list[str] = []  # kinds a sink took, for tests
 
     def observe(self, reachable: bool) -> None:
-        """Called after every sweep: whether it reached the database."""
+        """Called after every sweep (each second): whether it reached the database.
+        database_unreachable goes once the outage is `after` old, database_reachable once
+        it is over and the first was taken; each is tried every `retry` s until a sink
+        takes it (a send under way is waited for: the second never overtakes the first)."""
         now = self.clock()
-        if reachable:
-            if self.down_since is not None and self.told:
-                self._send(KIND_BACK, self._back_text(now - self.down_since))
-            self.down_since, self.told, self._tried_at = None, False, None
+        if reachable and self.down_since is not None:
+            self._back_due = now - self.down_since
+            self.down_since, self._tried_at = None, None
+        elif not reachable and self.down_since is None:
+            self.down_since, self.told, self._back_due, self._tried_at = now, False, None, None
+        if self._sending is not None and not self._sending.done():
             return
-        if self.down_since is None:
-            self.down_since = now
-        due = not self.told and now - self.down_since >= self.after
-        if due and (self._tried_at is None or now - self._tried_at >= self.retry):
-            self._tried_at = now
-            self._send(KIND_DOWN, self._down_text(now - self.down_since))
+        if self._tried_at is not None and now - self._tried_at < self.retry:
+            return
+        if self.down_since is not None:
+            if not self.told and now - self.down_since >= self.after:
+                self._send(KIND_DOWN, self._down_text(now - self.down_since), now)
+        elif self._back_due is not None:
+            if self.told:
+                self._send(KIND_BACK, self._back_text(self._back_due), now)
+            else:
+                self._back_due = None  # the first never arrived: nothing to take back
 
     async def close(self) -> None:
         if self._sending is not None:
             self._sending.cancel()
             await asyncio.gather(self._sending, return_exceptions=True)
 
-    def _send(self, kind: str, text: str) -> None:
-        if not self.sinks or (self._sending is not None and not self._sending.done()):
+    def _send(self, kind: str, text: str, now: float) -> None:
+        if not self.sinks:
             return
+        self._tried_at = now
         self._sending = asyncio.create_task(self._deliver(kind, text), name=f"outage-{kind}")
 
     async def _deliver(self, kind: str, text: str) -> None:
@@ -96,8 +107,11 @@ class OutageAlarm:
         ]
         if took:
             self.sent.append(kind)
+            self._tried_at = None
             if kind == KIND_DOWN:
                 self.told = True
+            else:
+                self.told, self._back_due = False, None
         log.warning("outage message sent" if took else "outage message not delivered",
                     kind=kind, delivered_to=took,
                     errors={s.name: r.detail for s, r in zip(self.sinks, results, strict=True)

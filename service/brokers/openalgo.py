@@ -30,8 +30,10 @@ Placed is not filled: a broker accepts an order (an orderid) before its risk che
 open a moment. So an orderid is confirmed in the order book (the `orderbook`
 endpoint, which OpenAlgo's own `orderstatus` reads whole anyway), looked at after
 _CONFIRM_FIRST and then every _CONFIRM_EVERY: "complete" -> OrderResult(orderid,
-"filled"); "rejected" or "cancelled" -> OrderResult(orderid, "rejected", why): the
-signal fails with an alert and the ledger does not move; anything else (open,
+"filled"); "rejected" -> OrderResult(orderid, "rejected", why): the signal fails with
+an alert and the ledger does not move; "cancelled" (a part may have filled first) ->
+the position book decides: at the start rejected, at the target filled, else unknown;
+anything else (open,
 trigger pending, a transient state, not in the book yet, the book unreadable) until
 the order's validity or the adapter's timeout ends -> BrokerUnavailable: the outcome
 is unknown and the executor settles it from the position book, as after a timeout.
@@ -87,7 +89,8 @@ _CONFIRM_FIRST = 0.1  # seconds from the orderid to the first look at the order 
 _CONFIRM_EVERY = 0.5  # then between looks (the real book is the broker's API: rate-limited)
 _CONFIRM_MARGIN = 0.1  # seconds before the order's validity ends: the executor's own bound
 _FILLED = frozenset({"complete"})
-_REFUSED = frozenset({"rejected", "cancelled", "canceled"})
+_REJECTED = frozenset({"rejected"})  # by the broker's checks, before any fill
+_CANCELLED = frozenset({"cancelled", "canceled"})  # possibly after a part filled
 _TIMESTAMP_FORMATS = (  # beyond ISO 8601, as OpenAlgo's broker mappings pass them through
     "%d-%b-%Y %H:%M:%S",
     "%d-%m-%Y %H:%M:%S",
@@ -236,13 +239,15 @@ class OpenAlgoBroker:
             return exc
         answer = self._order_answer(status, body, retry_header)
         if isinstance(answer, OrderResult) and answer.status == "filled":
-            return await self._confirm(answer, valid_until)
+            return await self._confirm(order, answer, valid_until)
         return answer
 
-    async def _confirm(self, placed: OrderResult, valid_until: datetime) -> OrderAnswer:
+    async def _confirm(
+        self, order: OrderRequest, placed: OrderResult, valid_until: datetime
+    ) -> OrderAnswer:
         """What the order book says became of an order the broker accepted (see the
         module's docstring)."""
-        orderid = placed.broker_order_id
+        orderid = str(placed.broker_order_id)  # "filled" answers always carry one
         loop = asyncio.get_running_loop()
         began = loop.time()
         left = min((valid_until - datetime.now(UTC)).total_seconds(), self.timeout)
@@ -262,11 +267,13 @@ class OpenAlgoBroker:
                 state = str(row.get("order_status") or "").strip().lower()
                 if state in _FILLED:
                     return placed
-                if state in _REFUSED:
+                if state in _REJECTED:
                     return OrderResult(
                         orderid, "rejected", f"order {orderid} accepted, then {state} by the"
                         " broker (its reason is in the broker's order book): nothing filled",
                     )  # fmt: skip
+                if state in _CANCELLED:
+                    return await self._cancelled(order, orderid)
                 seen = f"still {state or 'without a status'}"
             if loop.time() >= deadline:
                 return BrokerUnavailable(
@@ -369,6 +376,28 @@ class OpenAlgoBroker:
             if stamped is None or stamped >= cutoff:
                 found.append(str(row.get("orderid") or ""))
         return found
+
+    async def _cancelled(self, order: OrderRequest, orderid: str) -> OrderAnswer:
+        """A cancelled order may have filled in part first (market protection, a price
+        band), and the book's rows do not say how much: the position book does."""
+        try:
+            held = (await self.positions([order.instrument]))[order.instrument.name]
+        except (BrokerUnavailable, BrokerRefused, BrokerModeMismatch) as exc:
+            return BrokerUnavailable(
+                f"openalgo: order {orderid} cancelled, the position book unreadable ({exc});"
+                " outcome unknown"
+            )
+        if held == order.start:
+            return OrderResult(
+                orderid, "rejected", f"order {orderid} accepted, then cancelled by the broker"
+                f" with nothing filled (the position is still {held})",
+            )  # fmt: skip
+        if held == order.target:
+            return OrderResult(orderid, "filled")
+        return BrokerUnavailable(
+            f"openalgo: order {orderid} cancelled after part of it filled: the broker holds"
+            f" {held}, the order went from {order.start} to {order.target}; outcome unknown"
+        )
 
     async def _orders(self) -> list[dict[str, Any]]:
         """The order book's rows. Callers while a read is in flight share it (each

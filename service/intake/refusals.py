@@ -29,11 +29,14 @@ KIND = "signal_invalid"
 _LABEL_MAX = 40  # characters of an instrument, type or position quoted in an alert
 
 
+_SAMPLES = 5  # signals named in one alert; the rest are counted
+
+
 @dataclass
 class _Field:
     message: str  # the latest refusal's
-    what: str | None  # the latest refusal's signal, as far as it could be read
     waiting: int = 0  # refusals not yet alerted
+    signals: list[str] = field(default_factory=list)  # distinct, as far as each was read
     alerted_at: float | None = None
 
 
@@ -47,39 +50,46 @@ class Refusals:
     def record(self, error: SignalError, body: bytes) -> None:
         self.total += 1
         key = error.field or "body"
-        what = describe(body)
-        entry = self._fields.get(key)
-        if entry is None:
-            entry = self._fields[key] = _Field(error.message, what)
-        entry.message, entry.what = error.message, what
+        entry = self._fields.setdefault(key, _Field(error.message))
+        entry.message = error.message
         entry.waiting += 1
+        what = describe(body)
+        if what and what not in entry.signals and len(entry.signals) < _SAMPLES:
+            entry.signals.append(what)
 
-    def due(self) -> list[tuple[str, str]]:
-        """(field, detail) of every field whose refusals may be alerted now."""
+    def due(self) -> list[tuple[str, str, int]]:
+        """(field, detail, refusals it counts) of every field that may be alerted now."""
         now = self.clock()
         found = []
         for key, entry in self._fields.items():
             quiet = entry.alerted_at is None or now - entry.alerted_at >= self.every
             if entry.waiting and quiet:
-                found.append((key, _detail(key, entry)))
+                found.append((key, _detail(key, entry), entry.waiting))
         return found
 
     async def flush(self, send: Callable[[str, str], Awaitable[object]]) -> int:
-        """Hand each due alert to `send(kind, detail)`; one that raises stays due."""
+        """Hand each due alert to `send(kind, detail)`; one that raises stays due.
+        Refusals recorded while `send` runs wait for the next alert of their field."""
         sent = 0
-        for key, detail in self.due():
+        for key, detail, counted in self.due():
+            named = list(self._fields[key].signals)
             await send(KIND, detail)
             entry = self._fields[key]
-            entry.waiting, entry.alerted_at = 0, self.clock()
+            entry.waiting -= counted
+            entry.signals = [s for s in entry.signals if s not in named]
+            entry.alerted_at = self.clock()
             sent += 1
         return sent
 
 
 def _detail(key: str, entry: _Field) -> str:
     count = "a webhook" if entry.waiting == 1 else f"{entry.waiting} webhooks"
-    signal = f" ({entry.what})" if entry.what else ""
+    named = "; ".join(entry.signals)
+    if len(entry.signals) == _SAMPLES and entry.waiting > _SAMPLES:
+        named += "; and others"
+    signals = f" ({named})" if named else ""
     return (
-        f"{count} refused (400, not stored, TradingView does not retry){signal}:"
+        f"{count} refused (400, not stored, TradingView does not retry){signals}:"
         f" {entry.message} [field {key}]"
     )
 

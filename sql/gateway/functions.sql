@@ -176,8 +176,9 @@ $$;
 -- its pending signals are taken in execution order (signal_rank): the first that
 -- can trade moves to 'executing' with its order booked; those before it that cannot
 -- end 'expired' or 'rejected' with an alert (among them an entry older, by its
--- signal's second, than an exit of its side already executed or rejected: it came
--- out of order, and would reopen what that exit closed). One row per signal looked at:
+-- signal's second, than an exit of its side that already closed the side or found
+-- it flat: it came out of order, and would reopen what that exit closed). One row
+-- per signal looked at:
 --   executing   claimed; the order's start and target net positions (units)
 --   expired, rejected
 --   halted      the kill switch holds it (it stays pending; later exits may pass
@@ -279,10 +280,17 @@ begin
             lots := case when s.lots = 0 or s.lots >= open_lots then open_lots else s.lots end;
             new_lots := open_lots - lots;
         else
+            -- An exit that closed the side (all its lots, or its order's target flat), or
+            -- found nothing open (the text end_signal got above): a partial exit leaves
+            -- the side open, and an entry older than it still belongs to the position.
             select x.id, x.signal_at into later_exit, later_at from gateway.signals x
              where x.instrument = p_instrument and x.type = 'EXIT' and x.side = s.side
                and x.signal_at >= date_trunc('second', s.signal_at) + interval '1 second'
-               and x.status in ('executed', 'rejected')
+               and ((x.status = 'executed'
+                     and (x.lots = 0 or exists (select from gateway.orders xo
+                                                 where xo.signal_id = x.id
+                                                   and xo.target_position = 0)))
+                    or (x.status = 'rejected' and x.detail like 'nothing open on the % side to exit'))
              order by x.signal_at limit 1;
             if found then
                 status := 'rejected';
@@ -600,10 +608,9 @@ begin
         return;
     end if;
     if p_filled then
-        select x.signal_id into later from gateway.orders x
-          join gateway.signals y on y.id = x.signal_id
-         where y.instrument = s.instrument and x.id > o.id
-           and x.outcome in ('filled', 'matched')
+        select x.signal_id into later from gateway.orders x  -- orders_instrument_idx
+         where x.instrument = s.instrument and x.created_at >= o.created_at and x.id > o.id
+           and x.signal_id is not null and x.outcome in ('filled', 'matched')
          order by x.id limit 1;
         if found then
             refused := format('signal %s of %s was executed after signal %s, which its order'

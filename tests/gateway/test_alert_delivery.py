@@ -16,6 +16,9 @@ from typing import Any
 import pytest
 
 from pgleader.embedded import free_port
+from service.alerts.outage import OutageAlarm
+from service.alerts.sinks import build_sinks
+from service.config import SinkSettings
 from tests.support.gateway import (
     Cluster,
     cluster,
@@ -328,3 +331,42 @@ async def test_the_database_away_each_instance_tells_the_sinks_itself_and_when_i
         receiver.bodies("webhook")
     )
     assert TOKEN not in everything and SLACK_PATH not in everything and HOOK_PATH not in everything
+
+
+async def test_the_outage_messages_come_in_order_whatever_the_timing(receiver):
+    """In process, with a clock of the test's: the database back while the first message
+    is still on its way (the sink holds it), then a sink that fails once; the second
+    message follows the first, never instead of it, and is tried again."""
+    now = [0.0]
+    sinks = build_sinks(SinkSettings(alert_webhook_url=receiver.webhook_url))
+    alarm = OutageAlarm(sinks, "gw9", after=5, send_timeout=10, retry=30, clock=lambda: now[0])
+    try:
+        receiver.fail("webhook", "hang")
+        for now[0] in (0.0, 4.0):
+            alarm.observe(reachable=False)
+        assert alarm._sending is None  # not yet 5 s
+        now[0] = 6.0
+        alarm.observe(reachable=False)  # database_unreachable, held by the sink
+        await eventually(lambda: len(receiver.held["webhook"]) == 1)
+        now[0] = 7.0
+        alarm.observe(reachable=True)  # back while the first is under way: waits
+        receiver.fail("webhook", "500")
+        receiver.release()
+        await eventually(lambda: alarm.sent == ["database_unreachable"])
+        alarm.observe(reachable=True)  # the second, refused once (500)
+        await eventually(lambda: alarm._sending is not None and alarm._sending.done())
+        assert alarm.sent == ["database_unreachable"]
+        now[0] = 20.0
+        alarm.observe(reachable=True)  # within the retry pause: nothing
+        assert alarm._sending.done() and alarm.sent == ["database_unreachable"]
+        now[0] = 40.0
+        alarm.observe(reachable=True)
+        await eventually(lambda: alarm.sent == ["database_unreachable", "database_reachable"])
+        kinds = [b["kind"] for b in receiver.bodies("webhook")]
+        assert kinds == ["database_unreachable", "database_reachable"], kinds
+        assert "after 7 s" in receiver.bodies("webhook")[1]["text"]
+        now[0] = 100.0
+        alarm.observe(reachable=True)  # told once: no third message
+        assert len(receiver.bodies("webhook")) == 2
+    finally:
+        await alarm.close()

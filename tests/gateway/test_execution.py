@@ -322,6 +322,19 @@ async def test_an_entry_that_arrives_after_its_exit_was_acted_on_is_refused(db, 
     assert await ledger(db) == (side, 1)
 
 
+async def test_a_late_pyramid_after_a_partial_exit_still_adds(db, executor_for):
+    """A partial exit leaves the side open: a pyramid signalled before it, replayed
+    after it, belongs to that position (the strategy holds 2 + 1 - 1)."""
+    executor = await executor_for()
+    assert await executor.execute(await signal(db, "BASE_ENTRY", "long", lots=2, at="30 s")) == (
+        "executed"
+    )
+    assert await executor.execute(await signal(db, "EXIT", "long", lots=1, at="5 s")) == "executed"
+    late = await signal(db, "PYRAMID", "long", lots=1, at="20 s", received="0 s")
+    assert await executor.execute(late) == "executed", await status_of(db, late)
+    assert await ledger(db) == ("long", 2) and await paper_position(db) == 2
+
+
 async def test_an_exit_then_an_entry_of_one_second_is_no_late_entry(db, executor_for):
     """Within a second the exit goes first (signal_rank): an entry of that second is new."""
     executor = await executor_for()

@@ -116,6 +116,23 @@ async def test_an_order_accepted_then_rejected_by_the_brokers_risk_checks_is_rej
     assert fake.position("NIFTY29DEC26FUT", "NFO", "NRML") == 75
 
 
+async def test_a_cancelled_order_is_judged_by_the_position_book(broker, fake):
+    """Cancelled with nothing filled: rejected. Cancelled after half of it filled (the
+    book's row says only "cancelled"): unknown, for the executor to settle in doubt."""
+    fake.faults.cancel = 1
+    clean = await place(broker, order(target=75))
+    assert isinstance(clean, OrderResult) and clean.status == "rejected", clean
+    assert (
+        clean.detail is not None and "cancelled by the broker with nothing filled" in clean.detail
+    )
+    fake.faults.update({"cancel": 1, "cancel_filled": 0.6})
+    part = await place(broker, order(target=75))
+    assert isinstance(part, BrokerUnavailable), part
+    assert "cancelled after part of it filled: the broker holds 45" in str(part)
+    assert [o.status for o in fake.orders] == ["cancelled", "cancelled"]
+    assert fake.position("NIFTY29DEC26FUT", "NFO", "NRML") == 45
+
+
 async def test_an_order_open_a_moment_is_filled_once_the_book_says_complete(broker, fake):
     fake.faults.fill_after = 0.8
     began = time.monotonic()

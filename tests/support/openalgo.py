@@ -64,7 +64,9 @@ What it reproduces, and where each behaviour was read (marketcalls/openalgo):
 - Placed is not filled: an order the broker accepted (an orderid) may then be
   rejected by its risk checks, or stay open before it fills; the books show it so
   (`order_status` "rejected", "open", "complete"), and the position moves only
-  when it fills (faults `rms_reject`, `fill_after`).
+  when it fills (faults `rms_reject`, `fill_after`); a broker may also cancel an
+  order after part of it filled, which the books do not tell apart from a clean
+  cancel (`cancel`, `cancel_filled`).
 
 Not reproduced: margins and funds checks, lot sizes, the sandbox's separate book
 (one book serves both modes here, so a harness reads one state), MIS square-off
@@ -138,6 +140,8 @@ class Faults:
     # books, the position never moves.
     rms_reject: int = 0
     fill_after: float = 0.0  # a placed order stays "open" this long, then fills
+    cancel: int = 0  # the next N orders placed are cancelled by the broker ...
+    cancel_filled: float = 0.0  # ... after this part of each filled (market protection)
 
     def update(self, changes: dict[str, Any]) -> None:
         names = {f.name for f in dataclasses.fields(self)}
@@ -679,6 +683,12 @@ class FakeOpenAlgo:
         if self.faults.rms_reject > 0:
             self.faults.rms_reject -= 1
             order.status = "rejected"
+        elif self.faults.cancel > 0:
+            self.faults.cancel -= 1
+            part = int(quantity * self.faults.cancel_filled)
+            if part:
+                self._apply(order, part)
+            order.status = "cancelled"
         elif self.faults.fill_after > 0:
             order.status = "open"
             later = asyncio.get_running_loop().call_later(
@@ -689,9 +699,10 @@ class FakeOpenAlgo:
             self._apply(order)
         return order
 
-    def _apply(self, order: Order) -> None:
-        """The order fills: the position moves."""
-        symbol, action, quantity, price = order.symbol, order.action, order.quantity, order.price
+    def _apply(self, order: Order, quantity: int | None = None) -> None:
+        """The order fills (`quantity` of it: all by default): the position moves."""
+        symbol, action, price = order.symbol, order.action, order.price
+        quantity = order.quantity if quantity is None else quantity
         order.status = "complete"
         held = self.book.setdefault((symbol, order.exchange, order.product), Position())
         signed = quantity if action == "BUY" else -quantity

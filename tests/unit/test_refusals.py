@@ -57,6 +57,33 @@ async def test_the_first_refusal_of_a_field_is_alerted_at_once_the_rest_once_a_w
     assert refusals.total == 5
 
 
+async def test_each_alert_names_the_distinct_signals_it_counts():
+    clock = Clock()
+    refusals = Refusals(every=60, clock=clock)
+    error = SignalError("instrument NIFTYX is not traded here", "instrument")
+    for n in range(7):
+        refusals.record(error, body(type="BASE_ENTRY", instrument=f"X{n % 6}"))
+    (detail,) = await flushed(refusals)
+    assert detail.startswith("7 webhooks refused")
+    assert "(BASE_ENTRY X0; BASE_ENTRY X1; BASE_ENTRY X2; BASE_ENTRY X3; BASE_ENTRY X4;" in detail
+    assert " and others)" in detail, detail
+
+
+async def test_a_refusal_recorded_while_its_alert_is_written_is_not_lost():
+    clock = Clock()
+    refusals = Refusals(every=60, clock=clock)
+    lots = SignalError("lots must be a positive integer", "lots")
+    refusals.record(lots, body(position="Long_1"))
+
+    async def slow(kind: str, detail: str) -> None:  # another webhook arrives meanwhile
+        refusals.record(lots, body(position="Long_2"))
+
+    assert await refusals.flush(slow) == 1
+    clock.now += 60
+    (later,) = await flushed(refusals)
+    assert later.startswith("a webhook refused") and "(Long_2)" in later, later
+
+
 async def test_a_failed_send_keeps_the_alert_due():
     refusals = Refusals(clock=Clock())
     refusals.record(SignalError("body is empty"), b"")
