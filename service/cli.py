@@ -302,10 +302,8 @@ async def _rollover(args: argparse.Namespace) -> int:
 
 
 async def _sinks(args: argparse.Namespace) -> int:
-    import aiohttp
-
     from service.alerts.messages import probe_message
-    from service.alerts.sinks import build_sinks
+    from service.alerts.sinks import build_sinks, send_to_each
 
     settings = sink_settings(args)  # a bad setting is named first, whatever the action
     if args.action == "list":
@@ -322,9 +320,7 @@ async def _sinks(args: argparse.Namespace) -> int:
             "no alert sink configured: set PGLEADER_TELEGRAM_TOKEN and"
             " PGLEADER_TELEGRAM_CHAT_ID, PGLEADER_SLACK_WEBHOOK_URL or PGLEADER_ALERT_WEBHOOK_URL"
         )
-    message = probe_message(_by())
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
-        sent = await asyncio.gather(*(sink.send(session, message) for sink in sinks))
+    sent = await send_to_each(sinks, probe_message(_by()), timeout=10)
     rows = [
         (sink.name, result.outcome, result.detail.removeprefix(f"{sink.name}: "))
         for sink, result in zip(sinks, sent, strict=True)

@@ -15,7 +15,7 @@ from typing import Any
 
 from service.alerts.sinks import TEXT_LIMIT, Message
 
-__all__ = ["REPEAT_NOTE", "Event", "probe_message", "render"]
+__all__ = ["REPEAT_NOTE", "Event", "direct_message", "probe_message", "render"]
 
 REPEAT_NOTE = "(repeat: a previous leader may have sent this)"
 _GROUP_LINE = 180  # characters of one event in a grouped chat message
@@ -137,11 +137,22 @@ def render(events: Sequence[Event], *, election: str, sender: str, epoch: int) -
 
 def probe_message(sender: str) -> Message:
     """What `pgleader sinks test` sends."""
-    at = datetime.now(UTC)
-    text = f"pgleader: test message from {sender} at {_clock(at)} (pgleader sinks test)"
-    return Message(text, {
-        "kind": "test", "severity": "info", "title": "test message", "text": text,
-        "at": _iso(at), "election": None, "epoch": None, "instance": sender, "repeat": False,
+    text = (
+        f"pgleader: test message from {sender} at {_clock(datetime.now(UTC))} (pgleader sinks test)"
+    )
+    return direct_message("test", "info", "test message", text, sender, chat=text)
+
+
+def direct_message(
+    kind: str, severity: str, title: str, text: str, sender: str, *, chat: str | None = None
+) -> Message:
+    """A message an instance sends itself, with no event of the database behind it (no
+    election, no epoch); `chat` the chats' text (default: a heading line, then `text`)."""
+    chat = chat or f"{severity.upper()} {kind} · pgleader {sender}\n{text}"
+    return Message(chat, {
+        "kind": kind, "severity": severity, "title": title, "text": text,
+        "at": _iso(datetime.now(UTC)), "election": None, "epoch": None, "instance": sender,
+        "repeat": False, "sender": {"instance": sender, "epoch": None},
     })  # fmt: skip
 
 

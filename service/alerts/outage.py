@@ -17,12 +17,11 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime
 
-import aiohttp
 import structlog
 
-from service.alerts.sinks import Message, Sink
+from service.alerts.messages import direct_message
+from service.alerts.sinks import Sink, send_to_each
 
 __all__ = ["OutageAlarm"]
 
@@ -91,17 +90,8 @@ class OutageAlarm:
 
     async def _deliver(self, kind: str, text: str) -> None:
         severity = "critical" if kind == KIND_DOWN else "info"
-        payload = {
-            "kind": kind, "severity": severity, "title": kind, "text": text,
-            "at": datetime.now(UTC).isoformat(), "instance": self.instance_id,
-            "repeat": False, "sender": {"instance": self.instance_id, "epoch": None},
-        }  # fmt: skip
-        message = Message(
-            f"{severity.upper()} {kind} · pgleader {self.instance_id}\n{text}", payload
-        )
-        timeout = aiohttp.ClientTimeout(total=self.send_timeout)
-        async with aiohttp.ClientSession(timeout=timeout) as session:
-            results = await asyncio.gather(*(sink.send(session, message) for sink in self.sinks))
+        message = direct_message(kind, severity, kind, text, self.instance_id)
+        results = await send_to_each(self.sinks, message, self.send_timeout)
         took = [
             s.name for s, r in zip(self.sinks, results, strict=True) if r.outcome == "delivered"
         ]

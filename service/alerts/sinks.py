@@ -21,10 +21,11 @@ it all the same (`scrub`).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -33,7 +34,7 @@ import aiohttp
 
 from service.config import SinkSettings
 
-__all__ = ["Message", "Outcome", "Sent", "Sink", "build_sinks"]
+__all__ = ["Message", "Outcome", "Sent", "Sink", "build_sinks", "send_to_each"]
 
 Outcome = Literal["delivered", "failed", "unknown", "rate_limited", "refused"]
 
@@ -184,6 +185,13 @@ def build_sinks(settings: SinkSettings) -> list[Sink]:
     if settings.alert_webhook_url:
         sinks.append(Webhook(settings.alert_webhook_url))
     return sinks
+
+
+async def send_to_each(sinks: Sequence[Sink], message: Message, timeout: float) -> list[Sent]:
+    """One message to every sink at once, straight (no database, no retry): what each
+    said, in the sinks' order. `pgleader sinks test` and an instance's outage alarm."""
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as session:
+        return list(await asyncio.gather(*(sink.send(session, message) for sink in sinks)))
 
 
 # -- answers and failures ------------------------------------------------------------
